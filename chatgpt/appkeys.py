@@ -1,0 +1,21 @@
+"""Every piece of typed app state, as `web.AppKey`s: no string keys, no module globals."""
+from __future__ import annotations
+
+import weakref
+
+import aiohttp
+from aiohttp import web
+
+from .chat import ChatPipeline
+from .clientip import TrustedProxies
+from .providers.openai import OpenAIProvider
+from .runtime import RuntimeFlags
+from .settings import Settings
+
+settings_key = web.AppKey("settings", Settings)
+flags_key = web.AppKey("flags", RuntimeFlags)
+session_key = web.AppKey("session", aiohttp.ClientSession)
+upstream_key = web.AppKey("upstream", OpenAIProvider)
+pipeline_key = web.AppKey("pipeline", ChatPipeline)
+sockets_key = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
+trusted_key = web.AppKey("trusted_proxies", TrustedProxies)

@@ -1,0 +1,231 @@
+"""The one pipeline every entry point shares: admit, check quota, pick provider and key, stream."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from . import messages
+from .errors import ServiceError, UpstreamBroken, UpstreamError, UpstreamUnreachable, bad_request, from_upstream
+from .keypool import KeyPool, mask, retry_after_from_headers
+from .limits import LimiterTable
+from .providers import ChatRequest, Delta, Provider
+from .quota import DailyQuota
+from .runtime import RuntimeFlags
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_FAILURES = (UpstreamError, UpstreamUnreachable, UpstreamBroken, asyncio.TimeoutError)
+ROLES = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True)
+class Payer:
+    """Who pays for a question: the anonymous pool (daily quota), a trusted client, or the caller's key."""
+
+    kind: Literal["anonymous", "trusted", "own"]
+    key: str | None = None  # the caller's own upstream key, never stored or logged
+
+    @classmethod
+    def from_bearer(cls, authorization: str | None, client_tokens: Sequence[str]) -> Payer:
+        """PROTOCOL.md B.1: no bearer → anonymous; a client token → trusted; anything else → own key."""
+        value = (authorization or "").strip()
+        scheme, _, token = value.partition(" ")
+        if not value or scheme.lower() != "bearer" or not token.strip():
+            return cls("anonymous")
+        token = token.strip()
+        if token in client_tokens:
+            return cls("trusted")
+        return cls("own", token)
+
+
+@dataclass(frozen=True)
+class Question:
+    """A validated question from any entry point."""
+
+    entry: str  # "ws", "v1" or "chat": for logs and metrics
+    identity: str  # the client IP (PROTOCOL.md C.3)
+    payer: Payer
+    messages: list[dict[str, Any]]
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    trim: bool = True  # fit the context to the budget (not for an SDK caller paying with its own key)
+
+
+def content_size(content: Any) -> int:
+    """Characters a message's content costs against the context budget."""
+    return len(content) if isinstance(content, str) else len(json.dumps(content, ensure_ascii=False))
+
+
+def fit_context(history: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """Drop the oldest messages until the rest fit `budget` characters; the newest always stays."""
+    if not history:
+        raise bad_request(messages.MESSAGES_EMPTY, "300003")
+    if content_size(history[-1].get("content")) > budget:
+        raise bad_request(messages.PROMPT_TOO_LONG)
+    kept: list[dict[str, Any]] = []
+    used = 0
+    for message in reversed(history):
+        used += content_size(message.get("content"))
+        if used > budget:
+            break
+        kept.append(message)
+    kept.reverse()
+    return kept
+
+
+def clean_messages(items: Any) -> list[dict[str, str]]:
+    """Client context items to `{role, content}`: extra keys dropped, blank and unknown-role ones skipped."""
+    if not isinstance(items, list):
+        raise bad_request(messages.FRAME_BAD_FIELD.format(field="messages"))
+    cleaned = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise bad_request(messages.FRAME_BAD_FIELD.format(field="messages"))
+        role, content = item.get("role"), item.get("content")
+        if role in ROLES and isinstance(content, str) and content.strip():
+            cleaned.append({"role": role, "content": content})
+    return cleaned
+
+
+class ChatPipeline:
+    """Turns a question into answer deltas, charging and refunding as PROTOCOL.md says."""
+
+    def __init__(self, settings: Settings, flags: RuntimeFlags, keys: KeyPool, quota: DailyQuota,
+                 limiters: dict[str, LimiterTable], pool_provider: Provider, own_key_provider: Provider) -> None:
+        self.settings = settings
+        self.flags = flags
+        self.keys = keys
+        self.quota = quota
+        self.limiters = limiters
+        self.pool_provider = pool_provider
+        self.own_key_provider = own_key_provider
+
+    async def admit(self, entry: str, identity: str) -> None:
+        """Maintenance, then the per-IP limiter of this entry point; raises a refusal."""
+        if not self.flags.serving:
+            raise ServiceError("700001", messages.MAINTENANCE, http_status=503, error_type="server_error")
+        limiter = self.limiters.get(entry)
+        if limiter is not None and not await limiter.allow(identity):
+            text = messages.WS_TOO_FAST if entry == "ws" else messages.HTTP_TOO_FAST
+            raise ServiceError("700001", text, http_status=429, error_type="rate_limit_exceeded",
+                               retry_after=limiter.retry_after(identity))
+
+    def choose_model(self, requested: Any, *, strict: bool) -> str:
+        """A client's model is honoured only when listed; `strict` refuses an unlisted one instead."""
+        upstream = self.settings.upstream
+        if not isinstance(requested, str) or not requested.strip():
+            return upstream.model
+        if requested in upstream.models:
+            return requested
+        if strict:
+            raise ServiceError("300001", f"The model `{requested[:100]}` is not available on this server.",
+                               http_status=404, error_code="model_not_found")
+        return upstream.model
+
+    def remaining(self, identity: str) -> int:
+        """Questions an anonymous identity has left today."""
+        self.quota.limit = self.flags.demoLimit
+        return self.quota.remaining(identity)
+
+    def _request(self, question: Question) -> ChatRequest:
+        upstream = self.settings.upstream
+        history = fit_context(question.messages, upstream.context_chars) if question.trim else question.messages
+        if upstream.system_prompt and question.payer.kind != "own":
+            history = [{"role": "system", "content": upstream.system_prompt}, *history]
+        max_tokens = question.max_tokens or upstream.max_tokens
+        if question.payer.kind != "own":
+            max_tokens = min(max_tokens, upstream.max_tokens)  # the operator pays: cap it
+        temperature = upstream.temperature if question.temperature is None else question.temperature
+        return ChatRequest(history, question.model, temperature, max_tokens, question.extra)
+
+    async def answer(self, question: Question) -> AsyncIterator[Delta]:
+        """Stream the answer's deltas; raise ServiceError on refusal or failure."""
+        request = self._request(question)
+        charged = False
+        if question.payer.kind == "anonymous":
+            self.quota.limit = self.flags.demoLimit
+            if not self.quota.take(question.identity):
+                raise ServiceError("700001", messages.QUOTA_USED_UP, http_status=429,
+                                   error_type="insufficient_quota", error_code="daily_quota_exceeded")
+            charged = True
+        produced = False
+        started = time.monotonic()
+        try:
+            async for delta in self._stream(question, request):
+                produced = produced or bool(delta.text)
+                yield delta
+        except BaseException:
+            # Given back only when the upstream produced nothing: a client that leaves mid-answer
+            # has been answered (and billed), so it is charged (PROTOCOL.md A.5, C.2).
+            if charged and not produced:
+                self.quota.refund(question.identity)
+            raise
+        finally:
+            log.debug("question via %s answered in %.0f ms", question.entry, (time.monotonic() - started) * 1000)
+
+    async def _stream(self, question: Question, request: ChatRequest) -> AsyncIterator[Delta]:
+        if question.payer.kind == "own":
+            async for delta in self._relay(self.own_key_provider, request, question.payer.key, None):
+                yield delta
+            return
+        if self.pool_provider.name == "offline":
+            async for delta in self._relay(self.pool_provider, request, None, None):
+                yield delta
+            return
+        tried: list[str] = []
+        while True:
+            key = self.keys.pick(exclude=tried)
+            if key is None:
+                raise ServiceError("500001", messages.NO_SERVER_KEY if not tried else messages.UPSTREAM_FAILED,
+                                   http_status=503, error_type="api_error")
+            tried.append(key)
+            produced = False
+            try:
+                async for delta in self._relay(self.pool_provider, request, key, key):
+                    produced = True
+                    yield delta
+                return
+            except ServiceError as error:
+                # One retry on the next key, only for a key-specific refusal before any text was
+                # sent: a broken stream is never re-POSTed (it may already be billed).
+                if produced or len(tried) > 1 or error.__cause__ is None:
+                    raise
+                cause = error.__cause__
+                if not (isinstance(cause, UpstreamError) and cause.status in (401, 403, 429)):
+                    raise
+                log.info("key %s refused (HTTP %s); retrying once on the next key", mask(key), cause.status)
+
+    async def _relay(self, provider: Provider, request: ChatRequest, key: str | None,
+                     pool_key: str | None) -> AsyncIterator[Delta]:
+        """Relay one provider stream, mapping upstream failures and reporting key health."""
+        if pool_key is not None:
+            self.keys.record_request(pool_key)
+        try:
+            async with aclosing(provider.stream(request, key)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        except UPSTREAM_FAILURES as exc:
+            if pool_key is not None:
+                self._report(pool_key, exc)
+            log.warning("upstream %s failed for a %s question: %s", provider.name, request.model, exc)
+            raise from_upstream(exc) from exc
+        if pool_key is not None:
+            self.keys.report_success(pool_key)
+
+    def _report(self, key: str, exc: BaseException) -> None:
+        """Key health from an upstream failure: cool on 429, disable on 401 / insufficient_quota."""
+        if isinstance(exc, UpstreamError) and (exc.status == 401 or exc.code == "insufficient_quota"):
+            self.keys.report_invalid(key, exc.code or f"HTTP {exc.status}")
+        elif isinstance(exc, UpstreamError) and exc.status == 429:
+            self.keys.report_rate_limited(key, retry_after_from_headers(exc.headers))
+        else:
+            self.keys.report_error(key)

@@ -1,0 +1,126 @@
+"""Websocket frames of PROTOCOL.md A.3 and the one writer per socket that sends them in order."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .render import to_html
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 256  # frames waiting for a client that does not read; past this the socket is closed
+
+
+def now_text() -> str:
+    """`createTime` as the client shows it: server local time."""
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _frame(cid: Any, **fields: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {} if cid is None else {"conversationId": cid}
+    frame.update((k, v) for k, v in fields.items() if v is not None)
+    return frame
+
+
+def text_frame(cid: Any, answer_id: str, content: str) -> dict[str, Any]:
+    """The whole answer so far (cumulative) with its Markdown rendered."""
+    return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content),
+                  createTime=now_text(), isDone=False, isSuccess=True)
+
+
+def done_frame(cid: Any) -> dict[str, Any]:
+    """Exactly one per question, after all of its text."""
+    return _frame(cid, role="assistant", content="DONE", html="DONE", createTime=now_text(),
+                  isDone=True, isSuccess=True)
+
+
+def error_frame(cid: Any, message: str) -> dict[str, Any]:
+    """Ends a question with a refusal or failure; `content` is never empty."""
+    message = message or "error"
+    return _frame(cid, role="assistant", content=message, html=to_html(message), createTime=now_text(),
+                  isDone=True, isSuccess=False)
+
+
+def quota_frame(cid: Any, remaining: int) -> dict[str, Any]:
+    """The answer to `查询次数`: the number of questions left today."""
+    return _frame(cid, content=str(remaining), html=str(remaining), createTime=now_text(),
+                  isDone=True, isSuccess=False)
+
+
+def pong_frame() -> dict[str, Any]:
+    """The heartbeat answer."""
+    return {"heart": "pong", "time": int(time.time() * 1000)}
+
+
+@dataclass
+class _PendingText:
+    cid: Any
+    answer_id: str
+    content: str
+
+
+class FrameWriter:
+    """The only task that writes to one socket. Text frames of an answer are coalesced: a newer
+    cumulative text replaces a queued one, and at most one is sent per interval (the first at once).
+    HTML is rendered only for frames actually sent."""
+
+    def __init__(self, ws: web.WebSocketResponse, interval: float) -> None:
+        self._ws = ws
+        self._interval = interval
+        self._queue: deque[dict[str, Any] | _PendingText] = deque()
+        self._wake = asyncio.Event()
+        self._last_answer: str | None = None
+        self._last_text_at = 0.0
+        self._closing: asyncio.Task[bool] | None = None
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Queue a frame to be sent after everything queued before it."""
+        self._push(frame)
+
+    def send_text(self, cid: Any, answer_id: str, content: str) -> None:
+        """Queue the cumulative text of an answer, replacing its queued older text if any."""
+        tail = self._queue[-1] if self._queue else None
+        if isinstance(tail, _PendingText) and tail.answer_id == answer_id:
+            tail.content = content
+            return
+        self._push(_PendingText(cid, answer_id, content))
+
+    def _push(self, item: dict[str, Any] | _PendingText) -> None:
+        if len(self._queue) >= MAX_QUEUED:
+            # The client is not reading: stop feeding it rather than grow without bound.
+            if self._closing is None:
+                self._closing = asyncio.ensure_future(self._ws.close(code=1008, message=b"client not reading"))
+            return
+        self._queue.append(item)
+        self._wake.set()
+
+    async def _wait_interval(self, item: _PendingText) -> None:
+        if item.answer_id != self._last_answer:
+            return  # the first text frame of an answer is never delayed
+        delay = self._last_text_at + self._interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def run(self) -> None:
+        """Send queued frames in order until the socket closes."""
+        while not self._ws.closed:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            head = self._queue[0]
+            if isinstance(head, _PendingText):
+                await self._wait_interval(head)  # head stays queued, so newer text can still replace it
+                frame = text_frame(head.cid, head.answer_id, head.content)
+                self._last_answer, self._last_text_at = head.answer_id, time.monotonic()
+            else:
+                frame = head
+            self._queue.popleft()
+            await self._ws.send_str(json.dumps(frame, ensure_ascii=False, separators=(",", ":")))

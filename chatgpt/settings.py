@@ -1,0 +1,248 @@
+"""Settings: frozen dataclasses read once from YAML and the environment, checked key by key."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SettingsError(Exception):
+    """A setting is unknown, of the wrong type or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    public_url: str = ""
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    provider: str = "auto"
+    base_url: str = "https://api.openai.com/v1"
+    api_keys: tuple[str, ...] = ()
+    model: str = "gpt-3.5-turbo"
+    models: tuple[str, ...] = ("gpt-3.5-turbo",)
+    temperature: float = 0.0
+    max_tokens: int = 2048
+    system_prompt: str = ""
+    context_chars: int = 12000
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    baixing_url: str = "https://gpt.baixing.com"
+    baixing_key: str = ""
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    http_per_second: float = 5.0
+    ws_per_minute: float = 20.0
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    daily_questions: int = 20
+    baixing_daily_questions: int = 5
+
+
+@dataclass(frozen=True)
+class WsSettings:
+    max_message_bytes: int = 1048576
+    frame_interval_ms: int = 50
+
+
+@dataclass(frozen=True)
+class ImagesSettings:
+    folder: str = "static"
+    size: str = "256x256"
+    retention_hours: float = 24.0
+    prune_at: str = "01:00"
+    max_total_mb: float = 512.0
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    file: str = "state.json"
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    client_tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    status: str = "TRUE"
+    isDebug: str = "FALSE"
+    announcement: str = ""
+    demoChat: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    quota: QuotaSettings = field(default_factory=QuotaSettings)
+    ws: WsSettings = field(default_factory=WsSettings)
+    images: ImagesSettings = field(default_factory=ImagesSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    @property
+    def pool_provider(self) -> str:
+        """The provider that answers on the server's pool: `openai` or `offline`."""
+        if self.upstream.provider == "auto":
+            return "openai" if self.upstream.api_keys else "offline"
+        return self.upstream.provider
+
+    @property
+    def public_url(self) -> str:
+        """Base URL of links this server hands out (images)."""
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        host = "127.0.0.1" if self.server.host in ("0.0.0.0", "::", "") else self.server.host
+        return f"http://{host}:{self.server.port}"
+
+
+def _type_name(kind: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        kind, "a list of strings"
+    )
+
+
+def _convert(key: str, kind: Any, value: Any) -> Any:
+    """Check one leaf value against its declared type; numbers from YAML ints are accepted as floats."""
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SettingsError(f"setting {key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise SettingsError(f"setting {key}: expected {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise SettingsError(f"setting {prefix.rstrip('.') or 'file'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise SettingsError(f"setting {prefix}{key}: unknown key")
+    values: dict[str, Any] = {}
+    for name in names:
+        if name not in data:
+            continue
+        kind = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, data[name], key + ".")
+        else:
+            values[name] = _convert(key, kind, data[name])
+    return cls(**values)
+
+
+def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Secrets from the environment win over the file."""
+    upstream = raw.setdefault("upstream", {}) if isinstance(raw.get("upstream", {}), dict) else {}
+    if env.get("OPENAI_API_KEY", "").strip():
+        upstream["api_keys"] = [k.strip() for k in env["OPENAI_API_KEY"].split(",") if k.strip()]
+    if env.get("OPENAI_BASE_URL", "").strip():
+        upstream["base_url"] = env["OPENAI_BASE_URL"].strip()
+    if env.get("BAIXING_API_KEY", "").strip():
+        upstream["baixing_key"] = env["BAIXING_API_KEY"].strip()
+    if env.get("CHATGPT_ADMIN_TOKEN", "").strip():
+        admin = raw.setdefault("admin", {})
+        if isinstance(admin, dict):
+            admin["token"] = env["CHATGPT_ADMIN_TOKEN"].strip()
+
+
+_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+_SIZE = re.compile(r"^\d{2,4}x\d{2,4}$")
+
+
+def validate(settings: Settings) -> Settings:
+    """Range and format checks that a type alone cannot express."""
+    s, u = settings.server, settings.upstream
+    checks: list[tuple[bool, str]] = [
+        (0 < s.port < 65536, "server.port: expected 1..65535"),
+        (not s.public_url or s.public_url.startswith(("http://", "https://")),
+         "server.public_url: expected an http:// or https:// URL"),
+        (u.provider in ("auto", "openai", "offline"), "upstream.provider: expected auto, openai or offline"),
+        (u.base_url.startswith(("http://", "https://")), "upstream.base_url: expected an http:// or https:// URL"),
+        (u.baixing_url.startswith(("http://", "https://")), "upstream.baixing_url: expected an http(s) URL"),
+        (bool(u.model.strip()), "upstream.model: must not be empty"),
+        (0 <= u.temperature <= 2, "upstream.temperature: expected 0..2"),
+        (u.max_tokens > 0, "upstream.max_tokens: expected a positive integer"),
+        (u.context_chars > 0, "upstream.context_chars: expected a positive integer"),
+        (u.connect_timeout > 0, "upstream.connect_timeout: expected a positive number"),
+        (u.read_timeout > 0, "upstream.read_timeout: expected a positive number"),
+        (settings.limits.http_per_second > 0, "limits.http_per_second: expected a positive number"),
+        (settings.limits.ws_per_minute > 0, "limits.ws_per_minute: expected a positive number"),
+        (settings.quota.daily_questions >= 0, "quota.daily_questions: expected 0 or more"),
+        (settings.quota.baixing_daily_questions >= 0, "quota.baixing_daily_questions: expected 0 or more"),
+        (1024 <= settings.ws.max_message_bytes <= 64 * 1048576, "ws.max_message_bytes: expected 1024..67108864"),
+        (0 <= settings.ws.frame_interval_ms <= 10000, "ws.frame_interval_ms: expected 0..10000"),
+        (bool(_SIZE.match(settings.images.size)), "images.size: expected WIDTHxHEIGHT, e.g. 256x256"),
+        (bool(_HHMM.match(settings.images.prune_at)), "images.prune_at: expected HH:MM"),
+        (settings.images.retention_hours > 0, "images.retention_hours: expected a positive number"),
+        (settings.images.max_total_mb > 0, "images.max_total_mb: expected a positive number"),
+        (bool(settings.images.folder.strip()), "images.folder: must not be empty"),
+        (bool(settings.state.file.strip()), "state.file: must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SettingsError(f"setting {message}")
+    return settings
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from `path` (or ./settings.yaml when present), apply env overrides, validate."""
+    env = os.environ if env is None else env
+    raw: Any = {}
+    if path is None and Path("settings.yaml").is_file():
+        path = "settings.yaml"
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingsError(f"settings file {path}: cannot read ({exc.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise SettingsError(f"settings file {path}{where}: not valid YAML") from None
+        if not isinstance(raw, dict):
+            raise SettingsError(f"settings file {path}: expected a mapping at the top level")
+    _env_overrides(raw, env)
+    return validate(_build(Settings, raw, ""))
+
+
+def replace_section(settings: Settings, section: str, **changes: Any) -> Settings:
+    """Return a copy of `settings` with fields of one section changed (tests and CLI flags)."""
+    return dataclasses.replace(settings, **{section: dataclasses.replace(getattr(settings, section), **changes)})
+
+

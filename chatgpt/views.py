@@ -1,0 +1,111 @@
+"""The mini-program's HTTP routes (PROTOCOL.md A.2): every answer is an envelope on HTTP 200."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from . import messages
+from .appkeys import flags_key, upstream_key
+from .envelope import envelope_response
+from .errors import ServiceError, UpstreamError, bad_request
+from .render import to_html
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or the envelope error the Java backend gave."""
+    raw = await request.read()
+    if not raw.strip():
+        raise ServiceError("200001", messages.BODY_EMPTY)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ServiceError("200002", messages.BODY_NOT_JSON) from None
+    if not isinstance(body, dict):
+        raise ServiceError("200002", messages.BODY_NOT_JSON)
+    return body
+
+
+async def index(request: web.Request) -> web.Response:
+    """Liveness: a bare success envelope."""
+    return envelope_response()
+
+
+async def status(request: web.Request) -> web.Response:
+    """`state` false during maintenance; the client opens its socket only when it is true."""
+    return envelope_response(state=request.app[flags_key].serving)
+
+
+async def announcement(request: web.Request) -> web.Response:
+    """The operator's announcement, left out when unset."""
+    return envelope_response(content=request.app[flags_key].announcement or None)
+
+
+def demo_messages(text: str) -> list[dict[str, Any]] | None:
+    """One finished assistant bubble per `|`-separated segment of the `demoChat` flag."""
+    segments = [s.strip() for s in text.split("|") if s.strip()]
+    if not segments:
+        return None
+    created = time.strftime("%Y-%m-%d %H:%M:%S")
+    return [{"id": str(uuid.uuid4()), "role": "assistant", "parent": "1", "content": s, "html": to_html(s),
+             "isSend": False, "isDone": True, "createTime": created} for s in segments]
+
+
+async def demo_chat_list(request: web.Request) -> web.Response:
+    """Sample conversation shown before the user asks anything."""
+    return envelope_response(messageList=demo_messages(request.app[flags_key].demoChat))
+
+
+async def verify_api_key(request: web.Request) -> web.Response:
+    """Check a user's key with the upstream's `GET /models`; the key is never stored or logged."""
+    body = await read_json_object(request)
+    key = body.get("apiKey")
+    if not isinstance(key, str) or not key.strip():
+        raise bad_request(messages.API_KEY_BLANK)
+    try:
+        await request.app[upstream_key].verify_key(key.strip())
+    except UpstreamError as error:
+        if error.status == 401:
+            banned = "deactivated" in (error.message or "").lower()
+            raise ServiceError("400001", messages.ACCOUNT_BANNED if banned else messages.API_KEY_WRONG) from None
+        raise ServiceError("500001", messages.SERVICE_ERROR) from None
+    except Exception as error:  # unreachable upstream, timeouts: the client only needs "failed"
+        if isinstance(error, ServiceError):
+            raise
+        raise ServiceError("500001", messages.SERVICE_ERROR) from None
+    return envelope_response()
+
+
+async def login_gone(request: web.Request) -> web.Response:
+    """Email/password login and access tokens no longer exist upstream (PROTOCOL.md C.1)."""
+    raise ServiceError("400001", messages.LOGIN_GONE)
+
+
+async def backend_api(request: web.Request) -> web.Response:
+    """The old ChatGPT web proxy: say clearly that token mode is gone."""
+    if not request.headers.get("Authorization", "").strip():
+        raise ServiceError("900001", messages.AUTHORIZATION_NULL)
+    raise ServiceError("500001", messages.TOKEN_UNSUPPORTED)
+
+
+async def debug_flag(request: web.Request) -> web.Response:
+    """The raw `isDebug` flag as plain text (the client reads it as is)."""
+    return web.Response(text=request.app[flags_key].isDebug, content_type="text/plain")
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the mini-program's routes; `/api1/...` and `//x` reach them through routing.py."""
+    app.router.add_get("/", index)
+    app.router.add_get("/status", status)
+    app.router.add_get("/announcement", announcement)
+    app.router.add_get("/demoChatList", demo_chat_list)
+    app.router.add_post("/api/auth/apikey/verify", verify_api_key)
+    app.router.add_post("/api/auth", login_gone)
+    app.router.add_post("/api/auth/token/verify", login_gone)
+    for path in ("/backend-api/conversations", "/backend-api/gentitle", "/backend-api/conversation",
+                 "/backend-api/moderation"):
+        app.router.add_route("*", path, backend_api)
+    app.router.add_get("/cache/YhI86Yjjoko", debug_flag)

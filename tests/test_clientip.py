@@ -1,0 +1,145 @@
+"""Client IP resolution: spoofed headers are ignored unless the peer is a trusted proxy."""
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from chatgpt.clientip import TrustedProxies, client_ip
+
+LOCAL = TrustedProxies(["127.0.0.1", "::1"])
+
+
+def test_untrusted_peer_without_headers_is_the_client() -> None:
+    assert client_ip("203.0.113.7", {}, LOCAL) == "203.0.113.7"
+
+
+def test_spoofed_forwarded_for_from_untrusted_peer_changes_nothing() -> None:
+    headers = {"X-Forwarded-For": "1.1.1.1, 2.2.2.2", "X-Real-IP": "3.3.3.3"}
+    assert client_ip("203.0.113.7", headers, LOCAL) == "203.0.113.7"
+
+
+def test_spoofed_real_ip_from_untrusted_peer_changes_nothing() -> None:
+    assert client_ip("198.51.100.2", {"X-Real-IP": "127.0.0.1"}, LOCAL) == "198.51.100.2"
+
+
+def test_missing_peer_is_reported_as_unknown() -> None:
+    assert client_ip(None, {"X-Real-IP": "1.2.3.4"}, LOCAL) == "unknown"
+
+
+def test_trusted_proxy_real_ip_is_honoured() -> None:
+    assert client_ip("127.0.0.1", {"X-Real-IP": " 198.51.100.9 "}, LOCAL) == "198.51.100.9"
+
+
+def test_real_ip_wins_over_forwarded_for() -> None:
+    headers = {"X-Real-IP": "198.51.100.9", "X-Forwarded-For": "203.0.113.1"}
+    assert client_ip("127.0.0.1", headers, LOCAL) == "198.51.100.9"
+
+
+def test_trusted_proxy_forwarded_for_rightmost_address_is_the_client() -> None:
+    headers = {"X-Forwarded-For": "6.6.6.6, 203.0.113.5"}
+    assert client_ip("127.0.0.1", headers, LOCAL) == "203.0.113.5"
+
+
+def test_forwarded_for_chain_skips_every_trusted_proxy() -> None:
+    trusted = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "172.16.0.1"])
+    headers = {"X-Forwarded-For": "6.6.6.6, 203.0.113.5, 172.16.0.1, 10.1.2.3, 10.9.9.9"}
+    assert client_ip("127.0.0.1", headers, trusted) == "203.0.113.5"
+
+
+def test_cidr_trust_covers_every_address_in_the_network() -> None:
+    trusted = TrustedProxies(["10.0.0.0/8"])
+    assert "10.255.0.1" in trusted
+    assert "11.0.0.1" not in trusted
+    assert client_ip("10.20.30.40", {"X-Real-IP": "198.51.100.1"}, trusted) == "198.51.100.1"
+    assert client_ip("11.0.0.1", {"X-Real-IP": "198.51.100.1"}, trusted) == "11.0.0.1"
+
+
+def test_ipv6_proxy_and_client_are_supported() -> None:
+    trusted = TrustedProxies(["fd00::/8"])
+    headers = {"X-Forwarded-For": "2001:db8::1, fd00::2"}
+    assert client_ip("fd00::1", headers, trusted) == "2001:db8::1"
+    assert client_ip("2001:db8::99", headers, trusted) == "2001:db8::99"
+
+
+def test_ipv6_addresses_come_out_in_canonical_form() -> None:
+    headers = {"X-Real-IP": "2001:DB8:0:0:0:0:0:1"}
+    assert client_ip("::1", headers, LOCAL) == "2001:db8::1"
+
+
+def test_ipv4_mapped_ipv6_peer_is_treated_as_ipv4() -> None:
+    assert client_ip("::ffff:127.0.0.1", {"X-Real-IP": "198.51.100.4"}, LOCAL) == "198.51.100.4"
+    assert client_ip("::ffff:203.0.113.8", {}, LOCAL) == "203.0.113.8"
+    assert client_ip("127.0.0.1", {"X-Real-IP": "::ffff:198.51.100.4"}, LOCAL) == "198.51.100.4"
+
+
+def test_ports_and_brackets_are_stripped() -> None:
+    assert client_ip("127.0.0.1", {"X-Real-IP": "198.51.100.4:5555"}, LOCAL) == "198.51.100.4"
+    assert client_ip("127.0.0.1", {"X-Real-IP": "[2001:db8::5]:443"}, LOCAL) == "2001:db8::5"
+    assert client_ip("127.0.0.1", {"X-Forwarded-For": "[2001:db8::6]"}, LOCAL) == "2001:db8::6"
+
+
+def test_garbage_real_ip_falls_back_to_forwarded_for() -> None:
+    headers = {"X-Real-IP": "not-an-ip", "X-Forwarded-For": "203.0.113.5"}
+    assert client_ip("127.0.0.1", headers, LOCAL) == "203.0.113.5"
+
+
+def test_garbage_entries_in_forwarded_for_are_skipped() -> None:
+    headers = {"X-Forwarded-For": "203.0.113.5, unknown, , 999.1.1.1"}
+    assert client_ip("127.0.0.1", headers, LOCAL) == "203.0.113.5"
+
+
+def test_nothing_valid_from_trusted_proxy_means_the_peer() -> None:
+    headers = {"X-Real-IP": "<script>", "X-Forwarded-For": "garbage,,;;, 127.0.0.1"}
+    assert client_ip("127.0.0.1", headers, LOCAL) == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", ",", "\x00\xff", "a" * 100_000, ", " * 50_000, "[" * 1000, "1.2.3.4" * 10_000, "[::1"],
+)
+def test_hostile_header_values_never_raise(value: str) -> None:
+    headers = {"X-Real-IP": value, "X-Forwarded-For": value}
+    assert client_ip("127.0.0.1", headers, LOCAL) == "127.0.0.1"
+    assert client_ip("203.0.113.1", headers, LOCAL) == "203.0.113.1"
+
+
+def test_huge_forwarded_for_is_resolved_from_its_right_end() -> None:
+    headers = {"X-Forwarded-For": "6.6.6.6, " * 100_000 + "203.0.113.5"}
+    assert client_ip("127.0.0.1", headers, LOCAL) == "203.0.113.5"
+
+
+def test_lowercase_header_names_in_a_plain_dict_are_read() -> None:
+    assert client_ip("127.0.0.1", {"x-real-ip": "198.51.100.4"}, LOCAL) == "198.51.100.4"
+
+
+def test_repeated_forwarded_for_headers_are_read_as_one_list() -> None:
+    headers = CIMultiDict([("X-Forwarded-For", "6.6.6.6"), ("x-forwarded-for", "203.0.113.5")])
+    assert client_ip("127.0.0.1", headers, LOCAL) == "203.0.113.5"
+
+
+def test_non_ip_peer_is_returned_as_given_and_never_trusted() -> None:
+    assert client_ip("/run/app.sock", {"X-Real-IP": "1.2.3.4"}, LOCAL) == "/run/app.sock"
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.300", "example.com", "10.0.0.0/33", "", "::g"])
+def test_invalid_trusted_entry_raises_naming_it(entry: str) -> None:
+    with pytest.raises(ValueError, match="trusted proxy"):
+        TrustedProxies(["127.0.0.1", entry])
+    with pytest.raises(ValueError) as info:
+        TrustedProxies([entry])
+    assert repr(entry) in str(info.value)
+
+
+def test_host_bits_in_a_trusted_network_are_tolerated() -> None:
+    assert "10.200.0.1" in TrustedProxies(["10.1.2.3/8"])
+
+
+def test_ipv4_trust_never_matches_ipv6_addresses() -> None:
+    trusted = TrustedProxies(["0.0.0.0/0"])
+    assert "2001:db8::1" not in trusted
+    assert "198.51.100.1" in trusted
+
+
+def test_membership_of_garbage_is_false() -> None:
+    assert "nonsense" not in LOCAL
+    assert None not in LOCAL
