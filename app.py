@@ -2,45 +2,79 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import weakref
 from collections.abc import AsyncIterator, Sequence
+from contextlib import suppress
 
 from aiohttp import web
 
-from chatgpt import openai_api, views
-from chatgpt.appkeys import flags_key, pipeline_key, session_key, settings_key, sockets_key, trusted_key, upstream_key
+from chatgpt import admin, openai_api, views
+from chatgpt.appkeys import (flags_key, http_limits_key, pipeline_key, session_key, settings_key, sockets_key,
+                             state_key, trusted_key, upstream_key)
 from chatgpt.chat import ChatPipeline
 from chatgpt.clientip import TrustedProxies
 from chatgpt.errors import error_middleware
-from chatgpt.keypool import KeyPool, mask
+from chatgpt.guards import rate_limit_middleware
+from chatgpt.keypool import KeyPool, mask, probe_forever
 from chatgpt.limits import LimiterTable
+from chatgpt.providers.baixing import BaixingProvider
 from chatgpt.providers.offline import OfflineProvider
 from chatgpt.providers.openai import OpenAIProvider, make_session
 from chatgpt.quota import DailyQuota
 from chatgpt.routing import merge_slashes
 from chatgpt.runtime import RuntimeFlags
 from chatgpt.settings import Settings, SettingsError, load_settings, replace_section
+from chatgpt.state import StateFile
 from chatgpt.ws import close_sockets, websocket_handler
 
 log = logging.getLogger("chatgpt")
 
+SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
+
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The one upstream ClientSession and the pipeline built on it, closed on shutdown."""
+    """The one upstream ClientSession, the pipeline built on it and the key re-probe task."""
     settings = app[settings_key]
     upstream = settings.upstream
     session = make_session(upstream.connect_timeout, upstream.read_timeout)
     openai = OpenAIProvider(session, upstream.base_url)
     pool_provider = openai if settings.pool_provider == "openai" else OfflineProvider()
-    limiters = {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}
+    baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
+    keys = KeyPool(upstream.api_keys)
     app[session_key] = session
     app[upstream_key] = openai
-    app[pipeline_key] = ChatPipeline(settings, app[flags_key], KeyPool(upstream.api_keys),
-                                     DailyQuota(settings.quota.daily_questions), limiters, pool_provider, openai)
+    app[pipeline_key] = ChatPipeline(
+        settings, app[flags_key], keys, DailyQuota(settings.quota.daily_questions),
+        DailyQuota(settings.quota.baixing_daily_questions),
+        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing)
+    probes = asyncio.create_task(probe_forever(keys, openai.key_works, every=60.0))
     yield
+    probes.cancel()
+    with suppress(asyncio.CancelledError):
+        await probes
     await session.close()
+
+
+async def state_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Restore quotas, flags and key health at start; save periodically and at shutdown."""
+    pipeline = app[pipeline_key]
+    state = StateFile(app[settings_key].state.file, {
+        "flags": app[flags_key], "quota": pipeline.quota, "debug_quota": pipeline.debug_quota,
+        "keys": pipeline.keys})
+    state.load()
+    app[state_key] = state
+    saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
+    yield
+    saver.cancel()
+    with suppress(asyncio.CancelledError):
+        await saver
+    try:
+        state.save_now()
+    except OSError as exc:
+        log.error("state file %s not written at shutdown (%s)", state.path, exc.strerror)
 
 
 def describe(settings: Settings) -> str:
@@ -55,16 +89,21 @@ def describe(settings: Settings) -> str:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the application; used alike by production, tests and `adev runserver`."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.ws.max_message_bytes)
+    app = web.Application(middlewares=[error_middleware, rate_limit_middleware],
+                          client_max_size=settings.ws.max_message_bytes)
     app[settings_key] = settings
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions)
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
     app[sockets_key] = weakref.WeakSet()
+    app[http_limits_key] = {"http": LimiterTable(settings.limits.http_per_second, 1.0),
+                            "v1": LimiterTable(settings.limits.http_per_second, 1.0)}
     merge_slashes(app, aliases={"/api1/": "/api/"})
     views.add_routes(app)
     app.router.add_get("/websocket", websocket_handler)
     openai_api.add_routes(app)
+    admin.add_routes(app)
     app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(state_ctx)
     app.on_shutdown.append(close_sockets)
     return app
 

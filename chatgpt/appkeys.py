@@ -8,9 +8,11 @@ from aiohttp import web
 
 from .chat import ChatPipeline
 from .clientip import TrustedProxies
+from .limits import LimiterTable
 from .providers.openai import OpenAIProvider
 from .runtime import RuntimeFlags
 from .settings import Settings
+from .state import StateFile
 
 settings_key = web.AppKey("settings", Settings)
 flags_key = web.AppKey("flags", RuntimeFlags)
@@ -19,3 +21,5 @@ upstream_key = web.AppKey("upstream", OpenAIProvider)
 pipeline_key = web.AppKey("pipeline", ChatPipeline)
 sockets_key = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
 trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
+http_limits_key = web.AppKey("http_limits", dict[str, LimiterTable])
+state_key = web.AppKey("state", StateFile)

@@ -100,14 +100,17 @@ class ChatPipeline:
     """Turns a question into answer deltas, charging and refunding as PROTOCOL.md says."""
 
     def __init__(self, settings: Settings, flags: RuntimeFlags, keys: KeyPool, quota: DailyQuota,
-                 limiters: dict[str, LimiterTable], pool_provider: Provider, own_key_provider: Provider) -> None:
+                 debug_quota: DailyQuota, limiters: dict[str, LimiterTable], pool_provider: Provider,
+                 own_key_provider: Provider, debug_provider: Provider) -> None:
         self.settings = settings
         self.flags = flags
         self.keys = keys
         self.quota = quota
+        self.debug_quota = debug_quota  # the Baixing relay's own per-IP day limit
         self.limiters = limiters
         self.pool_provider = pool_provider
         self.own_key_provider = own_key_provider
+        self.debug_provider = debug_provider
 
     async def admit(self, entry: str, identity: str) -> None:
         """Maintenance, then the per-IP limiter of this entry point; raises a refusal."""
@@ -150,24 +153,27 @@ class ChatPipeline:
     async def answer(self, question: Question) -> AsyncIterator[Delta]:
         """Stream the answer's deltas; raise ServiceError on refusal or failure."""
         request = self._request(question)
+        debug = self.flags.debug and question.payer.kind != "own"
+        quota = self.debug_quota if debug else self.quota
         charged = False
         if question.payer.kind == "anonymous":
             self.quota.limit = self.flags.demoLimit
-            if not self.quota.take(question.identity):
+            if not quota.take(question.identity):
                 raise ServiceError("700001", messages.QUOTA_USED_UP, http_status=429,
                                    error_type="insufficient_quota", error_code="daily_quota_exceeded")
             charged = True
         produced = False
         started = time.monotonic()
         try:
-            async for delta in self._stream(question, request):
+            deltas = self._relay(self.debug_provider, request, None, None) if debug else self._stream(question, request)
+            async for delta in deltas:
                 produced = produced or bool(delta.text)
                 yield delta
         except BaseException:
             # Given back only when the upstream produced nothing: a client that leaves mid-answer
             # has been answered (and billed), so it is charged (PROTOCOL.md A.5, C.2).
             if charged and not produced:
-                self.quota.refund(question.identity)
+                quota.refund(question.identity)
             raise
         finally:
             log.debug("question via %s answered in %.0f ms", question.entry, (time.monotonic() - started) * 1000)

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from . import messages
 from .envelope import envelope_response
+from .keypool import retry_after_from_headers
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class ServiceError(Exception):
         error_type: str = "invalid_request_error",
         error_code: str | None = None,
         retry_after: float | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -35,6 +37,7 @@ class ServiceError(Exception):
         self.error_type = error_type
         self.error_code = error_code
         self.retry_after = retry_after
+        self.param = param
 
 
 def bad_request(message: str, code: str = "300001") -> ServiceError:
@@ -93,8 +96,9 @@ def from_upstream(exc: Exception) -> ServiceError:
         code = "400001" if status in (401, 403) else "500001"
         error_type = "rate_limit_exceeded" if status == 429 else (
             "invalid_request_error" if status < 500 else "api_error")
+        retry_after = retry_after_from_headers(exc.headers) if status == 429 else None
         return ServiceError(code, exc.message or messages.UPSTREAM_FAILED, http_status=http_status,
-                            error_type=error_type, error_code=exc.code)
+                            error_type=error_type, error_code=exc.code, retry_after=retry_after)
     if isinstance(exc, UpstreamUnreachable):
         return ServiceError("500001", messages.UPSTREAM_UNREACHABLE, http_status=502, error_type="api_error")
     if isinstance(exc, (UpstreamBroken, asyncio.TimeoutError)):
@@ -106,7 +110,7 @@ def from_upstream(exc: Exception) -> ServiceError:
 def openai_error_response(error: ServiceError) -> web.Response:
     """OpenAI's error JSON with a real HTTP status (and Retry-After on 429)."""
     body: dict[str, Any] = {"error": {"message": error.message, "type": error.error_type,
-                                      "param": None, "code": error.error_code}}
+                                      "param": error.param, "code": error.error_code}}
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))

@@ -1,11 +1,12 @@
 """The server's pool of upstream API keys: rotation, cool-down on 429, disable and re-probe."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -216,3 +217,11 @@ def retry_after_from_headers(headers: Mapping[str, str], *,
     if _DELTA.fullmatch(millis) and math.isfinite(seconds := float(millis) / 1000.0):
         return seconds
     return retry_after_seconds(lowered.get("retry-after"), now=now)
+
+
+async def probe_forever(pool: KeyPool, verify: Callable[[str], Awaitable[bool]], every: float) -> None:
+    """Background task: re-probe disabled keys that are due; a good probe puts a key back in rotation."""
+    while True:
+        await asyncio.sleep(every)
+        for key in pool.due_for_probe():
+            pool.report_probe(key, await verify(key))

@@ -22,6 +22,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 
 def _invalid(message: str, param: str | None = None) -> ServiceError:
     error = bad_request(message)
+    error.param = param
     error.error_code = param and "invalid_value"
     return error
 

@@ -34,6 +34,21 @@ class RuntimeFlags:
         """All flags, JSON-safe."""
         return {name: getattr(self, name) for name in self.NAMES}
 
+    def snapshot(self) -> dict[str, Any]:
+        """The flags as kept in the state file."""
+        return self.as_dict()
+
+    def restore(self, data: Any) -> None:
+        """Take back saved flags; a value that fails the checks keeps its configured one."""
+        if not isinstance(data, dict):
+            return
+        for name in self.NAMES:
+            if name in data:
+                try:
+                    self.update({name: data[name]})
+                except ValueError:
+                    pass
+
     def update(self, changes: Any) -> dict[str, Any]:
         """Apply a JSON object of changes after checking every one; raise ValueError naming the field."""
         if not isinstance(changes, dict) or not changes:

@@ -61,6 +61,8 @@ async def demo_chat_list(request: web.Request) -> web.Response:
 
 async def verify_api_key(request: web.Request) -> web.Response:
     """Check a user's key with the upstream's `GET /models`; the key is never stored or logged."""
+    if not request.app[flags_key].serving:
+        raise ServiceError("700001", messages.MAINTENANCE)
     body = await read_json_object(request)
     key = body.get("apiKey")
     if not isinstance(key, str) or not key.strip():

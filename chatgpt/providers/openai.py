@@ -160,3 +160,11 @@ class OpenAIProvider:
             raise UpstreamBroken("upstream did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"upstream unreachable: {type(exc).__name__}") from None
+
+    async def key_works(self, key: str) -> bool:
+        """A re-probe of a disabled server key: True when the upstream accepts it again."""
+        try:
+            await self.verify_key(key)
+        except (UpstreamError, UpstreamBroken, UpstreamUnreachable):
+            return False
+        return True

@@ -1,0 +1,91 @@
+"""`/admin/*`: runtime flags, key health and quota resets for the operator, behind a bearer token."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from .appkeys import flags_key, pipeline_key, settings_key, state_key
+
+log = logging.getLogger(__name__)
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+def _error(status: int, message: str) -> web.HTTPException:
+    """An admin failure as JSON with a real HTTP status."""
+    text = json.dumps({"error": {"message": message, "type": "admin_error", "param": None, "code": None}})
+    kinds: dict[int, type[web.HTTPException]] = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized,
+                                                  404: web.HTTPNotFound}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return kinds[status](text=text, content_type="application/json", headers=headers)
+
+
+def require_admin(request: web.Request) -> None:
+    """401 unless the bearer token matches (constant-time); 404 when no token is configured."""
+    token = request.app[settings_key].admin.token
+    if not token:
+        raise _error(404, "The admin API is off: set admin.token or CHATGPT_ADMIN_TOKEN.")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise _error(401, "A valid admin bearer token is required.")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except ValueError:
+        raise _error(400, "The body must be a JSON object.") from None
+    if not isinstance(body, dict):
+        raise _error(400, "The body must be a JSON object.")
+    return body
+
+
+async def get_runtime(request: web.Request) -> web.Response:
+    """The current runtime flags."""
+    require_admin(request)
+    return _json(request.app[flags_key].as_dict())
+
+
+async def patch_runtime(request: web.Request) -> web.Response:
+    """Change some flags at once (all checked before any is applied); saved to the state file."""
+    require_admin(request)
+    try:
+        flags = request.app[flags_key].update(await _body(request))
+    except ValueError as error:
+        raise _error(400, str(error)) from None
+    await request.app[state_key].save()
+    log.info("runtime flags changed by the admin API: %s", ", ".join(sorted(flags)))
+    return _json(flags)
+
+
+async def get_keys(request: web.Request) -> web.Response:
+    """Health of each server key, masked to its last 4 characters."""
+    require_admin(request)
+    pool = request.app[pipeline_key].keys
+    return _json({"usable": pool.usable(), "keys": pool.health()})
+
+
+async def reset_quota(request: web.Request) -> web.Response:
+    """Reset the daily quota of one identity (`{"identity": "1.2.3.4"}`) or of everyone (`{}`)."""
+    require_admin(request)
+    identity = (await _body(request)).get("identity")
+    if identity is not None and not isinstance(identity, str):
+        raise _error(400, "identity: expected a string")
+    pipeline = request.app[pipeline_key]
+    cleared = pipeline.quota.reset(identity) + pipeline.debug_quota.reset(identity)
+    await request.app[state_key].save()
+    return _json({"reset": cleared, "identity": identity})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register `/admin/*`."""
+    app.router.add_get("/admin/runtime", get_runtime)
+    app.router.add_patch("/admin/runtime", patch_runtime)
+    app.router.add_get("/admin/keys", get_keys)
+    app.router.add_post("/admin/quota/reset", reset_quota)
