@@ -12,12 +12,13 @@ from contextlib import suppress
 from aiohttp import web
 
 from chatgpt import admin, openai_api, views
-from chatgpt.appkeys import (flags_key, http_limits_key, pipeline_key, session_key, settings_key, sockets_key,
-                             state_key, trusted_key, upstream_key)
+from chatgpt.appkeys import (flags_key, http_limits_key, pipeline_key, pruner_key, session_key, settings_key,
+                             sockets_key, state_key, trusted_key, upstream_key)
 from chatgpt.chat import ChatPipeline
 from chatgpt.clientip import TrustedProxies
 from chatgpt.errors import error_middleware
 from chatgpt.guards import rate_limit_middleware
+from chatgpt.images import ImageStore, Pruner
 from chatgpt.keypool import KeyPool, mask, probe_forever
 from chatgpt.limits import LimiterTable
 from chatgpt.providers.baixing import BaixingProvider
@@ -44,18 +45,32 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     pool_provider = openai if settings.pool_provider == "openai" else OfflineProvider()
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
     keys = KeyPool(upstream.api_keys)
+    images = ImageStore(settings.images.folder, settings.public_url, session)
     app[session_key] = session
     app[upstream_key] = openai
     app[pipeline_key] = ChatPipeline(
         settings, app[flags_key], keys, DailyQuota(settings.quota.daily_questions),
         DailyQuota(settings.quota.baixing_daily_questions),
-        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing)
+        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing, images)
     probes = asyncio.create_task(probe_forever(keys, openai.key_works, every=60.0))
     yield
     probes.cancel()
     with suppress(asyncio.CancelledError):
         await probes
     await session.close()
+
+
+async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The picture-pruning task: daily at images.prune_at and whenever the folder is over its cap."""
+    images = app[settings_key].images
+    pruner = Pruner(images.folder, images.retention_hours * 3600, int(images.max_total_mb * 1024 * 1024),
+                    images.prune_at)
+    app[pruner_key] = pruner
+    task = asyncio.create_task(pruner.run_forever())
+    yield
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
 
 
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -104,6 +119,7 @@ def create_app(settings: Settings) -> web.Application:
     admin.add_routes(app)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(state_ctx)
+    app.cleanup_ctx.append(pruner_ctx)
     app.on_shutdown.append(close_sockets)
     return app
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .appkeys import flags_key, pipeline_key, settings_key, state_key
+from .appkeys import flags_key, pipeline_key, pruner_key, settings_key, state_key
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,17 @@ async def reset_quota(request: web.Request) -> web.Response:
     return _json({"reset": cleared, "identity": identity})
 
 
+async def prune_images(request: web.Request) -> web.Response:
+    """Run a picture-pruning pass now and say what it removed."""
+    require_admin(request)
+    removed = await request.app[pruner_key].run_pass()
+    return _json({"removed": removed})
+
+
 def add_routes(app: web.Application) -> None:
     """Register `/admin/*`."""
     app.router.add_get("/admin/runtime", get_runtime)
     app.router.add_patch("/admin/runtime", patch_runtime)
     app.router.add_get("/admin/keys", get_keys)
     app.router.add_post("/admin/quota/reset", reset_quota)
+    app.router.add_post("/admin/images/prune", prune_images)

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .chat import ChatPipeline
 from .clientip import TrustedProxies
+from .images import Pruner
 from .limits import LimiterTable
 from .providers.openai import OpenAIProvider
 from .runtime import RuntimeFlags
@@ -23,3 +24,4 @@ sockets_key = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
 trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
 http_limits_key = web.AppKey("http_limits", dict[str, LimiterTable])
 state_key = web.AppKey("state", StateFile)
+pruner_key = web.AppKey("pruner", Pruner)

@@ -4,17 +4,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from . import messages
 from .errors import ServiceError, UpstreamBroken, UpstreamError, UpstreamUnreachable, bad_request, from_upstream
 from .keypool import KeyPool, mask, retry_after_from_headers
 from .limits import LimiterTable
-from .providers import ChatRequest, Delta, Provider
+from .images import ImageStore, StoredImage
+from .providers import ChatRequest, Delta, GeneratedImage, Provider
 from .quota import DailyQuota
 from .runtime import RuntimeFlags
 from .settings import Settings
@@ -22,6 +22,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 UPSTREAM_FAILURES = (UpstreamError, UpstreamUnreachable, UpstreamBroken, asyncio.TimeoutError)
+T = TypeVar("T")
 ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -58,6 +59,12 @@ class Question:
     temperature: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     trim: bool = True  # fit the context to the budget (not for an SDK caller paying with its own key)
+
+
+def _retryable(error: ServiceError, tried: list[str]) -> bool:
+    """A key-specific refusal (401/403/429) on the first key is retried once on the next key."""
+    cause = error.__cause__
+    return len(tried) == 1 and isinstance(cause, UpstreamError) and cause.status in (401, 403, 429)
 
 
 def content_size(content: Any) -> int:
@@ -101,7 +108,7 @@ class ChatPipeline:
 
     def __init__(self, settings: Settings, flags: RuntimeFlags, keys: KeyPool, quota: DailyQuota,
                  debug_quota: DailyQuota, limiters: dict[str, LimiterTable], pool_provider: Provider,
-                 own_key_provider: Provider, debug_provider: Provider) -> None:
+                 own_key_provider: Provider, debug_provider: Provider, images: ImageStore) -> None:
         self.settings = settings
         self.flags = flags
         self.keys = keys
@@ -111,6 +118,7 @@ class ChatPipeline:
         self.pool_provider = pool_provider
         self.own_key_provider = own_key_provider
         self.debug_provider = debug_provider
+        self.images = images
 
     async def admit(self, entry: str, identity: str) -> None:
         """Maintenance, then the per-IP limiter of this entry point; raises a refusal."""
@@ -150,65 +158,108 @@ class ChatPipeline:
         temperature = upstream.temperature if question.temperature is None else question.temperature
         return ChatRequest(history, question.model, temperature, max_tokens, question.extra)
 
+    def _charge(self, question: Question, debug: bool) -> DailyQuota | None:
+        """Count an anonymous question against its day quota; the quota to refund, if any."""
+        if question.payer.kind != "anonymous":
+            return None
+        quota = self.debug_quota if debug else self.quota
+        self.quota.limit = self.flags.demoLimit
+        if not quota.take(question.identity):
+            raise ServiceError("700001", messages.QUOTA_USED_UP, http_status=429,
+                               error_type="insufficient_quota", error_code="daily_quota_exceeded")
+        return quota
+
     async def answer(self, question: Question) -> AsyncIterator[Delta]:
         """Stream the answer's deltas; raise ServiceError on refusal or failure."""
         request = self._request(question)
         debug = self.flags.debug and question.payer.kind != "own"
-        quota = self.debug_quota if debug else self.quota
-        charged = False
-        if question.payer.kind == "anonymous":
-            self.quota.limit = self.flags.demoLimit
-            if not quota.take(question.identity):
-                raise ServiceError("700001", messages.QUOTA_USED_UP, http_status=429,
-                                   error_type="insufficient_quota", error_code="daily_quota_exceeded")
-            charged = True
+        quota = self._charge(question, debug)
         produced = False
-        started = time.monotonic()
         try:
-            deltas = self._relay(self.debug_provider, request, None, None) if debug else self._stream(question, request)
-            async for delta in deltas:
-                produced = produced or bool(delta.text)
-                yield delta
+            source = self._relay(self.debug_provider, request, None, None) if debug else self._stream(question, request)
+            async with aclosing(source) as deltas:
+                async for delta in deltas:
+                    produced = produced or bool(delta.text)
+                    yield delta
         except BaseException:
             # Given back only when the upstream produced nothing: a client that leaves mid-answer
             # has been answered (and billed), so it is charged (PROTOCOL.md A.5, C.2).
-            if charged and not produced:
+            if quota is not None and not produced:
                 quota.refund(question.identity)
             raise
-        finally:
-            log.debug("question via %s answered in %.0f ms", question.entry, (time.monotonic() - started) * 1000)
 
     async def _stream(self, question: Question, request: ChatRequest) -> AsyncIterator[Delta]:
-        if question.payer.kind == "own":
-            async for delta in self._relay(self.own_key_provider, request, question.payer.key, None):
-                yield delta
-            return
-        if self.pool_provider.name == "offline":
-            async for delta in self._relay(self.pool_provider, request, None, None):
-                yield delta
+        if question.payer.kind == "own" or self.pool_provider.name == "offline":
+            provider = self.own_key_provider if question.payer.kind == "own" else self.pool_provider
+            async with aclosing(self._relay(provider, request, question.payer.key, None)) as deltas:
+                async for delta in deltas:
+                    yield delta
             return
         tried: list[str] = []
         while True:
-            key = self.keys.pick(exclude=tried)
-            if key is None:
-                raise ServiceError("500001", messages.NO_SERVER_KEY if not tried else messages.UPSTREAM_FAILED,
-                                   http_status=503, error_type="api_error")
-            tried.append(key)
+            key = self._next_key(tried)
             produced = False
             try:
-                async for delta in self._relay(self.pool_provider, request, key, key):
-                    produced = True
-                    yield delta
+                async with aclosing(self._relay(self.pool_provider, request, key, key)) as deltas:
+                    async for delta in deltas:
+                        produced = True
+                        yield delta
                 return
             except ServiceError as error:
                 # One retry on the next key, only for a key-specific refusal before any text was
                 # sent: a broken stream is never re-POSTed (it may already be billed).
-                if produced or len(tried) > 1 or error.__cause__ is None:
+                if produced or not _retryable(error, tried):
                     raise
-                cause = error.__cause__
-                if not (isinstance(cause, UpstreamError) and cause.status in (401, 403, 429)):
+                log.info("key %s refused (HTTP %s); retrying once on the next key", mask(key),
+                         getattr(error.__cause__, "status", "?"))
+
+    def _next_key(self, tried: list[str]) -> str:
+        key = self.keys.pick(exclude=tried)
+        if key is None:
+            raise ServiceError("500001", messages.NO_SERVER_KEY if not tried else messages.UPSTREAM_FAILED,
+                               http_status=503, error_type="api_error")
+        tried.append(key)
+        return key
+
+    async def image(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
+        """Generate one picture for `prompt` and save it; charged like a chat question."""
+        quota = self._charge(question, debug=False)
+        try:
+            generated = await self._generate(question, prompt, size or self.settings.images.size)
+            return await self.images.store(generated)
+        except BaseException:
+            if quota is not None:
+                quota.refund(question.identity)  # the user got no picture
+            raise
+
+    async def _generate(self, question: Question, prompt: str, size: str) -> GeneratedImage:
+        if question.payer.kind == "own":
+            return await self._call(self.own_key_provider.generate_image(prompt, size, question.payer.key), None)
+        if self.pool_provider.name == "offline":
+            return await self._call(self.pool_provider.generate_image(prompt, size, None), None)
+        tried: list[str] = []
+        while True:
+            key = self._next_key(tried)
+            try:
+                return await self._call(self.pool_provider.generate_image(prompt, size, key), key)
+            except ServiceError as error:
+                if not _retryable(error, tried):
                     raise
-                log.info("key %s refused (HTTP %s); retrying once on the next key", mask(key), cause.status)
+
+    async def _call(self, call: Awaitable[T], pool_key: str | None) -> T:
+        """Await one upstream call, mapping failures and reporting key health like `_relay`."""
+        if pool_key is not None:
+            self.keys.record_request(pool_key)
+        try:
+            result = await call
+        except UPSTREAM_FAILURES as exc:
+            if pool_key is not None:
+                self._report(pool_key, exc)
+            log.warning("upstream image call failed: %s", exc)
+            raise from_upstream(exc) from exc
+        if pool_key is not None:
+            self.keys.report_success(pool_key)
+        return result
 
     async def _relay(self, provider: Provider, request: ChatRequest, key: str | None,
                      pool_key: str | None) -> AsyncIterator[Delta]:

@@ -48,6 +48,12 @@ def error_frame(cid: Any, message: str) -> dict[str, Any]:
                   isDone=True, isSuccess=False)
 
 
+def image_frame(cid: Any, answer_id: str, url: str) -> dict[str, Any]:
+    """A saved picture, followed by the end frame."""
+    return _frame(cid, id=answer_id, role="assistant", content="[图片]", html="[图片]", url=url, isImg=True,
+                  createTime=now_text(), isDone=False, isSuccess=True)
+
+
 def quota_frame(cid: Any, remaining: int) -> dict[str, Any]:
     """The answer to `查询次数`: the number of questions left today."""
     return _frame(cid, content=str(remaining), html=str(remaining), createTime=now_text(),

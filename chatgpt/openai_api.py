@@ -1,7 +1,10 @@
 """`/v1/*`: OpenAI-compatible routes for curl and the official SDKs, errors in OpenAI's shape."""
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import re
 import time
 from contextlib import aclosing
 from typing import Any
@@ -16,6 +19,7 @@ from .providers import Delta
 
 PASSED_THROUGH = {"top_p": (int, float), "stop": (str, list), "presence_penalty": (int, float),
                   "frequency_penalty": (int, float), "user": (str,), "seed": (int,)}
+IMAGE_SIZE = re.compile(r"^\d{2,4}x\d{2,4}$")
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
@@ -141,6 +145,33 @@ async def _stream(request: web.Request, deltas: Any, model: str, created: int) -
     return response
 
 
+async def image_generations(request: web.Request) -> web.Response:
+    """`POST /v1/images/generations`: one picture, saved here and linked (or sent as `b64_json`)."""
+    body = await read_body(request)
+    app = request.app
+    prompt, size, response_format = body.get("prompt"), body.get("size"), body.get("response_format", "url")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _invalid("'prompt' must be a non-empty string.", "prompt")
+    if body.get("n", 1) != 1:
+        raise _invalid("Only n=1 is supported.", "n")
+    if response_format not in ("url", "b64_json"):
+        raise _invalid("'response_format' must be 'url' or 'b64_json'.", "response_format")
+    if size is not None and (not isinstance(size, str) or not IMAGE_SIZE.match(size)):
+        raise _invalid("'size' must look like 1024x1024.", "size")
+    payer = Payer.from_bearer(request.headers.get("Authorization"), app[settings_key].api.client_tokens)
+    identity = client_ip(request.remote, request.headers, app[trusted_key])
+    pipeline = app[pipeline_key]
+    await pipeline.admit("v1", identity)
+    question = Question("v1", identity, payer, [], app[settings_key].upstream.model)
+    # The operator pays on the pool: the configured size. A caller on its own key picks its own.
+    stored = await pipeline.image(question, prompt.strip(), size if payer.kind == "own" else None)
+    item: dict[str, Any] = {"url": stored.url}
+    if response_format == "b64_json":
+        data = await asyncio.to_thread(pipeline.images.read, stored)
+        item = {"b64_json": base64.b64encode(data).decode()}
+    return web.json_response({"created": int(time.time()), "data": [item]})
+
+
 async def list_models(request: web.Request) -> web.Response:
     """`GET /v1/models`: the models this server allows on its own keys."""
     models = request.app[settings_key].upstream.models
@@ -152,3 +183,4 @@ def add_routes(app: web.Application) -> None:
     """Register `/v1/*`."""
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/images/generations", image_generations)

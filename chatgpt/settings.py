@@ -164,19 +164,24 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**values)
 
 
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """The file's section `name` as a dict to add overrides to (an empty `name:` counts as {})."""
+    if raw.get(name) is None:
+        raw[name] = {}
+    section = raw[name]
+    return section if isinstance(section, dict) else {}  # a wrong type is reported by _build
+
+
 def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     """Secrets from the environment win over the file."""
-    upstream = raw.setdefault("upstream", {}) if isinstance(raw.get("upstream", {}), dict) else {}
     if env.get("OPENAI_API_KEY", "").strip():
-        upstream["api_keys"] = [k.strip() for k in env["OPENAI_API_KEY"].split(",") if k.strip()]
+        _section(raw, "upstream")["api_keys"] = [k.strip() for k in env["OPENAI_API_KEY"].split(",") if k.strip()]
     if env.get("OPENAI_BASE_URL", "").strip():
-        upstream["base_url"] = env["OPENAI_BASE_URL"].strip()
+        _section(raw, "upstream")["base_url"] = env["OPENAI_BASE_URL"].strip()
     if env.get("BAIXING_API_KEY", "").strip():
-        upstream["baixing_key"] = env["BAIXING_API_KEY"].strip()
+        _section(raw, "upstream")["baixing_key"] = env["BAIXING_API_KEY"].strip()
     if env.get("CHATGPT_ADMIN_TOKEN", "").strip():
-        admin = raw.setdefault("admin", {})
-        if isinstance(admin, dict):
-            admin["token"] = env["CHATGPT_ADMIN_TOKEN"].strip()
+        _section(raw, "admin")["token"] = env["CHATGPT_ADMIN_TOKEN"].strip()
 
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")

@@ -9,9 +9,10 @@ from typing import Any
 from aiohttp import web
 
 from . import messages
-from .appkeys import flags_key, upstream_key
+from .appkeys import flags_key, settings_key, upstream_key
 from .envelope import envelope_response
 from .errors import ServiceError, UpstreamError, bad_request
+from .images import safe_image_path
 from .render import to_html
 
 
@@ -93,6 +94,15 @@ async def backend_api(request: web.Request) -> web.Response:
     raise ServiceError("500001", messages.TOKEN_UNSUPPORTED)
 
 
+async def picture(request: web.Request) -> web.StreamResponse:
+    """A saved picture; 404 for any name this server did not make, or outside the folder."""
+    path = safe_image_path(request.app[settings_key].images.folder, request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers={"Cache-Control": "public, max-age=86400, immutable",
+                                           "X-Content-Type-Options": "nosniff"})
+
+
 async def debug_flag(request: web.Request) -> web.Response:
     """The raw `isDebug` flag as plain text (the client reads it as is)."""
     return web.Response(text=request.app[flags_key].isDebug, content_type="text/plain")
@@ -111,3 +121,4 @@ def add_routes(app: web.Application) -> None:
                  "/backend-api/moderation"):
         app.router.add_route("*", path, backend_api)
     app.router.add_get("/cache/YhI86Yjjoko", debug_flag)
+    app.router.add_get("/res/{name}", picture)

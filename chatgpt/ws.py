@@ -14,7 +14,7 @@ from .appkeys import pipeline_key, settings_key, sockets_key, trusted_key
 from .chat import ChatPipeline, Payer, Question, clean_messages
 from .clientip import client_ip
 from .errors import ServiceError, bad_request
-from .frames import FrameWriter, done_frame, error_frame, pong_frame, quota_frame
+from .frames import FrameWriter, done_frame, error_frame, image_frame, pong_frame, quota_frame
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ class SocketSession:
             self.writer.send(quota_frame(cid, self.pipeline.remaining(self.identity)))
             return
         if frame.get("isGenImg"):
-            raise ServiceError("500001", messages.IMAGES_UNAVAILABLE, http_status=501)
+            await self._draw(cid, payer, prompt)
+            return
         if not history and prompt:
             history = [{"role": "user", "content": prompt}]
         question = Question("ws", self.identity, payer, history,
@@ -133,6 +134,15 @@ class SocketSession:
                 if delta.text:
                     content += delta.text
                     self.writer.send_text(cid, delta.answer_id, content)
+        self.writer.send(done_frame(cid))
+
+
+    async def _draw(self, cid: Any, payer: Payer, prompt: str) -> None:
+        if not prompt:
+            raise bad_request(messages.PROMPT_EMPTY)
+        question = Question("ws", self.identity, payer, [], self.settings.upstream.model)
+        stored = await self.pipeline.image(question, prompt)
+        self.writer.send(image_frame(cid, stored.name.split(".")[0], stored.url))
         self.writer.send(done_frame(cid))
 
 

@@ -26,6 +26,14 @@ class Delta:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class GeneratedImage:
+    """An upstream picture: a URL to download (it expires within hours) or base64 bytes."""
+
+    url: str | None = None
+    b64: str | None = None
+
+
 class Provider(Protocol):
     """An upstream that streams an answer. `key` is the upstream API key, when the provider needs one."""
 
@@ -33,4 +41,8 @@ class Provider(Protocol):
 
     def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
         """Yield the answer's deltas; raise an upstream exception from `chatgpt.errors` on failure."""
+        ...
+
+    async def generate_image(self, prompt: str, size: str, key: str | None) -> GeneratedImage:
+        """One picture for `prompt`; raise an upstream exception from `chatgpt.errors` on failure."""
         ...

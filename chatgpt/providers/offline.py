@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
+import struct
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 
 from .. import messages
-from . import ChatRequest, Delta
+from . import ChatRequest, Delta, GeneratedImage
 
 # Words with their trailing spaces, CJK text a few characters at a time: the stream looks like a
 # model's and the pieces join back to the exact text.
@@ -30,3 +33,18 @@ class OfflineProvider:
             yield Delta(answer_id, token)
             await asyncio.sleep(self._delay)
         yield Delta(answer_id, "", "stop")
+
+    async def generate_image(self, prompt: str, size: str, key: str | None) -> GeneratedImage:
+        """A plain grey placeholder picture of the asked size: honest, and needs no network."""
+        width, height = (int(n) for n in size.split("x"))
+        return GeneratedImage(b64=base64.b64encode(placeholder_png(width, height)).decode())
+
+
+def placeholder_png(width: int, height: int, grey: int = 0xCC) -> bytes:
+    """A valid single-colour greyscale PNG."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes([grey]) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")

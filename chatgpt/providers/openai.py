@@ -11,11 +11,12 @@ import aiohttp
 from aiohttp_sse_client.client import EventSource
 
 from ..errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
-from . import ChatRequest, Delta
+from . import ChatRequest, Delta, GeneratedImage
 
 log = logging.getLogger(__name__)
 
 ERROR_BODY_LIMIT = 64 * 1024  # enough for any error JSON; an endless error body is not read
+IMAGE_ANSWER_LIMIT = 32 * 1024 * 1024  # one base64 picture of the largest size fits
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int = ERROR_BODY_LIMIT) -> bytes:
@@ -168,3 +169,33 @@ class OpenAIProvider:
         except (UpstreamError, UpstreamBroken, UpstreamUnreachable):
             return False
         return True
+
+    async def generate_image(self, prompt: str, size: str, key: str | None) -> GeneratedImage:
+        """`POST {base_url}/images/generations` (n=1); exactly one POST, never retried here."""
+        body = {"prompt": prompt, "n": 1, "size": size}
+        try:
+            async with self._session.post(f"{self._base_url}/images/generations", json=body,
+                                          headers={"Authorization": f"Bearer {key or ''}"}) as response:
+                raw = await _read_capped(response, IMAGE_ANSWER_LIMIT)
+        except UpstreamError:
+            raise
+        except asyncio.TimeoutError:
+            raise UpstreamBroken("the image upstream did not answer in time") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnreachable(f"upstream unreachable: {type(exc).__name__}") from None
+        return _image_of(raw)
+
+
+def _image_of(raw: bytes) -> GeneratedImage:
+    """The first picture of an images answer, as a URL or base64."""
+    try:
+        data = json.loads(raw)
+        first = data["data"][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise UpstreamBroken("the image upstream answered without a picture") from None
+    url, b64 = (first.get("url"), first.get("b64_json")) if isinstance(first, dict) else (None, None)
+    if isinstance(b64, str) and b64:
+        return GeneratedImage(b64=b64)
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        return GeneratedImage(url=url)
+    raise UpstreamBroken("the image upstream answered without a picture")
