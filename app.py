@@ -12,8 +12,18 @@ from contextlib import suppress
 from aiohttp import web
 
 from chatgpt import admin, openai_api, views
-from chatgpt.appkeys import (flags_key, http_limits_key, pipeline_key, pruner_key, session_key, settings_key,
-                             sockets_key, state_key, trusted_key, upstream_key)
+from chatgpt.appkeys import (
+    flags_key,
+    http_limits_key,
+    pipeline_key,
+    pruner_key,
+    session_key,
+    settings_key,
+    sockets_key,
+    state_key,
+    trusted_key,
+    upstream_key,
+)
 from chatgpt.chat import ChatPipeline
 from chatgpt.clientip import TrustedProxies
 from chatgpt.errors import error_middleware

@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from . import messages
-from .errors import ServiceError, UpstreamBroken, UpstreamError, UpstreamUnreachable, bad_request, from_upstream
+from .errors import (
+    ServiceError,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamUnreachable,
+    from_upstream,
+)
+from .images import ImageStore, StoredImage
 from .keypool import KeyPool, mask, retry_after_from_headers
 from .limits import LimiterTable
-from .images import ImageStore, StoredImage
 from .providers import ChatRequest, Delta, GeneratedImage, Provider
+from .question import Question, fit_context
 from .quota import DailyQuota
 from .runtime import RuntimeFlags
 from .settings import Settings
@@ -23,84 +28,12 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_FAILURES = (UpstreamError, UpstreamUnreachable, UpstreamBroken, asyncio.TimeoutError)
 T = TypeVar("T")
-ROLES = frozenset({"system", "user", "assistant"})
-
-
-@dataclass(frozen=True)
-class Payer:
-    """Who pays for a question: the anonymous pool (daily quota), a trusted client, or the caller's key."""
-
-    kind: Literal["anonymous", "trusted", "own"]
-    key: str | None = None  # the caller's own upstream key, never stored or logged
-
-    @classmethod
-    def from_bearer(cls, authorization: str | None, client_tokens: Sequence[str]) -> Payer:
-        """PROTOCOL.md B.1: no bearer → anonymous; a client token → trusted; anything else → own key."""
-        value = (authorization or "").strip()
-        scheme, _, token = value.partition(" ")
-        if not value or scheme.lower() != "bearer" or not token.strip():
-            return cls("anonymous")
-        token = token.strip()
-        if token in client_tokens:
-            return cls("trusted")
-        return cls("own", token)
-
-
-@dataclass(frozen=True)
-class Question:
-    """A validated question from any entry point."""
-
-    entry: str  # "ws", "v1" or "chat": for logs and metrics
-    identity: str  # the client IP (PROTOCOL.md C.3)
-    payer: Payer
-    messages: list[dict[str, Any]]
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    trim: bool = True  # fit the context to the budget (not for an SDK caller paying with its own key)
 
 
 def _retryable(error: ServiceError, tried: list[str]) -> bool:
     """A key-specific refusal (401/403/429) on the first key is retried once on the next key."""
     cause = error.__cause__
     return len(tried) == 1 and isinstance(cause, UpstreamError) and cause.status in (401, 403, 429)
-
-
-def content_size(content: Any) -> int:
-    """Characters a message's content costs against the context budget."""
-    return len(content) if isinstance(content, str) else len(json.dumps(content, ensure_ascii=False))
-
-
-def fit_context(history: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
-    """Drop the oldest messages until the rest fit `budget` characters; the newest always stays."""
-    if not history:
-        raise bad_request(messages.MESSAGES_EMPTY, "300003")
-    if content_size(history[-1].get("content")) > budget:
-        raise bad_request(messages.PROMPT_TOO_LONG)
-    kept: list[dict[str, Any]] = []
-    used = 0
-    for message in reversed(history):
-        used += content_size(message.get("content"))
-        if used > budget:
-            break
-        kept.append(message)
-    kept.reverse()
-    return kept
-
-
-def clean_messages(items: Any) -> list[dict[str, str]]:
-    """Client context items to `{role, content}`: extra keys dropped, blank and unknown-role ones skipped."""
-    if not isinstance(items, list):
-        raise bad_request(messages.FRAME_BAD_FIELD.format(field="messages"))
-    cleaned = []
-    for item in items:
-        if not isinstance(item, dict):
-            raise bad_request(messages.FRAME_BAD_FIELD.format(field="messages"))
-        role, content = item.get("role"), item.get("content")
-        if role in ROLES and isinstance(content, str) and content.strip():
-            cleaned.append({"role": role, "content": content})
-    return cleaned
 
 
 class ChatPipeline:

@@ -12,10 +12,10 @@ from typing import Any
 from aiohttp import web
 
 from .appkeys import pipeline_key, settings_key, trusted_key
-from .chat import Payer, Question
 from .clientip import client_ip
 from .errors import ServiceError, bad_request
 from .providers import Delta
+from .question import Payer, Question
 
 PASSED_THROUGH = {"top_p": (int, float), "stop": (str, list), "presence_penalty": (int, float),
                   "frequency_penalty": (int, float), "user": (str,), "seed": (int,)}

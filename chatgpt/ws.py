@@ -11,10 +11,18 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import messages
 from .appkeys import pipeline_key, settings_key, sockets_key, trusted_key
-from .chat import ChatPipeline, Payer, Question, clean_messages
+from .chat import ChatPipeline
 from .clientip import client_ip
 from .errors import ServiceError, bad_request
-from .frames import FrameWriter, done_frame, error_frame, image_frame, pong_frame, quota_frame
+from .frames import (
+    FrameWriter,
+    done_frame,
+    error_frame,
+    image_frame,
+    pong_frame,
+    quota_frame,
+)
+from .question import Payer, Question, clean_messages
 from .settings import Settings
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,11 @@ import pytest
 
 from chatgpt import keypool
 from chatgpt.keypool import (
-    KeyPool, fingerprint, mask, retry_after_from_headers, retry_after_seconds,
+    KeyPool,
+    fingerprint,
+    mask,
+    retry_after_from_headers,
+    retry_after_seconds,
 )
 
 KEYS = ["sk-aaaaaaaaaaaaaaaaaaaa1111", "sk-bbbbbbbbbbbbbbbbbbbb2222", "sk-cccccccccccccccccccc3333"]

@@ -16,8 +16,14 @@ import aiohttp
 import pytest
 import yaml
 
-from chatgpt.settings import (AdminSettings, ServerSettings, Settings, SettingsError, UpstreamSettings,
-                              load_settings)
+from chatgpt.settings import (
+    AdminSettings,
+    ServerSettings,
+    Settings,
+    SettingsError,
+    UpstreamSettings,
+    load_settings,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
