@@ -40,7 +40,7 @@ class StateFile:
     def load(self) -> None:
         """Restore every part from the file; report a missing or corrupt file in one log line."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             log.info("state file %s not found: starting with fresh quotas and flags", self.path)
             return
@@ -48,15 +48,11 @@ class StateFile:
             log.warning("state file %s unreadable (%s): starting fresh", self.path, exc.strerror)
             return
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
             if not isinstance(data, dict) or data.get("version") != VERSION:
                 raise ValueError("not a state snapshot")
-        except ValueError:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            try:
-                os.replace(self.path, aside)
-            except OSError:
-                aside = self.path
+        except ValueError:  # includes invalid UTF-8
+            aside = self._set_aside()
             log.warning("state file %s is corrupt: kept as %s, starting fresh", self.path, aside)
             return
         for name, part in self.parts.items():
@@ -66,6 +62,23 @@ class StateFile:
                 log.exception("state part %s could not be restored; it starts fresh", name)
         self._written = self._serialise()
         log.info("state restored from %s", self.path)
+
+    def _set_aside(self) -> Path:
+        """Move a corrupt file to a fresh name (never over an earlier one) so it can be inspected."""
+        for n in range(1000):
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}-{n}")
+            try:
+                os.link(self.path, aside)  # fails if the name exists: nothing is overwritten
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links on this filesystem: rename to the free name instead
+                if aside.exists():
+                    continue
+                os.rename(self.path, aside)
+                return aside
+            self.path.unlink()
+            return aside
+        return self.path
 
     def _serialise(self) -> str:
         return json.dumps({"version": VERSION, **{n: p.snapshot() for n, p in self.parts.items()}},
