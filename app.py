@@ -5,25 +5,17 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 import weakref
+from importlib import resources
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 
 from aiohttp import web
 
-from chatgpt import admin, openai_api, views
-from chatgpt.appkeys import (
-    flags_key,
-    http_limits_key,
-    pipeline_key,
-    pruner_key,
-    session_key,
-    settings_key,
-    sockets_key,
-    state_key,
-    trusted_key,
-    upstream_key,
-)
+from chatgpt import admin, openai_api, ops, views
+from chatgpt.appkeys import (flags_key, http_limits_key, memory_key, metrics_key, page_key, pipeline_key, pruner_key,
+                             session_key, settings_key, sockets_key, started_key, state_key, trusted_key, upstream_key)
 from chatgpt.chat import ChatPipeline
 from chatgpt.clientip import TrustedProxies
 from chatgpt.errors import error_middleware
@@ -31,6 +23,9 @@ from chatgpt.guards import rate_limit_middleware
 from chatgpt.images import ImageStore, Pruner
 from chatgpt.keypool import KeyPool, mask, probe_forever
 from chatgpt.limits import LimiterTable
+from chatgpt.logs import setup_logging
+from chatgpt.memory import ConversationMemory
+from chatgpt.metrics import Metrics
 from chatgpt.providers.baixing import BaixingProvider
 from chatgpt.providers.offline import OfflineProvider
 from chatgpt.providers.openai import OpenAIProvider, make_session
@@ -61,7 +56,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[pipeline_key] = ChatPipeline(
         settings, app[flags_key], keys, DailyQuota(settings.quota.daily_questions),
         DailyQuota(settings.quota.baixing_daily_questions),
-        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing, images)
+        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing, images,
+        app[metrics_key])
     probes = asyncio.create_task(probe_forever(keys, openai.key_works, every=60.0))
     yield
     probes.cancel()
@@ -88,7 +84,7 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     pipeline = app[pipeline_key]
     state = StateFile(app[settings_key].state.file, {
         "flags": app[flags_key], "quota": pipeline.quota, "debug_quota": pipeline.debug_quota,
-        "keys": pipeline.keys})
+        "keys": pipeline.keys, "chat": app[memory_key]})
     state.load()
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
@@ -120,6 +116,11 @@ def create_app(settings: Settings) -> web.Application:
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions)
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
     app[sockets_key] = weakref.WeakSet()
+    app[metrics_key] = Metrics()
+    app[started_key] = time.monotonic()
+    app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
+    chat = settings.chat
+    app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600)
     app[http_limits_key] = {"http": LimiterTable(settings.limits.http_per_second, 1.0),
                             "v1": LimiterTable(settings.limits.http_per_second, 1.0)}
     merge_slashes(app, aliases={"/api1/": "/api/"})
@@ -127,6 +128,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/websocket", websocket_handler)
     openai_api.add_routes(app)
     admin.add_routes(app)
+    ops.add_routes(app)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(pruner_ctx)
@@ -140,13 +142,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (overrides server.host)")
     parser.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
     parser.add_argument("--check", action="store_true", help="validate the settings and exit")
+    parser.add_argument("--log-format", choices=("text", "json"), help="overrides logging.format")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python app.py` / `chatgpt-api`: load settings, then serve until stopped."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings(args.config)
         if args.host or args.port:
@@ -158,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (SettingsError, ValueError) as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    setup_logging(settings.logging.level, args.log_format or settings.logging.format)
     if args.check:
         print(f"settings OK; {describe(settings)}")
         return

@@ -10,6 +10,8 @@ from .chat import ChatPipeline
 from .clientip import TrustedProxies
 from .images import Pruner
 from .limits import LimiterTable
+from .memory import ConversationMemory
+from .metrics import Metrics
 from .providers.openai import OpenAIProvider
 from .runtime import RuntimeFlags
 from .settings import Settings
@@ -25,3 +27,7 @@ trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
 http_limits_key = web.AppKey("http_limits", dict[str, LimiterTable])
 state_key = web.AppKey("state", StateFile)
 pruner_key = web.AppKey("pruner", Pruner)
+memory_key = web.AppKey("memory", ConversationMemory)
+metrics_key = web.AppKey("metrics", Metrics)
+page_key = web.AppKey("page", bytes)
+started_key = web.AppKey("started", float)

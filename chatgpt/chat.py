@@ -18,6 +18,7 @@ from .errors import (
 from .images import ImageStore, StoredImage
 from .keypool import KeyPool, mask, retry_after_from_headers
 from .limits import LimiterTable
+from .metrics import Metrics, QuestionRecord
 from .providers import ChatRequest, Delta, GeneratedImage, Provider
 from .question import Question, fit_context
 from .quota import DailyQuota
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_FAILURES = (UpstreamError, UpstreamUnreachable, UpstreamBroken, asyncio.TimeoutError)
 T = TypeVar("T")
+
+
+def outcome_of(exc: BaseException) -> str:
+    """A short outcome label for metrics and the question log line."""
+    if isinstance(exc, ServiceError):
+        if exc.error_code == "daily_quota_exceeded":
+            return "quota"
+        return "upstream_error" if isinstance(exc.__cause__, UPSTREAM_FAILURES) else "refused"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "client_left"
+    return "error"
 
 
 def _retryable(error: ServiceError, tried: list[str]) -> bool:
@@ -41,7 +53,8 @@ class ChatPipeline:
 
     def __init__(self, settings: Settings, flags: RuntimeFlags, keys: KeyPool, quota: DailyQuota,
                  debug_quota: DailyQuota, limiters: dict[str, LimiterTable], pool_provider: Provider,
-                 own_key_provider: Provider, debug_provider: Provider, images: ImageStore) -> None:
+                 own_key_provider: Provider, debug_provider: Provider, images: ImageStore,
+                 metrics: Metrics) -> None:
         self.settings = settings
         self.flags = flags
         self.keys = keys
@@ -52,6 +65,8 @@ class ChatPipeline:
         self.own_key_provider = own_key_provider
         self.debug_provider = debug_provider
         self.images = images
+        self.metrics = metrics
+        self.upstream_ok: bool | None = None  # None until the upstream has answered or failed once
 
     async def admit(self, entry: str, identity: str) -> None:
         """Maintenance, then the per-IP limiter of this entry point; raises a refusal."""
@@ -60,6 +75,7 @@ class ChatPipeline:
         limiter = self.limiters.get(entry)
         if limiter is not None and not await limiter.allow(identity):
             text = messages.WS_TOO_FAST if entry == "ws" else messages.HTTP_TOO_FAST
+            self.metrics.limiter_refusals.labels(entry).inc()
             raise ServiceError("700001", text, http_status=429, error_type="rate_limit_exceeded",
                                retry_after=limiter.retry_after(identity))
 
@@ -98,6 +114,7 @@ class ChatPipeline:
         quota = self.debug_quota if debug else self.quota
         self.quota.limit = self.flags.demoLimit
         if not quota.take(question.identity):
+            self.metrics.quota_refusals.labels(question.entry).inc()
             raise ServiceError("700001", messages.QUOTA_USED_UP, http_status=429,
                                error_type="insufficient_quota", error_code="daily_quota_exceeded")
         return quota
@@ -106,20 +123,32 @@ class ChatPipeline:
         """Stream the answer's deltas; raise ServiceError on refusal or failure."""
         request = self._request(question)
         debug = self.flags.debug and question.payer.kind != "own"
-        quota = self._charge(question, debug)
-        produced = False
+        record = self._record(question, "chat")
+        quota = None
         try:
+            quota = self._charge(question, debug)
             source = self._relay(self.debug_provider, request, None, None) if debug else self._stream(question, request)
             async with aclosing(source) as deltas:
                 async for delta in deltas:
-                    produced = produced or bool(delta.text)
+                    if delta.text:
+                        record.token()
                     yield delta
-        except BaseException:
+        except BaseException as exc:
+            record.outcome = outcome_of(exc)
             # Given back only when the upstream produced nothing: a client that leaves mid-answer
             # has been answered (and billed), so it is charged (PROTOCOL.md A.5, C.2).
-            if quota is not None and not produced:
+            if quota is not None and not record.tokens:
                 quota.refund(question.identity)
             raise
+        finally:
+            self.metrics.finish(record)
+
+    def _record(self, question: Question, kind: str) -> QuestionRecord:
+        record = self.metrics.start(question.entry, question.identity, kind)
+        if self.settings.logging.prompts:
+            users = [m.get("content") for m in question.messages if m.get("role") == "user"]
+            record.prompt = str(users[-1])[:2000] if users else ""
+        return record
 
     async def _stream(self, question: Question, request: ChatRequest) -> AsyncIterator[Delta]:
         if question.payer.kind == "own" or self.pool_provider.name == "offline":
@@ -156,14 +185,21 @@ class ChatPipeline:
 
     async def image(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
         """Generate one picture for `prompt` and save it; charged like a chat question."""
-        quota = self._charge(question, debug=False)
+        record = self._record(question, "image")
+        quota = None
         try:
+            quota = self._charge(question, debug=False)
             generated = await self._generate(question, prompt, size or self.settings.images.size)
-            return await self.images.store(generated)
-        except BaseException:
+            stored = await self.images.store(generated)
+            record.token()
+            return stored
+        except BaseException as exc:
+            record.outcome = outcome_of(exc)
             if quota is not None:
                 quota.refund(question.identity)  # the user got no picture
             raise
+        finally:
+            self.metrics.finish(record)
 
     async def _generate(self, question: Question, prompt: str, size: str) -> GeneratedImage:
         if question.payer.kind == "own":
@@ -186,9 +222,7 @@ class ChatPipeline:
         try:
             result = await call
         except UPSTREAM_FAILURES as exc:
-            if pool_key is not None:
-                self._report(pool_key, exc)
-            log.warning("upstream image call failed: %s", exc)
+            self._failed("images", pool_key, exc)
             raise from_upstream(exc) from exc
         if pool_key is not None:
             self.keys.report_success(pool_key)
@@ -204,12 +238,23 @@ class ChatPipeline:
                 async for delta in deltas:
                     yield delta
         except UPSTREAM_FAILURES as exc:
-            if pool_key is not None:
-                self._report(pool_key, exc)
-            log.warning("upstream %s failed for a %s question: %s", provider.name, request.model, exc)
+            self._failed(provider.name, pool_key, exc)
             raise from_upstream(exc) from exc
+        self.upstream_ok = True
         if pool_key is not None:
             self.keys.report_success(pool_key)
+
+    def _failed(self, provider: str, pool_key: str | None, exc: BaseException) -> None:
+        """Account one upstream failure: key health, the reachable flag, metrics and one log line."""
+        status = str(exc.status) if isinstance(exc, UpstreamError) else type(exc).__name__
+        if pool_key is not None:
+            self._report(pool_key, exc)
+        if isinstance(exc, (UpstreamUnreachable, asyncio.TimeoutError)) or (
+                isinstance(exc, UpstreamError) and exc.status >= 500):
+            self.upstream_ok = False
+        self.metrics.upstream_errors.labels(status, mask(pool_key) if pool_key else provider).inc()
+        log.warning("upstream %s failed (%s, key %s): %s", provider, status,
+                    mask(pool_key) if pool_key else "caller's own", exc)
 
     def _report(self, key: str, exc: BaseException) -> None:
         """Key health from an upstream failure: cool on 429, disable on 401 / insufficient_quota."""

@@ -118,8 +118,10 @@ def openai_error_response(error: ServiceError) -> web.Response:
                              dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
-def _is_openai_route(request: web.Request) -> bool:
-    return request.path.lstrip("/").startswith("v1/")
+def _uses_http_errors(request: web.Request) -> bool:
+    """Routes for curl and SDKs answer errors as OpenAI JSON with real statuses; the rest as envelopes."""
+    path = request.path.lstrip("/")
+    return path.startswith(("v1/", "admin/")) or path == "chat"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -141,6 +143,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         failure = unexpected()
-    if _is_openai_route(request):
+    if _uses_http_errors(request):
         return openai_error_response(failure)
     return envelope_response(failure.code, failure.message)

@@ -85,6 +85,20 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class ChatSettings:
+    max_conversations: int = 1000
+    max_turns: int = 20
+    ttl_hours: float = 24.0
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+    format: str = "text"
+    prompts: bool = False
+
+
+@dataclass(frozen=True)
 class RuntimeSettings:
     status: str = "TRUE"
     isDebug: str = "FALSE"
@@ -103,6 +117,8 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    chat: ChatSettings = field(default_factory=ChatSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     @property
@@ -216,6 +232,12 @@ def validate(settings: Settings) -> Settings:
         (settings.images.max_total_mb > 0, "images.max_total_mb: expected a positive number"),
         (bool(settings.images.folder.strip()), "images.folder: must not be empty"),
         (bool(settings.state.file.strip()), "state.file: must not be empty"),
+        (settings.chat.max_conversations > 0, "chat.max_conversations: expected a positive integer"),
+        (settings.chat.max_turns > 0, "chat.max_turns: expected a positive integer"),
+        (settings.chat.ttl_hours > 0, "chat.ttl_hours: expected a positive number"),
+        (settings.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+         "logging.level: expected DEBUG, INFO, WARNING or ERROR"),
+        (settings.logging.format in ("text", "json"), "logging.format: expected text or json"),
     ]
     for ok, message in checks:
         if not ok:

@@ -4,15 +4,20 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
 from . import messages
-from .appkeys import flags_key, settings_key, upstream_key
+from .appkeys import flags_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
 from .envelope import envelope_response
 from .errors import ServiceError, UpstreamError, bad_request
+from .guards import identity_of
 from .images import safe_image_path
+from .memory import CONVERSATION_ID
+from .openai_api import read_body
+from .question import Payer, Question
 from .render import to_html
 
 
@@ -31,7 +36,9 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 
 async def index(request: web.Request) -> web.Response:
-    """Liveness: a bare success envelope."""
+    """Liveness for the mini-program (a bare envelope); browsers asking for HTML get the demo page."""
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.Response(body=request.app[page_key], content_type="text/html", charset="utf-8")
     return envelope_response()
 
 
@@ -108,6 +115,53 @@ async def debug_flag(request: web.Request) -> web.Response:
     return web.Response(text=request.app[flags_key].isDebug, content_type="text/plain")
 
 
+async def chat(request: web.Request) -> web.StreamResponse:
+    """`POST /chat` for curl: the server remembers the conversation; plain text or SSE back."""
+    body = await read_body(request)
+    content, cid = body.get("content"), body.get("conversationId")
+    if not isinstance(content, str) or not content.strip():
+        raise bad_request("'content' must be a non-empty string.")
+    if cid is not None and (not isinstance(cid, str) or not CONVERSATION_ID.match(cid)):
+        raise bad_request("'conversationId' must be 1-100 letters, digits or _.:-")
+    app = request.app
+    memory, pipeline = app[memory_key], app[pipeline_key]
+    cid = cid or memory.new_id()
+    identity = identity_of(request)
+    await pipeline.admit("chat", identity)
+    payer = Payer.from_bearer(request.headers.get("Authorization"), app[settings_key].api.client_tokens)
+    question = Question("chat", identity, payer, [*memory.history(cid), {"role": "user", "content": content}],
+                        pipeline.choose_model(body.get("model"), strict=True))
+    sse = "text/event-stream" in request.headers.get("Accept", "")
+    async with aclosing(pipeline.answer(question)) as deltas:
+        first = await anext(deltas, None)  # a refusal before any text keeps its real HTTP status
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream; charset=utf-8" if sse else "text/plain; charset=utf-8",
+            "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Conversation-Id": cid})
+        await response.prepare(request)
+        if sse:
+            await response.write(_event("conversation", {"conversationId": cid}))
+        parts: list[str] = []
+        try:
+            delta = first
+            while delta is not None:
+                if delta.text:
+                    parts.append(delta.text)
+                    await response.write(_event(None, {"content": delta.text}) if sse else delta.text.encode())
+                delta = await anext(deltas, None)
+            memory.remember(cid, content, "".join(parts))
+            await response.write(_event("done", {"conversationId": cid}) if sse else b"\n")
+        except ServiceError as error:
+            await response.write(_event("error", {"message": error.message}) if sse
+                                 else f"\n[error] {error.message}\n".encode())
+    await response.write_eof()
+    return response
+
+
+def _event(name: str | None, data: dict[str, Any]) -> bytes:
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
 def add_routes(app: web.Application) -> None:
     """Register the mini-program's routes; `/api1/...` and `//x` reach them through routing.py."""
     app.router.add_get("/", index)
@@ -122,3 +176,4 @@ def add_routes(app: web.Application) -> None:
         app.router.add_route("*", path, backend_api)
     app.router.add_get("/cache/YhI86Yjjoko", debug_flag)
     app.router.add_get("/res/{name}", picture)
+    app.router.add_post("/chat", chat)

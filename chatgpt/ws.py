@@ -168,7 +168,10 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     identity = client_ip(request.remote, request.headers, app[trusted_key])
     app[sockets_key].add(ws)
-    await SocketSession(ws, app[pipeline_key], settings, identity).run()
+    try:
+        await SocketSession(ws, app[pipeline_key], settings, identity).run()
+    finally:
+        app[sockets_key].discard(ws)
     return ws
 
 
