@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .render import to_html
+from .render import IncrementalRenderer, to_html
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,9 @@ def _frame(cid: Any, **fields: Any) -> dict[str, Any]:
     return frame
 
 
-def text_frame(cid: Any, answer_id: str, content: str) -> dict[str, Any]:
+def text_frame(cid: Any, answer_id: str, content: str, html: str | None = None) -> dict[str, Any]:
     """The whole answer so far (cumulative) with its Markdown rendered."""
-    return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content),
+    return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content) if html is None else html,
                   createTime=now_text(), isDone=False, isSuccess=True)
 
 
@@ -84,6 +84,7 @@ class FrameWriter:
         self._wake = asyncio.Event()
         self._last_answer: str | None = None
         self._last_text_at = 0.0
+        self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
         self._closing: asyncio.Task[bool] | None = None
 
     def send(self, frame: dict[str, Any]) -> None:
@@ -124,7 +125,9 @@ class FrameWriter:
             head = self._queue[0]
             if isinstance(head, _PendingText):
                 await self._wait_interval(head)  # head stays queued, so newer text can still replace it
-                frame = text_frame(head.cid, head.answer_id, head.content)
+                if head.answer_id != self._last_answer:
+                    self._renderer = IncrementalRenderer()
+                frame = text_frame(head.cid, head.answer_id, head.content, self._renderer.render(head.content))
                 self._last_answer, self._last_text_at = head.answer_id, time.monotonic()
             else:
                 frame = head

@@ -1,0 +1,48 @@
+"""Markdown rendering: raw HTML escaped, and the incremental renderer equal to a full render."""
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatgpt.render import IncrementalRenderer, to_html
+
+BLOCKS = ["# Heading", "Plain *words* here", "- a\n- b", "1. one\n2. two", "> quoted", "```py\nx = 1\n\ny = 2\n```",
+          "~~~\n```\n~~~", "    indented code", "| a | b |\n|---|---|\n| 1 | 2 |", "***", "text\n===", "`code` and "
+          "[link](https://example.com)", "<b>raw</b>", "  - nested\n    - deeper", "3) three"]
+
+
+def test_raw_html_from_the_model_is_escaped_not_passed_through() -> None:
+    html = to_html("<script>alert(1)</script> <img src=x onerror=alert(1)>")
+    assert "<script>" not in html and "<img" not in html
+    assert "&lt;script&gt;" in html
+
+
+def test_javascript_links_are_not_rendered_as_links() -> None:
+    assert "href" not in to_html("[x](javascript:alert(1))")
+
+
+def test_every_prefix_of_a_growing_answer_renders_like_a_full_render() -> None:
+    doc = "\n\n".join(BLOCKS) + "\n\nthe end"
+    renderer = IncrementalRenderer()
+    for end in range(1, len(doc) + 1):
+        assert renderer.render(doc[:end]) == to_html(doc[:end]), repr(doc[:end][-30:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=12),
+       st.lists(st.sampled_from(["\n\n", "\n", "\n\n\n"]), min_size=12, max_size=12),
+       st.lists(st.integers(1, 40), min_size=1, max_size=200))
+def test_any_sequence_of_blocks_and_frame_sizes_renders_like_a_full_render(
+        blocks: list[str], gaps: list[str], steps: list[int]) -> None:
+    doc = "".join(b + g for b, g in zip(blocks, gaps))
+    renderer, end = IncrementalRenderer(), 0
+    for step in steps:
+        end = min(len(doc), end + step)
+        assert renderer.render(doc[:end]) == to_html(doc[:end])
+    assert renderer.render(doc) == to_html(doc)
+
+
+def test_text_that_does_not_extend_the_last_one_starts_over() -> None:
+    renderer = IncrementalRenderer()
+    renderer.render("# one\n\nfirst answer\n\nmore\n")
+    assert renderer.render("something else") == to_html("something else")
