@@ -7,15 +7,29 @@ import logging
 import sys
 import time
 import weakref
-from importlib import resources
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
+from importlib import resources
 
 from aiohttp import web
 
 from chatgpt import admin, openai_api, ops, views
-from chatgpt.appkeys import (flags_key, http_limits_key, memory_key, metrics_key, page_key, pipeline_key, pruner_key,
-                             session_key, settings_key, sockets_key, started_key, state_key, trusted_key, upstream_key)
+from chatgpt.appkeys import (
+    flags_key,
+    http_limits_key,
+    memory_key,
+    metrics_key,
+    page_key,
+    pipeline_key,
+    pruner_key,
+    session_key,
+    settings_key,
+    sockets_key,
+    started_key,
+    state_key,
+    trusted_key,
+    upstream_key,
+)
 from chatgpt.chat import ChatPipeline
 from chatgpt.clientip import TrustedProxies
 from chatgpt.errors import error_middleware

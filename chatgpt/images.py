@@ -99,7 +99,7 @@ class ImageStore:
                 return await self._write_stream(response, temp)
         except (UpstreamError, UpstreamBroken):
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamBroken("the picture download took too long") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"picture download failed: {type(exc).__name__}") from None

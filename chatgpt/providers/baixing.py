@@ -1,7 +1,6 @@
 """The Baixing relay (the seed's second provider): one prompt in, one whole answer out, no context."""
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -39,7 +38,7 @@ class BaixingProvider:
                 raw = await response.content.read(ANSWER_LIMIT)
         except UpstreamError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamBroken("the Baixing relay did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"Baixing relay unreachable: {type(exc).__name__}") from None

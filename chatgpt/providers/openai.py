@@ -1,7 +1,6 @@
 """The OpenAI-compatible upstream: streamed chat completions through aiohttp-sse-client, made safe."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -43,7 +42,7 @@ async def raise_for_upstream_status(
         return response
     try:
         body = await _read_capped(response)
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         body = b""
     finally:
         response.close()
@@ -137,7 +136,7 @@ class OpenAIProvider:
             raise
         except aiohttp.ClientPayloadError as exc:
             raise UpstreamBroken(f"upstream stream broke: {type(exc).__name__}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if opened:
                 raise UpstreamBroken("upstream sent nothing within the read timeout") from None
             raise UpstreamUnreachable("upstream did not accept the connection in time") from None
@@ -157,7 +156,7 @@ class OpenAIProvider:
                 await response.release()
         except UpstreamError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamBroken("upstream did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"upstream unreachable: {type(exc).__name__}") from None
@@ -179,7 +178,7 @@ class OpenAIProvider:
                 raw = await _read_capped(response, IMAGE_ANSWER_LIMIT)
         except UpstreamError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamBroken("the image upstream did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"upstream unreachable: {type(exc).__name__}") from None
