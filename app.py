@@ -53,6 +53,7 @@ from chatgpt.ws import close_sockets, websocket_handler
 log = logging.getLogger("chatgpt")
 
 SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
+SHUTDOWN_SECONDS = 5.0  # in-flight requests get this long at SIGTERM; systemd waits 15 s
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("chatgpt-api starting on http://%s:%s; %s", settings.server.host, settings.server.port,
              describe(settings))
     web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
-                print=None, handler_cancellation=True)
+                print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import jsontext
 from .appkeys import flags_key, pipeline_key, pruner_key, settings_key, state_key
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def require_admin(request: web.Request) -> None:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.read() or b"{}")
+        body = jsontext.parse(await request.read() or b"{}")
     except ValueError:
         raise _error(400, "The body must be a JSON object.") from None
     if not isinstance(body, dict):

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import messages
+from . import jsontext, messages
 from .envelope import envelope_response
 from .keypool import retry_after_from_headers
 
@@ -72,7 +72,7 @@ class UpstreamBroken(Exception):
 def _parse_openai_error(body: bytes) -> tuple[str | None, str | None]:
     """Pull `error.message` and `error.code` out of an OpenAI-style error body, if it has them."""
     try:
-        data = json.loads(body)
+        data = jsontext.parse(body)
     except (ValueError, UnicodeDecodeError):
         return None, None
     error = data.get("error") if isinstance(data, dict) else None

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import jsontext
 from .appkeys import pipeline_key, settings_key, trusted_key
 from .clientip import client_ip
 from .errors import ServiceError, bad_request
@@ -35,7 +36,7 @@ async def read_body(request: web.Request) -> dict[str, Any]:
     """The JSON object body of an OpenAI request, or a 400 in OpenAI's error shape."""
     raw = await request.read()
     try:
-        body = json.loads(raw) if raw.strip() else None
+        body = jsontext.parse(raw) if raw.strip() else None
     except ValueError:
         raise _invalid("We could not parse the JSON body of your request.") from None
     if not isinstance(body, dict):

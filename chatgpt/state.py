@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import jsontext
+
 log = logging.getLogger(__name__)
 
 VERSION = 1
@@ -48,7 +50,7 @@ class StateFile:
             log.warning("state file %s unreadable (%s): starting fresh", self.path, exc.strerror)
             return
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = jsontext.parse(raw.decode("utf-8"))
             if not isinstance(data, dict) or data.get("version") != VERSION:
                 raise ValueError("not a state snapshot")
         except ValueError:  # includes invalid UTF-8

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import messages
+from . import jsontext, messages
 from .appkeys import flags_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
 from .envelope import envelope_response
 from .errors import ServiceError, UpstreamError, bad_request
@@ -27,7 +27,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         raise ServiceError("200001", messages.BODY_EMPTY)
     try:
-        body = json.loads(raw)
+        body = jsontext.parse(raw)
     except ValueError:
         raise ServiceError("200002", messages.BODY_NOT_JSON) from None
     if not isinstance(body, dict):

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import aclosing, suppress
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import messages
+from . import jsontext, messages
 from .appkeys import pipeline_key, settings_key, sockets_key, trusted_key
 from .chat import ChatPipeline
 from .clientip import client_ip
@@ -94,7 +93,7 @@ class SocketSession:
 
     def _receive(self, data: str) -> None:
         try:
-            frame = json.loads(data)
+            frame = jsontext.parse(data)
         except ValueError:
             frame = None
         if not isinstance(frame, dict):

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
+from .. import jsontext
 from ..errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
 from . import ChatRequest, Delta
 
@@ -43,7 +44,7 @@ class BaixingProvider:
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnreachable(f"Baixing relay unreachable: {type(exc).__name__}") from None
         try:
-            data = json.loads(raw)
+            data = jsontext.parse(raw)
         except ValueError:
             raise UpstreamBroken("the Baixing relay answered something that is not JSON") from None
         if not isinstance(data, dict):

@@ -1,7 +1,6 @@
 """The OpenAI-compatible upstream: streamed chat completions through aiohttp-sse-client, made safe."""
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp_sse_client.client import EventSource
 
+from .. import jsontext
 from ..errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
 from . import ChatRequest, Delta, GeneratedImage
 
@@ -60,7 +60,7 @@ def make_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientS
 def _delta_of(data: str, fallback_id: str) -> Delta | None:
     """One SSE `data:` payload to a Delta; None for chunks without text (role, usage)."""
     try:
-        chunk = json.loads(data)
+        chunk = jsontext.parse(data)
     except ValueError:
         raise UpstreamBroken("upstream sent a line that is not JSON") from None
     if not isinstance(chunk, dict):
@@ -188,7 +188,7 @@ class OpenAIProvider:
 def _image_of(raw: bytes) -> GeneratedImage:
     """The first picture of an images answer, as a URL or base64."""
     try:
-        data = json.loads(raw)
+        data = jsontext.parse(raw)
         first = data["data"][0]
     except (ValueError, KeyError, IndexError, TypeError):
         raise UpstreamBroken("the image upstream answered without a picture") from None
