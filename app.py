@@ -65,7 +65,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     pool_provider = openai if settings.pool_provider == "openai" else OfflineProvider()
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
     keys = KeyPool(upstream.api_keys)
-    images = ImageStore(settings.images.folder, settings.public_url, session)
+    images = ImageStore(settings.images.folder, settings.public_url, session,
+                        int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds)
     app[session_key] = session
     app[upstream_key] = openai
     app[pipeline_key] = ChatPipeline(

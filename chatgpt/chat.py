@@ -42,6 +42,18 @@ def outcome_of(exc: BaseException) -> str:
     return "error"
 
 
+def public_error(exc: BaseException, pool_key: str | None) -> ServiceError:
+    """What the client is told of an upstream failure. A refusal of one of the server's keys is the
+    operator's business (its message names the key or the organisation): the client gets a generic
+    failure instead. On the caller's own key, the upstream's message is relayed as is."""
+    error = from_upstream(exc)
+    if pool_key is not None and isinstance(exc, UpstreamError) and (
+            exc.status in (401, 403, 429) or exc.code == "insufficient_quota"):
+        return ServiceError("500001", messages.UPSTREAM_FAILED, http_status=503, error_type="api_error",
+                            retry_after=error.retry_after)
+    return error
+
+
 def _retryable(error: ServiceError, tried: list[str]) -> bool:
     """A key-specific refusal (401/403/429) on the first key is retried once on the next key."""
     cause = error.__cause__
@@ -158,8 +170,9 @@ class ChatPipeline:
                     yield delta
             return
         tried: list[str] = []
+        refused: ServiceError | None = None
         while True:
-            key = self._next_key(tried)
+            key = self._next_key(tried, refused)
             produced = False
             try:
                 async with aclosing(self._relay(self.pool_provider, request, key, key)) as deltas:
@@ -172,14 +185,17 @@ class ChatPipeline:
                 # sent: a broken stream is never re-POSTed (it may already be billed).
                 if produced or not _retryable(error, tried):
                     raise
+                refused = error
                 log.info("key %s refused (HTTP %s); retrying once on the next key", mask(key),
                          getattr(error.__cause__, "status", "?"))
 
-    def _next_key(self, tried: list[str]) -> str:
+    def _next_key(self, tried: list[str], refused: ServiceError | None) -> str:
+        """The next usable pool key; with none left, the refusal that made us look (or 'no key')."""
         key = self.keys.pick(exclude=tried)
         if key is None:
-            raise ServiceError("500001", messages.NO_SERVER_KEY if not tried else messages.UPSTREAM_FAILED,
-                               http_status=503, error_type="api_error")
+            if refused is not None:
+                raise refused
+            raise ServiceError("500001", messages.NO_SERVER_KEY, http_status=503, error_type="api_error")
         tried.append(key)
         return key
 
@@ -190,7 +206,7 @@ class ChatPipeline:
         try:
             quota = self._charge(question, debug=False)
             generated = await self._generate(question, prompt, size or self.settings.images.size)
-            stored = await self.images.store(generated)
+            stored = await self._call(self.images.store(generated), None)
             record.token()
             return stored
         except BaseException as exc:
@@ -207,13 +223,15 @@ class ChatPipeline:
         if self.pool_provider.name == "offline":
             return await self._call(self.pool_provider.generate_image(prompt, size, None), None)
         tried: list[str] = []
+        refused: ServiceError | None = None
         while True:
-            key = self._next_key(tried)
+            key = self._next_key(tried, refused)
             try:
                 return await self._call(self.pool_provider.generate_image(prompt, size, key), key)
             except ServiceError as error:
                 if not _retryable(error, tried):
                     raise
+                refused = error
 
     async def _call(self, call: Awaitable[T], pool_key: str | None) -> T:
         """Await one upstream call, mapping failures and reporting key health like `_relay`."""
@@ -223,7 +241,8 @@ class ChatPipeline:
             result = await call
         except UPSTREAM_FAILURES as exc:
             self._failed("images", pool_key, exc)
-            raise from_upstream(exc) from exc
+            raise public_error(exc, pool_key) from exc
+        self.upstream_ok = True
         if pool_key is not None:
             self.keys.report_success(pool_key)
         return result
@@ -239,8 +258,9 @@ class ChatPipeline:
                     yield delta
         except UPSTREAM_FAILURES as exc:
             self._failed(provider.name, pool_key, exc)
-            raise from_upstream(exc) from exc
-        self.upstream_ok = True
+            raise public_error(exc, pool_key) from exc
+        if provider.name != "offline":  # the built-in provider says nothing about the upstream
+            self.upstream_ok = True
         if pool_key is not None:
             self.keys.report_success(pool_key)
 

@@ -6,7 +6,7 @@ import re
 from aiohttp import web
 
 from . import messages
-from .appkeys import http_limits_key, trusted_key
+from .appkeys import http_limits_key, metrics_key, trusted_key
 from .clientip import client_ip
 from .errors import Handler, ServiceError
 
@@ -31,6 +31,7 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
     table = limits["v1"] if path.startswith("/v1/") else limits["http"]
     identity = identity_of(request)
     if not await table.allow(identity):
+        request.app[metrics_key].limiter_refusals.labels("v1" if path.startswith("/v1/") else "http").inc()
         raise ServiceError("700001", messages.HTTP_TOO_FAST, http_status=429, error_type="rate_limit_exceeded",
                            error_code="rate_limit_exceeded", retry_after=table.retry_after(identity))
     return await handler(request)

@@ -7,8 +7,8 @@ import binascii
 import logging
 import os
 import re
-import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ NAME = re.compile(r"^[0-9a-f]{32}\.(png|jpg|webp|gif)$")
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 DOWNLOAD_LIMIT = 20 * 1024 * 1024
 DOWNLOAD_SECONDS = 60.0
+SIGNATURE_BYTES = 12  # enough to tell PNG, JPEG, WebP and GIF apart
 
 
 def image_kind(head: bytes) -> str | None:
@@ -52,11 +53,12 @@ class ImageStore:
     """Downloads or decodes upstream pictures into the folder; a file appears only when complete."""
 
     def __init__(self, folder: str | Path, public_url: str, session: aiohttp.ClientSession,
-                 limit: int = DOWNLOAD_LIMIT) -> None:
+                 limit: int = DOWNLOAD_LIMIT, download_seconds: float = DOWNLOAD_SECONDS) -> None:
         self.folder = Path(folder)
         self.public_url = public_url.rstrip("/")
         self._session = session
         self._limit = limit
+        self._download_seconds = download_seconds
 
     async def store(self, image: GeneratedImage) -> StoredImage:
         """Save `image` as `<uuid>.<type>`; raise UpstreamBroken for a non-image or an oversized one."""
@@ -93,7 +95,7 @@ class ImageStore:
         return kind
 
     async def _download(self, url: str, temp: Path) -> str:
-        timeout = aiohttp.ClientTimeout(total=DOWNLOAD_SECONDS, sock_connect=10)
+        timeout = aiohttp.ClientTimeout(total=self._download_seconds, sock_connect=10)
         try:
             async with self._session.get(url, timeout=timeout) as response:
                 return await self._write_stream(response, temp)
@@ -107,18 +109,21 @@ class ImageStore:
     async def _write_stream(self, response: aiohttp.ClientResponse, temp: Path) -> str:
         handle = await asyncio.to_thread(open, temp, "wb")
         try:
-            size, kind = 0, None
+            size, head, kind = 0, b"", None
             async for chunk in response.content.iter_chunked(64 * 1024):
                 if kind is None:
-                    kind = image_kind(chunk[:16])
-                    if kind is None:
+                    # A network read may be shorter than a signature: decide on the first 12 bytes.
+                    head += chunk[:SIGNATURE_BYTES]
+                    kind = image_kind(head)
+                    if kind is None and len(head) >= SIGNATURE_BYTES:
                         raise UpstreamBroken("the downloaded picture is not an image")
                 size += len(chunk)
                 if size > self._limit:
                     raise UpstreamBroken("the picture is larger than the download limit")
                 await asyncio.to_thread(handle.write, chunk)
             if kind is None:
-                raise UpstreamBroken("the picture download was empty")
+                raise UpstreamBroken("the picture download was empty" if not head else
+                                     "the downloaded picture is not an image")
             return kind
         finally:
             await asyncio.to_thread(handle.close)
@@ -192,25 +197,28 @@ class Pruner:
     """The background task: a pass daily at `prune_at`, and whenever the folder is over its cap."""
 
     def __init__(self, folder: str | Path, max_age: float, max_total_bytes: int, prune_at: str,
-                 check_every: float = 60.0) -> None:
+                 check_every: float = 60.0, clock: Callable[[], datetime] = datetime.now) -> None:
         self.folder, self.max_age, self.max_total = folder, max_age, max_total_bytes
         self.prune_at, self.check_every = prune_at, check_every
+        self._clock = clock  # local wall time; tests move it instead of sleeping until 01:00
 
     async def run_pass(self) -> list[str]:
         """One pass now, off the event loop."""
-        removed = await asyncio.to_thread(prune, self.folder, time.time(), self.max_age, self.max_total)
+        now = self._clock().timestamp()
+        removed = await asyncio.to_thread(prune, self.folder, now, self.max_age, self.max_total)
         if removed:
             log.info("pruned %d picture(s) from %s", len(removed), self.folder)
         return removed
 
     async def run_forever(self) -> None:
         """Never dies of a failed pass: it is logged and the next one comes as scheduled."""
-        due = time.monotonic() + seconds_until(self.prune_at, datetime.now())
+        due = self._clock() + timedelta(seconds=seconds_until(self.prune_at, self._clock()))
         while True:
-            await asyncio.sleep(min(self.check_every, max(0.0, due - time.monotonic())))
+            await asyncio.sleep(min(self.check_every, max(0.0, (due - self._clock()).total_seconds())))
             try:
-                if time.monotonic() >= due:
-                    due = time.monotonic() + seconds_until(self.prune_at, datetime.now())
+                now = self._clock()
+                if now >= due:
+                    due = now + timedelta(seconds=seconds_until(self.prune_at, now))
                     await self.run_pass()
                 elif (await asyncio.to_thread(folder_usage, self.folder))[1] > self.max_total:
                     await self.run_pass()

@@ -5,7 +5,7 @@ import asyncio
 import time
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from .appkeys import metrics_key, pipeline_key, settings_key, sockets_key, started_key
 from .images import folder_usage
@@ -33,8 +33,9 @@ async def metrics(request: web.Request) -> web.Response:
     registry.images.set(count)
     registry.image_bytes.set(size)
     registry.sockets.set(len(app[sockets_key]))
-    body = generate_latest(registry.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    # Negotiated like prometheus-client's own server: the classic text format unless asked otherwise.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encode(registry.registry), headers={"Content-Type": content_type})
 
 
 def add_routes(app: web.Application) -> None:

@@ -67,6 +67,8 @@ class ImagesSettings:
     retention_hours: float = 24.0
     prune_at: str = "01:00"
     max_total_mb: float = 512.0
+    download_mb: float = 20.0
+    download_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,8 @@ def validate(settings: Settings) -> Settings:
         (bool(_HHMM.match(settings.images.prune_at)), "images.prune_at: expected HH:MM"),
         (settings.images.retention_hours > 0, "images.retention_hours: expected a positive number"),
         (settings.images.max_total_mb > 0, "images.max_total_mb: expected a positive number"),
+        (settings.images.download_mb > 0, "images.download_mb: expected a positive number"),
+        (settings.images.download_seconds > 0, "images.download_seconds: expected a positive number"),
         (bool(settings.images.folder.strip()), "images.folder: must not be empty"),
         (bool(settings.state.file.strip()), "state.file: must not be empty"),
         (settings.chat.max_conversations > 0, "chat.max_conversations: expected a positive integer"),

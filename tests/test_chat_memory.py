@@ -1,0 +1,396 @@
+"""`POST /chat` (PROTOCOL.md B.2): the conversation memory on its own, then curl's view of the real app."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from app import create_app
+from chatgpt import messages
+from chatgpt.memory import ConversationMemory
+from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, build_settings
+from tests.fake_openai import Fail, FakeOpenAI, Stream
+
+FAKE_TEXT = "Hello, **world**!"  # the fake upstream's default pieces, joined
+FRESH_ID = re.compile(r"^[0-9a-f]{32}$")
+ERROR_KEYS = {"message", "type", "param", "code"}
+FAST = {"http_per_second": 100}  # tests that send many requests must not meet the per-IP HTTP limiter
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def turn(question: str, answer: str) -> list[dict[str, str]]:
+    """One remembered turn as the OpenAI messages it becomes."""
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def memory(clock: FakeClock, *, conversations: int = 10, turns: int = 10, ttl: float = 3600.0) -> ConversationMemory:
+    """A memory driven by `clock`."""
+    return ConversationMemory(conversations, turns, ttl, clock=clock)
+
+
+# --- ConversationMemory without a server --------------------------------------------------------------------------
+
+def test_history_is_the_remembered_turns_as_openai_messages_oldest_first() -> None:
+    mem = memory(FakeClock())
+    mem.remember("c-1", "q1", "a1")
+    mem.remember("c-1", "q2", "a2")
+    assert mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+
+
+def test_an_unknown_conversation_has_no_history() -> None:
+    mem = memory(FakeClock())
+    mem.remember("c-1", "q1", "a1")
+    assert mem.history("c-2") == []
+    assert len(mem) == 1
+
+
+def test_new_ids_are_fresh_32_hex_strings() -> None:
+    ids = {ConversationMemory.new_id() for _ in range(50)}
+    assert len(ids) == 50
+    assert all(FRESH_ID.match(cid) for cid in ids)
+
+
+def test_only_the_newest_max_turns_are_kept() -> None:
+    mem = memory(FakeClock(), turns=2)
+    for n in range(1, 5):
+        mem.remember("c-1", f"q{n}", f"a{n}")
+    assert mem.history("c-1") == turn("q3", "a3") + turn("q4", "a4")
+
+
+def test_past_max_conversations_the_least_recently_used_is_forgotten() -> None:
+    clock = FakeClock()
+    mem = memory(clock, conversations=2)
+    mem.remember("a", "qa", "aa")
+    clock.now += 1
+    mem.remember("b", "qb", "ab")
+    clock.now += 1
+    mem.remember("a", "qa2", "aa2")  # "a" is used again: "b" is now the least recently used
+    clock.now += 1
+    mem.remember("c", "qc", "ac")
+    assert len(mem) == 2
+    assert mem.history("b") == []
+    assert mem.history("a") == turn("qa", "aa") + turn("qa2", "aa2")
+    assert mem.history("c") == turn("qc", "ac")
+
+
+def test_a_conversation_unused_for_the_ttl_is_forgotten() -> None:
+    clock = FakeClock()
+    mem = memory(clock, ttl=60)
+    mem.remember("old", "q", "a")
+    clock.now += 30
+    mem.remember("new", "q", "a")
+    clock.now += 29.9  # "old" unused for 59.9 s
+    assert mem.history("old") == turn("q", "a")
+    clock.now += 0.2  # "old" unused for 60.1 s, "new" for 30.1 s
+    assert mem.history("old") == []
+    assert mem.history("new") == turn("q", "a")
+    assert len(mem) == 1
+
+
+def test_remembering_again_restarts_the_ttl() -> None:
+    clock = FakeClock()
+    mem = memory(clock, ttl=60)
+    mem.remember("c-1", "q1", "a1")
+    clock.now += 50
+    mem.remember("c-1", "q2", "a2")
+    clock.now += 50  # 100 s after the first turn, 50 s after the last
+    assert mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+
+
+def test_snapshot_and_restore_round_trip_through_json() -> None:
+    clock = FakeClock()
+    saved = memory(clock)
+    saved.remember("c-1", "q1", "a1")
+    clock.now += 1
+    saved.remember("c-2", "问题", "回答")
+    saved.remember("c-1", "q2", "a2")
+    snapshot = json.loads(json.dumps(saved.snapshot()))
+    assert snapshot == {"c-2": {"used": 1001.0, "turns": [["问题", "回答"]]},
+                        "c-1": {"used": 1001.0, "turns": [["q1", "a1"], ["q2", "a2"]]}}
+    restored = memory(clock)
+    restored.restore(snapshot)
+    assert restored.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+    assert restored.history("c-2") == turn("问题", "回答")
+    assert restored.snapshot() == snapshot
+
+
+@pytest.mark.parametrize("garbage", [None, 42, "text", [["c-1", "q", "a"]], {"c-1": "turns"}, {"c-1": []},
+                                     {"c-1": {"turns": "q/a", "used": 1000}},
+                                     {"c-1": {"turns": [["q", "a"]]}},
+                                     {"c-1": {"turns": [["q", "a"]], "used": "1000"}},
+                                     {"c-1": {"turns": [["q", "a"]], "used": True}}])
+def test_garbage_is_ignored_on_restore(garbage: Any) -> None:
+    mem = memory(FakeClock())
+    mem.restore(garbage)
+    assert len(mem) == 0
+    assert mem.snapshot() == {}
+
+
+def test_malformed_turns_are_skipped_and_the_good_ones_kept_on_restore() -> None:
+    mem = memory(FakeClock())
+    mem.restore({"c-1": {"used": 1000, "turns": [["q1", "a1"], ["q"], ["q", "a", "x"], [1, "a"], ["q", None],
+                                                   "q/a", {"q": "a"}, ["q2", "a2"]]}})
+    assert mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+
+
+@pytest.mark.parametrize("bad_id", ["", "has space", "slash/id", "x" * 101, "ü-umlaut", "new\nline"])
+def test_conversation_ids_are_validated_on_restore(bad_id: str) -> None:
+    mem = memory(FakeClock())
+    mem.restore({bad_id: {"used": 1000, "turns": [["q", "a"]]}, "ok_1.a:b-c": {"used": 1000, "turns": [["q", "a"]]}})
+    assert list(mem.snapshot()) == ["ok_1.a:b-c"]
+
+
+def test_restore_keeps_the_bounds_and_drops_what_has_expired() -> None:
+    clock = FakeClock(10_000.0)
+    mem = memory(clock, conversations=2, turns=1, ttl=60)
+    mem.restore({
+        "expired": {"used": 9_000, "turns": [["q", "a"]]},
+        "older": {"used": 9_970, "turns": [["q", "a"]]},
+        "newer": {"used": 9_980, "turns": [["q1", "a1"], ["q2", "a2"]]},
+        "newest": {"used": 9_990, "turns": [["q", "a"]]},
+    })
+    assert list(mem.snapshot()) == ["newer", "newest"]
+    assert mem.history("newer") == turn("q2", "a2")
+
+
+# --- POST /chat through the app -----------------------------------------------------------------------------------
+
+async def post_chat(client: TestClient, content: Any = "Hi", cid: str | None = None,
+                    headers: dict[str, str] | None = None) -> ClientResponse:
+    """`curl -d '{"content": ..., "conversationId": ...}' /chat`."""
+    body: dict[str, Any] = {"content": content}
+    if cid is not None:
+        body["conversationId"] = cid
+    return await client.post("/chat", json=body, headers=headers or {})
+
+
+def sse_events(raw: str) -> list[tuple[str | None, Any]]:
+    """`(event name or None, parsed data)` for each event of an SSE body."""
+    assert raw.endswith("\n\n"), raw[-80:]
+    events: list[tuple[str | None, Any]] = []
+    for block in raw[:-2].split("\n\n"):
+        name, data = None, None
+        for line in block.split("\n"):
+            field, _, value = line.partition(": ")
+            assert field in ("event", "data"), block
+            if field == "event":
+                name = value
+            else:
+                data = json.loads(value)
+        events.append((name, data))
+    return events
+
+
+async def openai_error(response: ClientResponse, status: int) -> dict[str, Any]:
+    """An OpenAI-style error answer with the real HTTP status; its `error` object."""
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return dict(body["error"])
+
+
+async def test_plain_text_answer_is_the_upstream_text_with_a_fresh_conversation_id(
+        client: TestClient, fake: FakeOpenAI) -> None:
+    response = await post_chat(client, "Hi")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert FRESH_ID.match(response.headers["X-Conversation-Id"])
+    assert await response.text() == FAKE_TEXT + "\n"
+    assert fake.chat_requests()[0].body["messages"] == [{"role": "user", "content": "Hi"}]
+    assert fake.chat_requests()[0].authorization == f"Bearer {SERVER_KEY}"
+
+
+async def test_each_request_without_an_id_starts_a_new_conversation(client: TestClient, fake: FakeOpenAI) -> None:
+    first = await post_chat(client, "one")
+    second = await post_chat(client, "two")
+    assert first.headers["X-Conversation-Id"] != second.headers["X-Conversation-Id"]
+    assert fake.chat_requests()[1].body["messages"] == [{"role": "user", "content": "two"}]
+
+
+async def test_a_second_turn_sends_the_first_question_and_answer_upstream(client: TestClient,
+                                                                          fake: FakeOpenAI) -> None:
+    fake.script.extend([Stream(pieces=["Four", "."]), Stream(pieces=["Five."])])
+    first = await post_chat(client, "What is 2+2?")
+    cid = first.headers["X-Conversation-Id"]
+    assert await first.text() == "Four.\n"
+    second = await post_chat(client, "And 2+3?", cid)
+    assert second.headers["X-Conversation-Id"] == cid
+    assert await second.text() == "Five.\n"
+    assert fake.chat_requests()[1].body["messages"] == [
+        {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "And 2+3?"}]
+
+
+async def test_a_client_chosen_conversation_id_is_kept_and_other_ids_do_not_see_it(
+        make_client: MakeClient, fake: FakeOpenAI) -> None:
+    client = await make_client(limits=FAST)
+    await (await post_chat(client, "first", "my-chat.1")).read()
+    third = await post_chat(client, "elsewhere", "other_chat")
+    assert third.headers["X-Conversation-Id"] == "other_chat"
+    await third.read()
+    await (await post_chat(client, "second", "my-chat.1")).read()
+    bodies = [r.body["messages"] for r in fake.chat_requests()]
+    assert bodies[1] == [{"role": "user", "content": "elsewhere"}]
+    assert bodies[2] == turn("first", FAKE_TEXT) + [{"role": "user", "content": "second"}]
+
+
+async def test_sse_starts_with_the_conversation_event_then_pieces_then_done(client: TestClient) -> None:
+    response = await client.post("/chat", json={"content": "Hi"}, headers={"Accept": "text/event-stream"})
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    cid = response.headers["X-Conversation-Id"]
+    assert FRESH_ID.match(cid)
+    assert sse_events(await response.text()) == [
+        ("conversation", {"conversationId": cid}),
+        (None, {"content": "Hello"}), (None, {"content": ", "}), (None, {"content": "**world**"}),
+        (None, {"content": "!"}),
+        ("done", {"conversationId": cid}),
+    ]
+
+
+async def test_sse_echoes_a_given_conversation_id_in_the_first_event(client: TestClient) -> None:
+    response = await client.post("/chat", json={"content": "Hi", "conversationId": "c-42"},
+                                 headers={"Accept": "text/event-stream"})
+    events = sse_events(await response.text())
+    assert events[0] == ("conversation", {"conversationId": "c-42"})
+    assert events[-1] == ("done", {"conversationId": "c-42"})
+
+
+@pytest.mark.parametrize("raw", [b"", b"   ", b"not json", b"[1, 2]", b'"text"', b"null", b'{"content": "x"'])
+async def test_an_empty_or_garbage_body_is_a_400_in_openai_shape(client: TestClient, fake: FakeOpenAI,
+                                                                  raw: bytes) -> None:
+    response = await client.post("/chat", data=raw, headers={"Content-Type": "application/json"})
+    error = await openai_error(response, 400)
+    assert error["type"] == "invalid_request_error"
+    assert fake.chat_requests() == []
+
+
+@pytest.mark.parametrize("body", [{}, {"content": ""}, {"content": "   "}, {"content": 5}, {"content": ["Hi"]},
+                                  {"content": None}])
+async def test_a_missing_or_blank_content_is_a_400(client: TestClient, fake: FakeOpenAI, body: dict[str, Any]) -> None:
+    error = await openai_error(await client.post("/chat", json=body), 400)
+    assert error["message"] == "'content' must be a non-empty string."
+    assert fake.chat_requests() == []
+
+
+@pytest.mark.parametrize("cid", ["", "has space", "x" * 101, "a/b", 42, ["c-1"], {"id": "c-1"}, True])
+async def test_a_bad_conversation_id_is_a_400(client: TestClient, fake: FakeOpenAI, cid: Any) -> None:
+    error = await openai_error(await client.post("/chat", json={"content": "Hi", "conversationId": cid}), 400)
+    assert error["message"] == "'conversationId' must be 1-100 letters, digits or _.:-"
+    assert fake.chat_requests() == []
+
+
+async def test_upstream_500_before_any_text_is_a_502_and_nothing_is_remembered(client: TestClient,
+                                                                               fake: FakeOpenAI) -> None:
+    fake.script.append(Fail(500, "upstream is on fire"))
+    error = await openai_error(await post_chat(client, "lost question", "c-fail"), 502)
+    assert (error["message"], error["type"]) == ("upstream is on fire", "api_error")
+    response = await post_chat(client, "retry", "c-fail")
+    assert await response.text() == FAKE_TEXT + "\n"
+    assert fake.chat_requests()[1].body["messages"] == [{"role": "user", "content": "retry"}]
+
+
+async def test_a_stream_broken_mid_answer_ends_with_an_error_line_and_is_not_remembered(
+        client: TestClient, fake: FakeOpenAI) -> None:
+    fake.script.append(Stream(pieces=["partial ", "answer"], done=False))
+    response = await post_chat(client, "lost question", "c-broken")
+    assert response.status == 200
+    assert await response.text() == f"partial answer\n[error] {messages.UPSTREAM_FAILED}\n"
+    await (await post_chat(client, "retry", "c-broken")).read()
+    assert fake.chat_requests()[1].body["messages"] == [{"role": "user", "content": "retry"}]
+    assert len(fake.chat_requests()) == 2  # the broken stream was not re-POSTed
+
+
+async def test_a_stream_broken_mid_answer_ends_with_an_sse_error_event(client: TestClient, fake: FakeOpenAI) -> None:
+    fake.script.append(Stream(pieces=["partial ", "answer"], done=False))
+    response = await client.post("/chat", json={"content": "Hi", "conversationId": "c-b"},
+                                 headers={"Accept": "text/event-stream"})
+    assert sse_events(await response.text()) == [
+        ("conversation", {"conversationId": "c-b"}), (None, {"content": "partial "}), (None, {"content": "answer"}),
+        ("error", {"message": messages.UPSTREAM_FAILED})]
+
+
+async def test_the_remembered_context_is_trimmed_to_the_budget_oldest_turns_first(
+        make_client: MakeClient, fake: FakeOpenAI) -> None:
+    client = await make_client(upstream={"context_chars": 25}, limits=FAST)
+    fake.script.extend([Stream(pieces=["b" * 10]), Stream(pieces=["d" * 5]), Stream(pieces=["f"])])
+    for content in ("a" * 10, "c" * 5, "e" * 8):
+        await (await post_chat(client, content, "c-trim")).read()
+    # 10 + 10 + 5 + 5 + 8 = 38 characters: the first turn (20) must go to fit 25.
+    assert fake.chat_requests()[2].body["messages"] == turn("c" * 5, "d" * 5) + [{"role": "user", "content": "e" * 8}]
+
+
+async def test_a_client_token_pays_with_the_server_key_without_the_daily_quota(make_client: MakeClient,
+                                                                               fake: FakeOpenAI) -> None:
+    client = await make_client(quota={"daily_questions": 1})
+    for _ in range(3):
+        response = await post_chat(client, headers={"Authorization": f"Bearer {CLIENT_TOKEN}"})
+        assert (response.status, await response.text()) == (200, FAKE_TEXT + "\n")
+    assert [r.authorization for r in fake.chat_requests()] == [f"Bearer {SERVER_KEY}"] * 3
+
+
+async def test_without_a_bearer_the_anonymous_daily_quota_applies(make_client: MakeClient, fake: FakeOpenAI) -> None:
+    client = await make_client(quota={"daily_questions": 1})
+    first = await post_chat(client, "one")
+    assert (first.status, await first.text()) == (200, FAKE_TEXT + "\n")
+    error = await openai_error(await post_chat(client, "two", headers={"Authorization": "Bearer "}), 429)
+    assert (error["message"], error["type"], error["code"]) == (
+        messages.QUOTA_USED_UP, "insufficient_quota", "daily_quota_exceeded")
+    assert [r.authorization for r in fake.chat_requests()] == [f"Bearer {SERVER_KEY}"]
+
+
+async def test_a_users_own_bearer_key_is_passed_upstream_unchanged(client: TestClient, fake: FakeOpenAI) -> None:
+    response = await post_chat(client, headers={"Authorization": f"Bearer {USER_KEY}"})
+    assert await response.text() == FAKE_TEXT + "\n"
+    assert fake.chat_requests()[0].authorization == f"Bearer {USER_KEY}"
+
+
+async def started(settings: Any) -> TestClient:
+    """The real app on a real socket, started explicitly (closing it runs the shutdown save)."""
+    client = TestClient(TestServer(create_app(settings)))
+    try:
+        await client.start_server()
+    except BaseException:
+        await client.close()
+        raise
+    return client
+
+
+async def test_memory_survives_a_restart_through_the_state_file(tmp_path: Path, fake: FakeOpenAI) -> None:
+    fake.script.extend([Stream(pieces=["Paris."]), Stream(pieces=["About 2 million."])])
+    first_run = await started(build_settings(tmp_path, fake, {}))
+    try:
+        response = await post_chat(first_run, "Capital of France?")
+        cid = response.headers["X-Conversation-Id"]
+        assert await response.text() == "Paris.\n"
+    finally:
+        await first_run.close()
+    saved = json.loads((tmp_path / "state.json").read_text(encoding="utf-8"))
+    assert saved["chat"][cid]["turns"] == [["Capital of France?", "Paris."]]
+    second_run = await started(build_settings(tmp_path, fake, {}))
+    try:
+        response = await post_chat(second_run, "Population?", cid)
+        assert await response.text() == "About 2 million.\n"
+    finally:
+        await second_run.close()
+    assert fake.chat_requests()[1].body["messages"] == turn("Capital of France?", "Paris.") + [
+        {"role": "user", "content": "Population?"}]
