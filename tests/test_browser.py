@@ -5,10 +5,10 @@ import asyncio
 import json
 import re
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -17,9 +17,10 @@ from chatgpt.appkeys import sockets_key
 from tests.conftest import USER_KEY, MakeClient, url
 from tests.fake_openai import Fail, FakeOpenAI, Stream
 
-playwright_api = pytest.importorskip("playwright.async_api")
-Browser, Page, async_playwright, expect = (playwright_api.Browser, playwright_api.Page,
-                                           playwright_api.async_playwright, playwright_api.expect)
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, Locator, Page, WebSocket
+
+from playwright.async_api import async_playwright, expect  # noqa: E402  (the `test` extra installs it)
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; `playwright install` downloads a browser and is never used
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -27,19 +28,26 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 REPO = Path(__file__).resolve().parents[1]
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+OpenDemo = Callable[[TestClient], Awaitable["Demo"]]
+
+
+
+@pytest.fixture(autouse=True)
+def chromium_installed() -> None:
+    """These tests need the real browser: fail loudly rather than pass without it."""
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed at /usr/bin/chromium: apt-get install chromium"
 
 
 @dataclass
 class Demo:
     """The demo page open in a browser tab, with what it sent and which requests it made."""
 
-    page: Any  # playwright Page
+    page: Page
     client: TestClient
     sent: list[dict[str, Any]] = field(default_factory=list)
     received: list[dict[str, Any]] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # script errors, console errors and warnings (CSP too)
 
     def questions(self) -> list[dict[str, Any]]:
         """Question frames sent on the websocket (heartbeats left out)."""
@@ -50,14 +58,15 @@ class Demo:
         self.page.on("websocket", self._watch)
         self.page.on("request", lambda request: self.requests.append(request.url))
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type in ("error", "warning") else None)
         await self.page.goto(url(self.client, "/"))
         await expect(self.page.locator("#status")).to_have_attribute("data-state", "open")
 
-    def _watch(self, ws: Any) -> None:
+    def _watch(self, ws: WebSocket) -> None:
         ws.on("framesent", lambda payload: self.sent.append(json.loads(payload)))
         ws.on("framereceived", lambda payload: self.received.append(json.loads(payload)))
 
-    async def ask(self, prompt: str) -> Any:
+    async def ask(self, prompt: str) -> Locator:
         """Type a question, press Enter and return the locator of the finished answer bubble."""
         done_before = await self.page.locator('.msg.assistant[data-done="true"]').count()
         box = self.page.get_by_label("问题")
@@ -76,7 +85,7 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> Non
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Any]:
+async def browser() -> AsyncIterator[Browser]:
     """A headless Chromium for one test, always closed (warnings are errors)."""
     async with async_playwright() as p:
         chromium = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -87,7 +96,7 @@ async def browser() -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def open_demo(browser: Any) -> AsyncIterator[Any]:
+async def open_demo(browser: Browser) -> AsyncIterator[OpenDemo]:
     """`await open_demo(client)`: the demo page of that app in a phone-sized tab."""
     contexts = []
     demos: list[Demo] = []
@@ -110,7 +119,7 @@ async def open_demo(browser: Any) -> AsyncIterator[Any]:
 
 
 async def test_page_streams_a_markdown_answer_and_sends_the_mini_programs_frame(
-        make_client: MakeClient, fake: FakeOpenAI, open_demo: Any, tmp_path: Path,
+        make_client: MakeClient, fake: FakeOpenAI, open_demo: OpenDemo, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     client = await make_client()
     fake.script.append(Stream(pieces=["Hello", ", ", "**world**", "!\n\n", "- one\n", "- `two`"], delay=0.05))
@@ -121,7 +130,8 @@ async def test_page_streams_a_markdown_answer_and_sends_the_mini_programs_frame(
         window.seen = [];
         new MutationObserver(() => {
             const bubble = document.querySelector('.msg.assistant');
-            window.seen.push({text: bubble ? bubble.textContent : '', sendDisabled: document.querySelector('#send').disabled});
+            const sendDisabled = document.querySelector('#send').disabled;
+            window.seen.push({text: bubble ? bubble.textContent : '', sendDisabled});
         }).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
     }""")
 
@@ -157,7 +167,7 @@ async def test_page_streams_a_markdown_answer_and_sends_the_mini_programs_frame(
 
 
 async def test_context_carries_the_last_four_items_on_screen(make_client: MakeClient, fake: FakeOpenAI,
-                                                              open_demo: Any) -> None:
+                                                              open_demo: OpenDemo) -> None:
     client = await make_client()
     fake.script.extend([Stream(pieces=["one"], answer_id="a-1"), Stream(pieces=["two"], answer_id="a-2"),
                         Stream(pieces=["three"], answer_id="a-3")])
@@ -172,7 +182,7 @@ async def test_context_carries_the_last_four_items_on_screen(make_client: MakeCl
 
 
 async def test_upstream_error_shows_an_error_bubble(make_client: MakeClient, fake: FakeOpenAI,
-                                                    open_demo: Any) -> None:
+                                                    open_demo: OpenDemo) -> None:
     client = await make_client()
     fake.script.append(Fail(500, "boom"))
     demo = await open_demo(client)
@@ -182,7 +192,7 @@ async def test_upstream_error_shows_an_error_bubble(make_client: MakeClient, fak
     await expect(demo.page.locator("#send")).to_be_enabled()  # the next question can be asked
 
 
-async def test_quota_button_shows_the_questions_left_today(make_client: MakeClient, open_demo: Any) -> None:
+async def test_quota_button_shows_the_questions_left_today(make_client: MakeClient, open_demo: OpenDemo) -> None:
     client = await make_client(quota={"daily_questions": 5})
     demo = await open_demo(client)
     quota = demo.page.get_by_role("button", name="查询剩余次数")
@@ -197,7 +207,7 @@ async def test_quota_button_shows_the_questions_left_today(make_client: MakeClie
 
 
 async def test_image_mode_shows_the_saved_picture(make_client: MakeClient, fake: FakeOpenAI,
-                                                  open_demo: Any) -> None:
+                                                  open_demo: OpenDemo) -> None:
     client = await make_client(upstream={"api_keys": []})  # the offline provider draws a placeholder
     demo = await open_demo(client)
     await demo.page.get_by_label("图片模式").check()
@@ -212,7 +222,7 @@ async def test_image_mode_shows_the_saved_picture(make_client: MakeClient, fake:
 
 
 async def test_own_key_is_kept_in_local_storage_and_used_instead_of_the_demo_quota(
-        make_client: MakeClient, fake: FakeOpenAI, open_demo: Any) -> None:
+        make_client: MakeClient, fake: FakeOpenAI, open_demo: OpenDemo) -> None:
     client = await make_client()
     demo = await open_demo(client)
     await demo.page.get_by_label("API Key").fill(USER_KEY)
@@ -226,7 +236,7 @@ async def test_own_key_is_kept_in_local_storage_and_used_instead_of_the_demo_quo
 
 
 async def test_heartbeat_every_30_seconds_and_reconnect_after_the_socket_closes(
-        make_client: MakeClient, open_demo: Any) -> None:
+        make_client: MakeClient, open_demo: OpenDemo) -> None:
     client = await make_client()
     demo = await open_demo(client)
     await demo.page.clock.install()  # before the next load: the page's timers are then under test control
