@@ -49,10 +49,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15)
 
 
-def stat_cpu_seconds(pid: int) -> float:
-    """utime+stime from /proc/<pid>/stat (clock-tick resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def host_steal() -> tuple[int, int]:
+    """(steal, total) clock ticks of all CPUs from /proc/stat: time the hypervisor gave elsewhere."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
 def rss_kb(pid: int) -> int:

@@ -6,7 +6,8 @@
 and `data: [DONE]`). `--rate` is tokens per second per stream; 0 writes the whole answer at
 once (as fast as possible). Per request, the headers `X-Bench-Tokens` / `X-Bench-Rate`
 override the defaults; `POST /bench/config {"tokens": n, "rate": r}` changes the defaults (the
-servers under test do not forward our headers). `GET /bench/stats` counts what was served.
+servers under test do not forward our headers) and restarts the count of concurrent streams.
+`GET /bench/stats` counts what was served, with the peak of streams open at once.
 Chunk bytes are built once per token count; a request only splices in its own completion id.
 Paced streams share one timer task instead of one sleeping task each, so 500 paced streams
 cost the upstream little CPU (it shares a core with the load generator).
@@ -124,7 +125,7 @@ class FakeUpstream:
         self.tokens, self.rate = tokens, rate
         self.encoded: dict[int, Encoded] = {tokens: Encoded(tokens)}
         self.ids = itertools.count(1)
-        self.stats = {"requests": 0, "completed": 0, "failed": 0, "in_flight": 0}
+        self.stats = {"requests": 0, "completed": 0, "failed": 0, "in_flight": 0, "peak_in_flight": 0}
         self.pacer = Pacer()
 
     def answer(self, tokens: int) -> Encoded:
@@ -142,6 +143,7 @@ class FakeUpstream:
         chunks = self.answer(tokens).chunks(answer_id)
         self.stats["requests"] += 1
         self.stats["in_flight"] += 1
+        self.stats["peak_in_flight"] = max(self.stats["peak_in_flight"], self.stats["in_flight"])
         try:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
@@ -167,6 +169,7 @@ class FakeUpstream:
         self.tokens = int(body.get("tokens", self.tokens))
         self.rate = float(body.get("rate", self.rate))
         self.answer(self.tokens)  # encode now, not during the measurement
+        self.stats["peak_in_flight"] = self.stats["in_flight"]  # the peak is counted from here
         return web.json_response({"tokens": self.tokens, "rate": self.rate})
 
     async def get_stats(self, request: web.Request) -> web.Response:

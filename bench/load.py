@@ -5,7 +5,7 @@ Prints one JSON object on stdout when done (progress goes to stderr). Modes:
     load.py v1   --url BASE [--concurrency 64] [--warmup 2 --duration 10 | --count N]
     load.py ws   --url BASE [--sockets 64]     [--warmup 2 --duration 10 | --count N]
     load.py ttft --targets raw=BASE,project=BASE [--count 300] [--kind v1|ws]
-    load.py hold --url BASE --sockets 2000     (opens idle sockets, prints a line, waits for stdin)
+    load.py hold --url BASE --sockets 2000 [--steps 2]  (idle sockets; a line per step, then waits)
 
 `--watch name=PID,...` adds the CPU seconds each process used during the measured window.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_seconds, percentile, r, raise_nofile  # noqa: E402
+from common import cpu_seconds, host_steal, percentile, r, raise_nofile  # noqa: E402
 
 V1_BODY = json.dumps({"model": "gpt-3.5-turbo", "stream": True,
                       "messages": [{"role": "user", "content": "Say something."}]}).encode()
@@ -79,6 +79,7 @@ class Window:
         self.cpu: dict[str, float] = {}
 
     def begin(self) -> None:
+        self.steal0 = host_steal()
         self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.watch.items()}
         self.cpu0["load"] = time.process_time()
         self.started = time.perf_counter()
@@ -90,14 +91,17 @@ class Window:
         now = {name: cpu_seconds(pid) for name, pid in self.watch.items()}
         now["load"] = time.process_time()
         self.cpu = {name: now[name] - self.cpu0[name] for name in now}
+        steal, all_ = (b - a for a, b in zip(self.steal0, host_steal(), strict=True))
+        self.steal_pct = 100 * steal / all_ if all_ else 0.0
 
     @property
     def seconds(self) -> float:
         return self.ended - self.started
 
     def report(self) -> dict[str, Any]:
-        return {"window_s": r(self.seconds), "cpu_s": {k: r(v) for k, v in self.cpu.items()},
-                "cpu_pct": {k: r(100 * v / self.seconds, 1) for k, v in self.cpu.items()}}
+        return {"window_s": r(self.seconds), "cpu_s": {k: r(v, 4) for k, v in self.cpu.items()},
+                "cpu_pct": {k: r(100 * v / self.seconds, 1) for k, v in self.cpu.items()},
+                "steal_pct": r(self.steal_pct, 1)}
 
 
 def summarize(t: Tally, window: Window) -> dict[str, Any]:
@@ -154,7 +158,7 @@ async def v1_worker(session: aiohttp.ClientSession, url: str, window: Window, t:
         quota[0] -= 1
         try:
             ttft, total, size, lines, error = await v1_request(session, url)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ttft, total, size, lines, error = None, 0.0, 0, 0, f"{type(exc).__name__}: {exc}"
         if not window.open:
             continue
@@ -217,7 +221,7 @@ async def ws_worker(ws: aiohttp.ClientWebSocketResponse, window: Window, t: Tall
         n += 1
         try:
             ttft, total, size, frames, error = await ws_question(ws, n)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ttft, total, size, frames, error = None, 0.0, 0, 0, f"{type(exc).__name__}: {exc}"
         if not window.open:
             if error and ws.closed:
@@ -300,7 +304,7 @@ async def run_ttft(args: argparse.Namespace) -> dict[str, Any]:
                         ttft, total, _, _, error = await v1_request(session, base + args.path)
                     else:
                         ttft, total, _, _, error = await ws_question(sockets[name], i)
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     ttft, total, error = None, 0.0, f"{type(exc).__name__}: {exc}"
                 if i < args.warmup_count:
                     continue
@@ -326,17 +330,21 @@ async def run_ttft(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- idle sockets
 
 async def run_hold(args: argparse.Namespace) -> dict[str, Any]:
-    """Open N sockets, check each answers a heartbeat, report, then hold them until stdin says go."""
+    """Open --sockets sockets in --steps equal steps; after each step check that every new socket
+    answers a heartbeat, print one JSON line and wait for a line on stdin; then close them all."""
+    sockets: list[aiohttp.ClientWebSocketResponse] = []
+    ping = json.dumps({"heart": "ping"})
     async with make_session() as session:
-        started = time.perf_counter()
-        sockets = await connect_all(session, args.url + args.path, args.sockets)
-        ping = json.dumps({"heart": "ping"})
-        await asyncio.gather(*(ws.send_str(ping) for ws in sockets))
-        answers = await asyncio.gather(*(ws.receive(30) for ws in sockets), return_exceptions=True)
-        ok = sum(1 for a in answers if isinstance(a, aiohttp.WSMessage) and a.type == aiohttp.WSMsgType.TEXT)
-        print(json.dumps({"open": len(sockets), "heartbeat_ok": ok,
-                          "connect_s": r(time.perf_counter() - started)}), flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        for step in range(args.steps):
+            started = time.perf_counter()
+            new = await connect_all(session, args.url + args.path, args.sockets // args.steps)
+            await asyncio.gather(*(ws.send_str(ping) for ws in new))
+            answers = await asyncio.gather(*(ws.receive(30) for ws in new), return_exceptions=True)
+            ok = sum(1 for a in answers if isinstance(a, aiohttp.WSMessage) and a.type == aiohttp.WSMsgType.TEXT)
+            sockets += new
+            print(json.dumps({"step": step + 1, "open": len(sockets), "heartbeat_ok": ok,
+                              "connect_s": r(time.perf_counter() - started)}), flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
     return {"mode": "hold", "closed": len(sockets)}
 
@@ -353,6 +361,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--count", type=int, help="a fixed number of answers instead of a duration")
+    parser.add_argument("--steps", type=int, default=1, help="hold: open the sockets in this many steps")
     parser.add_argument("--warmup-count", type=int, default=20, help="ttft: requests per target not measured")
     parser.add_argument("--watch", default="", help="name=PID,... processes whose CPU time to report")
     args = parser.parse_args()

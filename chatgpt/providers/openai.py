@@ -54,7 +54,10 @@ def make_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientS
     """The app's one upstream session. total=None: aiohttp's default 300 s would cut long answers."""
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_connect=connect_timeout,
                                     sock_read=read_timeout)
-    return aiohttp.ClientSession(timeout=timeout, middlewares=(raise_for_upstream_status,))
+    # limit=0: aiohttp's default pool of 100 connections would make the 101st concurrent answer wait
+    # for a free connection and then fail as "unreachable"; answers are long-lived streams.
+    connector = aiohttp.TCPConnector(limit=0)
+    return aiohttp.ClientSession(timeout=timeout, connector=connector, middlewares=(raise_for_upstream_status,))
 
 
 def _delta_of(data: str, fallback_id: str) -> Delta | None:

@@ -1,0 +1,1 @@
+"""chatgpt-api: a lightweight backend for the WeChat ChatGPT mini-program, curl and OpenAI SDKs."""
