@@ -125,18 +125,25 @@ async def _stream(request: web.Request, deltas: Any, model: str, created: int) -
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     answer_id = first.answer_id if first else ""
-    finish = None
+    relayed, encoded, finish = False, False, None
     try:
-        if first is not None:
-            await response.write(_chunk(answer_id, created, model, {"role": "assistant", "content": ""}, None))
-            delta: Delta | None = first
-            while delta is not None:
-                if delta.text:
-                    await response.write(_chunk(answer_id, created, model, {"content": delta.text}, None))
-                finish = delta.finish_reason or finish
-                delta = await anext(deltas, None)
-        await response.write(_chunk(answer_id, created, model, {}, finish or "stop"))
-        await response.write(b"data: [DONE]\n\n")
+        delta = first
+        while delta is not None:
+            if delta.raw:
+                # The upstream's own chunks, byte for byte: one write for all a network read brought.
+                relayed = True
+                await response.write(b"".join(b"data: " + p.encode() + b"\n\n" for p in delta.raw))
+            elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
+                role = {} if encoded else {"role": "assistant"}
+                encoded = True
+                await response.write(_chunk(answer_id, created, model, {**role, "content": delta.text}, None))
+            if delta.finish_reason:
+                finish = delta.finish_reason
+            delta = await anext(deltas, None)
+        tail = b"data: [DONE]\n\n"
+        if not relayed:
+            tail = _chunk(answer_id, created, model, {}, finish or "stop") + tail
+        await response.write(tail)
     except ServiceError as error:
         # Headers are gone: report the failure the way OpenAI does inside a stream.
         payload = {"error": {"message": error.message, "type": error.error_type, "param": None,

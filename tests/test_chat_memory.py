@@ -252,7 +252,9 @@ async def test_a_client_chosen_conversation_id_is_kept_and_other_ids_do_not_see_
     assert bodies[2] == turn("first", FAKE_TEXT) + [{"role": "user", "content": "second"}]
 
 
-async def test_sse_starts_with_the_conversation_event_then_pieces_then_done(client: TestClient) -> None:
+async def test_sse_starts_with_the_conversation_event_then_pieces_then_done(client: TestClient,
+                                                                          fake: FakeOpenAI) -> None:
+    fake.script.append(Stream(delay=0.02))  # pieces arriving together would be relayed as one event
     response = await client.post("/chat", json={"content": "Hi"}, headers={"Accept": "text/event-stream"})
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
@@ -321,7 +323,7 @@ async def test_a_stream_broken_mid_answer_ends_with_an_error_line_and_is_not_rem
 
 
 async def test_a_stream_broken_mid_answer_ends_with_an_sse_error_event(client: TestClient, fake: FakeOpenAI) -> None:
-    fake.script.append(Stream(pieces=["partial ", "answer"], done=False))
+    fake.script.append(Stream(pieces=["partial ", "answer"], done=False, delay=0.02))
     response = await client.post("/chat", json={"content": "Hi", "conversationId": "c-b"},
                                  headers={"Accept": "text/event-stream"})
     assert sse_events(await response.text()) == [

@@ -236,7 +236,9 @@ async def test_healthz_uptime_grows(client: TestClient) -> None:
 async def test_one_info_line_per_question_with_entry_outcome_deltas_and_ms(
         client: TestClient, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    assert (await client.post("/chat", json={"content": "Hi"})).status == 200
+    fake.script.append(Stream(delay=0.02))  # four pieces, each in its own network read
+    answered = await client.post("/chat", json={"content": "Hi"})
+    assert answered.status == 200 and await answered.text() == "Hello, **world**!\n"
     fake.script.append(Fail(500))
     assert (await client.post("/v1/chat/completions", json=v1_body(), headers=TRUSTED)).status == 502
     records = question_lines(caplog)

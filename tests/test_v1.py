@@ -240,7 +240,7 @@ async def test_a_stream_that_drops_mid_answer_ends_with_an_error_event_and_one_u
     assert set(last) == {"error"}
     assert set(last["error"]) == ERROR_KEYS
     assert last["error"]["message"] == messages.UPSTREAM_FAILED
-    await asyncio.sleep(0.3)  # a re-POST by the SSE library would land here
+    await asyncio.sleep(0.3)  # a reconnecting SSE client would re-POST here
     assert len(fake.chat_requests()) == 1
 
 

@@ -111,7 +111,7 @@ async def test_stream_dropped_before_done_ends_in_an_error_and_is_never_posted_t
     async with ws_connect(client) as ws:
         await ws.send_json(question())
         frames = await receive_answer(ws)
-        await asyncio.sleep(0.3)  # the library would re-POST after a reconnection delay
+        await asyncio.sleep(0.3)  # a reconnecting SSE client would re-POST here
     assert frames[-1]["isSuccess"] is False and frames[-1]["content"] == messages.UPSTREAM_FAILED
     assert [f["content"] for f in frames[:-1]][-1] == "partial answer"
     assert len(fake.chat_requests()) == 1

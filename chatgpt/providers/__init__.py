@@ -19,11 +19,13 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class Delta:
-    """One new piece of an answer; `answer_id` is the same for every piece of one answer."""
+    """One new piece of an answer (all that one network read brought); `answer_id` is the same for
+    every piece of one answer."""
 
     answer_id: str
     text: str
     finish_reason: str | None = None
+    raw: tuple[str, ...] = ()  # the upstream's own SSE payloads behind this piece, relayed as is on /v1
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible upstream: streamed chat completions through aiohttp-sse-client, made safe."""
+"""The OpenAI-compatible upstream: streamed chat completions, decoded a network read at a time."""
 from __future__ import annotations
 
 import logging
@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from aiohttp_sse_client.client import EventSource
 
 from .. import jsontext
 from ..errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
+from ..sse import SSEDecoder
 from . import ChatRequest, Delta, GeneratedImage
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ async def raise_for_upstream_status(
     request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
 ) -> aiohttp.ClientResponse:
     """Client middleware: a non-2xx answer (or a 2xx that is not the SSE asked for) becomes
-    `UpstreamError` before aiohttp-sse-client sees it, so its JSON body is readable and the
-    response is closed instead of leaking."""
+    `UpstreamError` before any caller reads it, with its (capped) JSON body readable and the
+    response closed instead of leaking."""
     response = await handler(request)
     wants_sse = request.headers.get("Accept") == "text/event-stream"
     if 200 <= response.status < 300 and (not wants_sse or response.content_type == "text/event-stream"):
@@ -60,27 +60,32 @@ def make_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientS
     return aiohttp.ClientSession(timeout=timeout, connector=connector, middlewares=(raise_for_upstream_status,))
 
 
-def _delta_of(data: str, fallback_id: str) -> Delta | None:
-    """One SSE `data:` payload to a Delta; None for chunks without text (role, usage)."""
-    try:
-        chunk = jsontext.parse(data)
-    except ValueError:
-        raise UpstreamBroken("upstream sent a line that is not JSON") from None
-    if not isinstance(chunk, dict):
-        raise UpstreamBroken("upstream sent a chunk that is not an object")
-    if isinstance(chunk.get("error"), (dict, str)):
-        raise UpstreamError(500, data.encode())  # an error reported inside the stream
-    answer_id = chunk.get("id") if isinstance(chunk.get("id"), str) and chunk.get("id") else fallback_id
-    choices = chunk.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return None
-    choice = choices[0]
-    delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-    text = delta.get("content") if isinstance(delta.get("content"), str) else ""
-    finish = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
-    if not text and finish is None:
-        return None
-    return Delta(answer_id, text, finish)
+def _batch(payloads: list[str], answer_id: str) -> tuple[Delta | None, bool]:
+    """The events of one network read as one Delta (their texts joined, their payloads kept for a
+    verbatim /v1 relay), and whether `[DONE]` was among them."""
+    texts: list[str] = []
+    raw: list[str] = []
+    finish = None
+    for payload in payloads:
+        if payload == "[DONE]":
+            return (Delta(answer_id, "".join(texts), finish, tuple(raw)) if raw else None), True
+        chunk = jsontext.parse(payload)
+        if not isinstance(chunk, dict):
+            raise UpstreamBroken("upstream sent a chunk that is not an object")
+        if isinstance(chunk.get("error"), (dict, str)):
+            raise UpstreamError(500, payload.encode())  # an error reported inside the stream
+        if not answer_id and isinstance(chunk.get("id"), str):
+            answer_id = chunk["id"]
+        choices = chunk.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(text, str):
+            texts.append(text)
+        if isinstance(choice.get("finish_reason"), str):
+            finish = choice["finish_reason"]
+        raw.append(payload)
+    return (Delta(answer_id, "".join(texts), finish, tuple(raw)) if raw else None), False
 
 
 class OpenAIProvider:
@@ -102,39 +107,26 @@ class OpenAIProvider:
         return body
 
     async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
-        """Relay the upstream's deltas until `[DONE]`."""
+        """Relay the upstream's answer until `[DONE]`: one Delta per network read, never a retry."""
+        headers = {"Authorization": f"Bearer {key or ''}", "Accept": "text/event-stream", "Cache-Control": "no-cache"}
         opened = False
-
-        def on_open() -> None:
-            nonlocal opened
-            opened = True
-
-        def on_error() -> None:
-            # Called when the stream ends without [DONE]: the library would then re-POST the
-            # same body (a second billed answer). Raising here stops it. Before the response is
-            # open, let the library raise its own connection error instead.
-            if opened:
-                raise UpstreamBroken("upstream stream ended before [DONE]")
-
-        fallback_id = ""
         try:
-            async with EventSource(
-                f"{self._base_url}/chat/completions",
-                option={"method": "POST"},
-                session=self._session,
-                max_connect_retry=0,
-                on_open=on_open,
-                on_error=on_error,
-                json=self._body(request),
-                headers={"Authorization": f"Bearer {key or ''}"},
-            ) as source:
-                async for event in source:
-                    if event.data == "[DONE]":
-                        return
-                    delta = _delta_of(event.data, fallback_id)
+            async with self._session.post(f"{self._base_url}/chat/completions", json=self._body(request),
+                                          headers=headers) as response:
+                opened = True
+                decoder, answer_id = SSEDecoder(), ""
+                while True:
+                    chunk = await response.content.readany()
+                    if not chunk:
+                        # Ended without [DONE]: an answer cut short. Nothing is re-sent: the
+                        # upstream may already have billed it.
+                        raise UpstreamBroken("upstream stream ended before [DONE]")
+                    delta, done = _batch(decoder.feed(chunk), answer_id)
                     if delta is not None:
-                        fallback_id = delta.answer_id
+                        answer_id = delta.answer_id
                         yield delta
+                    if done:
+                        return
         except (UpstreamError, UpstreamBroken):
             raise
         except aiohttp.ClientPayloadError as exc:
@@ -147,9 +139,8 @@ class OpenAIProvider:
             if opened:
                 raise UpstreamBroken(f"upstream connection lost: {type(exc).__name__}") from None
             raise UpstreamUnreachable(f"upstream unreachable: {type(exc).__name__}") from None
-        except (UnicodeDecodeError, ValueError) as exc:
-            # The library decodes lines itself: invalid UTF-8 or an over-long line lands here.
-            raise UpstreamBroken(f"upstream sent unreadable data: {type(exc).__name__}") from None
+        except ValueError as exc:  # an over-long event, or bytes that are not UTF-8
+            raise UpstreamBroken(f"upstream sent unreadable data: {exc}") from None
 
     async def verify_key(self, key: str) -> None:
         """`GET /models` with `key`; returns on success, raises an upstream exception otherwise."""

@@ -1,0 +1,46 @@
+"""The incremental SSE decoder: events split anywhere across network reads decode the same."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chatgpt.sse import SSEDecoder
+
+STREAM = (b'data: {"a": 1}\n\n: a comment\n\nevent: ping\ndata: {"b": 2}\n\n'
+          b'data: first line\ndata: second line\n\nid: 7\nretry: 10\n\ndata:no-space\r\n\r\ndata: [DONE]\n\n')
+PAYLOADS = ['{"a": 1}', '{"b": 2}', "first line\nsecond line", "no-space", "[DONE]"]
+
+
+def test_a_whole_stream_in_one_read_gives_every_payload_in_order() -> None:
+    assert SSEDecoder().feed(STREAM) == PAYLOADS
+
+
+@given(st.lists(st.integers(1, len(STREAM)), max_size=20))
+def test_reads_split_at_any_byte_give_the_same_payloads(cuts: list[int]) -> None:
+    decoder, payloads, start = SSEDecoder(), [], 0
+    for cut in sorted(set(cuts)) + [len(STREAM)]:
+        payloads += decoder.feed(STREAM[start:cut])
+        start = cut
+    assert payloads == PAYLOADS
+
+
+def test_an_event_is_only_given_once_its_blank_line_arrived() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b'data: {"a": 1}\n') == []
+    assert decoder.feed(b"\n") == ['{"a": 1}']
+
+
+def test_an_over_long_line_without_a_newline_is_refused() -> None:
+    with pytest.raises(ValueError):
+        SSEDecoder(max_event_bytes=1000).feed(b"data: " + b"x" * 2000)
+
+
+def test_an_over_long_event_made_of_many_lines_is_refused() -> None:
+    with pytest.raises(ValueError):
+        SSEDecoder(max_event_bytes=1000).feed(b"data: " + b"x" * 600 + b"\ndata: " + b"y" * 600 + b"\n")
+
+
+def test_a_payload_that_is_not_utf8_is_refused() -> None:
+    with pytest.raises(ValueError):
+        SSEDecoder().feed(b"data: \xff\xfe\n\n")
