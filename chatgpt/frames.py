@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,13 +76,14 @@ class _PendingText:
 class FrameWriter:
     """The only task that writes to one socket. Text frames of an answer are coalesced: a newer
     cumulative text replaces a queued one, and at most one is sent per interval (the first at once).
-    HTML is rendered only for frames actually sent."""
+    HTML is rendered only for frames actually sent. The task exists only while frames wait, so an
+    idle socket costs no task."""
 
     def __init__(self, ws: web.WebSocketResponse, interval: float) -> None:
         self._ws = ws
         self._interval = interval
         self._queue: deque[dict[str, Any] | _PendingText] = deque()
-        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self._last_answer: str | None = None
         self._last_text_at = 0.0
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
@@ -106,7 +108,8 @@ class FrameWriter:
                 self._closing = asyncio.ensure_future(self._ws.close(code=1008, message=b"client not reading"))
             return
         self._queue.append(item)
-        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
 
     async def _wait_interval(self, item: _PendingText) -> None:
         if item.answer_id != self._last_answer:
@@ -115,21 +118,33 @@ class FrameWriter:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def run(self) -> None:
-        """Send queued frames in order until the socket closes."""
-        while not self._ws.closed:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            head = self._queue[0]
-            if isinstance(head, _PendingText):
-                await self._wait_interval(head)  # head stays queued, so newer text can still replace it
-                if head.answer_id != self._last_answer:
-                    self._renderer = IncrementalRenderer()
-                frame = text_frame(head.cid, head.answer_id, head.content, self._renderer.render(head.content))
-                self._last_answer, self._last_text_at = head.answer_id, time.monotonic()
-            else:
-                frame = head
-            self._queue.popleft()
-            await self._ws.send_str(json.dumps(frame, ensure_ascii=False, separators=(",", ":")))
+    async def close(self) -> None:
+        """Stop sending (the client left or the socket is closing)."""
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _drain(self) -> None:
+        """Send queued frames in order until none is left, then end."""
+        try:
+            while self._queue and not self._ws.closed:
+                await self._send_head()
+        except ConnectionError:
+            self._queue.clear()  # the client is gone; the reader loop ends and cleans up
+        finally:
+            self._task = None
+
+    async def _send_head(self) -> None:
+        head = self._queue[0]
+        if isinstance(head, _PendingText):
+            await self._wait_interval(head)  # head stays queued, so newer text can still replace it
+            if head.answer_id != self._last_answer:
+                self._renderer = IncrementalRenderer()
+            frame = text_frame(head.cid, head.answer_id, head.content, self._renderer.render(head.content))
+            self._last_answer, self._last_text_at = head.answer_id, time.monotonic()
+        else:
+            frame = head
+        self._queue.popleft()
+        await self._ws.send_str(json.dumps(frame, ensure_ascii=False, separators=(",", ":")))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from contextlib import aclosing, suppress
 from typing import Any
 
@@ -71,12 +72,11 @@ class SocketSession:
         self.settings = settings
         self.identity = identity
         self.writer = FrameWriter(ws, settings.ws.frame_interval_ms / 1000)
-        self.pending: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MAX_PENDING)
+        self.pending: deque[dict[str, Any]] = deque()
+        self._worker: asyncio.Task[None] | None = None  # exists only while questions wait
 
     async def run(self) -> None:
         """Serve until the client leaves; then cancel whatever is still being answered."""
-        writer = asyncio.create_task(self.writer.run())
-        worker = asyncio.create_task(self._answer_in_turn())
         try:
             async for message in self.ws:
                 if message.type == WSMsgType.TEXT:
@@ -85,11 +85,12 @@ class SocketSession:
                     self.writer.send(error_frame(None, messages.FRAME_NOT_JSON))
         finally:
             # The client is gone (or the server is stopping): stop paying for an answer nobody reads.
-            for task in (worker, writer):
-                task.cancel()
-            for task in (worker, writer):
-                with suppress(asyncio.CancelledError, ConnectionResetError):
-                    await task
+            self.pending.clear()
+            if self._worker is not None:
+                self._worker.cancel()
+                with suppress(asyncio.CancelledError):
+                    await self._worker
+            await self.writer.close()
 
     def _receive(self, data: str) -> None:
         try:
@@ -102,21 +103,26 @@ class SocketSession:
         if frame.get("heart") == "ping":
             self.writer.send(pong_frame())  # never limited, never queued behind an answer
             return
-        try:
-            self.pending.put_nowait(frame)
-        except asyncio.QueueFull:
+        if len(self.pending) >= MAX_PENDING:
             self.writer.send(error_frame(_cid(frame), messages.WS_TOO_FAST))
+            return
+        self.pending.append(frame)
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._answer_in_turn())
 
     async def _answer_in_turn(self) -> None:
-        while True:
-            frame = await self.pending.get()
-            try:
-                await self._answer(frame)
-            except ServiceError as error:
-                self.writer.send(error_frame(_cid(frame), error.message))
-            except Exception:
-                log.exception("unexpected error answering a websocket question")
-                self.writer.send(error_frame(_cid(frame), messages.SERVICE_ERROR))
+        try:
+            while self.pending:
+                frame = self.pending.popleft()
+                try:
+                    await self._answer(frame)
+                except ServiceError as error:
+                    self.writer.send(error_frame(_cid(frame), error.message))
+                except Exception:
+                    log.exception("unexpected error answering a websocket question")
+                    self.writer.send(error_frame(_cid(frame), messages.SERVICE_ERROR))
+        finally:
+            self._worker = None
 
     async def _answer(self, frame: dict[str, Any]) -> None:
         cid = _cid(frame)

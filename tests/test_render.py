@@ -34,7 +34,7 @@ def test_every_prefix_of_a_growing_answer_renders_like_a_full_render() -> None:
        st.lists(st.integers(1, 40), min_size=1, max_size=200))
 def test_any_sequence_of_blocks_and_frame_sizes_renders_like_a_full_render(
         blocks: list[str], gaps: list[str], steps: list[int]) -> None:
-    doc = "".join(b + g for b, g in zip(blocks, gaps))
+    doc = "".join(b + g for b, g in zip(blocks, gaps, strict=False))
     renderer, end = IncrementalRenderer(), 0
     for step in steps:
         end = min(len(doc), end + step)
