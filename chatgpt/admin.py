@@ -10,6 +10,7 @@ from aiohttp import web
 
 from . import jsontext
 from .appkeys import flags_key, pipeline_key, pruner_key, settings_key, state_key
+from .bodies import read_raw
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def require_admin(request: web.Request) -> None:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
-        body = jsontext.parse(await request.read() or b"{}")
+        body = jsontext.parse(await read_raw(request) or b"{}")
     except ValueError:
         raise _error(400, "The body must be a JSON object.") from None
     if not isinstance(body, dict):

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from . import jsontext
 from .appkeys import pipeline_key, settings_key, trusted_key
+from .bodies import read_raw
 from .clientip import client_ip
 from .errors import ServiceError, bad_request
 from .providers import Delta
@@ -34,7 +35,7 @@ def _invalid(message: str, param: str | None = None) -> ServiceError:
 
 async def read_body(request: web.Request) -> dict[str, Any]:
     """The JSON object body of an OpenAI request, or a 400 in OpenAI's error shape."""
-    raw = await request.read()
+    raw = await read_raw(request)
     try:
         body = jsontext.parse(raw) if raw.strip() else None
     except ValueError:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from . import jsontext, messages
 from .appkeys import flags_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
+from .bodies import read_raw
 from .envelope import envelope_response
 from .errors import ServiceError, UpstreamError, bad_request
 from .guards import identity_of
@@ -23,7 +24,7 @@ from .render import to_html
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or the envelope error the Java backend gave."""
-    raw = await request.read()
+    raw = await read_raw(request)
     if not raw.strip():
         raise ServiceError("200001", messages.BODY_EMPTY)
     try:
