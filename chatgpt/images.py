@@ -15,8 +15,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
+from .errors import UpstreamBroken
 from .providers import GeneratedImage
+from .providers.network import upstream_call
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,11 @@ class ImageStore:
 
     async def _download(self, url: str, temp: Path) -> str:
         timeout = aiohttp.ClientTimeout(total=self._download_seconds, sock_connect=10)
-        try:
+        opened = False
+        with upstream_call("picture download", lambda: opened):
             async with self._session.get(url, timeout=timeout) as response:
+                opened = True
                 return await self._write_stream(response, temp)
-        except (UpstreamError, UpstreamBroken):
-            raise
-        except TimeoutError:
-            raise UpstreamBroken("the picture download took too long") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnreachable(f"picture download failed: {type(exc).__name__}") from None
 
     async def _write_stream(self, response: aiohttp.ClientResponse, temp: Path) -> str:
         handle = await asyncio.to_thread(open, temp, "wb")

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from .. import jsontext
-from ..errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
+from ..errors import UpstreamBroken, UpstreamError
 from . import ChatRequest, Delta
+from .network import upstream_call
 
 ANSWER_LIMIT = 1024 * 1024
 
@@ -34,15 +35,9 @@ class BaixingProvider:
 
     async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
         """Yield the whole answer as one delta, `[*]` markers removed; `code != 0` is an error."""
-        try:
+        with upstream_call("Baixing relay"):
             async with self._session.post(self._url, json={"p": last_prompt(request), "k": self._key}) as response:
                 raw = await response.content.read(ANSWER_LIMIT)
-        except UpstreamError:
-            raise
-        except TimeoutError:
-            raise UpstreamBroken("the Baixing relay did not answer in time") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnreachable(f"Baixing relay unreachable: {type(exc).__name__}") from None
         try:
             data = jsontext.parse(raw)
         except ValueError:

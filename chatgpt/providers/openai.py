@@ -11,6 +11,7 @@ from .. import jsontext
 from ..errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
 from ..sse import SSEDecoder
 from . import ChatRequest, Delta, GeneratedImage
+from .network import upstream_call
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class OpenAIProvider:
         """Relay the upstream's answer until `[DONE]`: one Delta per network read, never a retry."""
         headers = {"Authorization": f"Bearer {key or ''}", "Accept": "text/event-stream", "Cache-Control": "no-cache"}
         opened = False
-        try:
+        with upstream_call("chat stream", lambda: opened):
             async with self._session.post(f"{self._base_url}/chat/completions", json=self._body(request),
                                           headers=headers) as response:
                 opened = True
@@ -127,33 +128,13 @@ class OpenAIProvider:
                         yield delta
                     if done:
                         return
-        except (UpstreamError, UpstreamBroken):
-            raise
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamBroken(f"upstream stream broke: {type(exc).__name__}") from None
-        except TimeoutError:
-            if opened:
-                raise UpstreamBroken("upstream sent nothing within the read timeout") from None
-            raise UpstreamUnreachable("upstream did not accept the connection in time") from None
-        except (aiohttp.ClientConnectionError, OSError) as exc:
-            if opened:
-                raise UpstreamBroken(f"upstream connection lost: {type(exc).__name__}") from None
-            raise UpstreamUnreachable(f"upstream unreachable: {type(exc).__name__}") from None
-        except ValueError as exc:  # an over-long event, or bytes that are not UTF-8
-            raise UpstreamBroken(f"upstream sent unreadable data: {exc}") from None
 
     async def verify_key(self, key: str) -> None:
         """`GET /models` with `key`; returns on success, raises an upstream exception otherwise."""
-        try:
+        with upstream_call("key check"):
             async with self._session.get(f"{self._base_url}/models",
                                          headers={"Authorization": f"Bearer {key}"}) as response:
                 await response.release()
-        except UpstreamError:
-            raise
-        except TimeoutError:
-            raise UpstreamBroken("upstream did not answer in time") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnreachable(f"upstream unreachable: {type(exc).__name__}") from None
 
     async def key_works(self, key: str) -> bool:
         """A re-probe of a disabled server key: True when the upstream accepts it again."""
@@ -166,16 +147,10 @@ class OpenAIProvider:
     async def generate_image(self, prompt: str, size: str, key: str | None) -> GeneratedImage:
         """`POST {base_url}/images/generations` (n=1); exactly one POST, never retried here."""
         body = {"prompt": prompt, "n": 1, "size": size}
-        try:
+        with upstream_call("image generation"):
             async with self._session.post(f"{self._base_url}/images/generations", json=body,
                                           headers={"Authorization": f"Bearer {key or ''}"}) as response:
                 raw = await _read_capped(response, IMAGE_ANSWER_LIMIT)
-        except UpstreamError:
-            raise
-        except TimeoutError:
-            raise UpstreamBroken("the image upstream did not answer in time") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnreachable(f"upstream unreachable: {type(exc).__name__}") from None
         return _image_of(raw)
 
 
