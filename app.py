@@ -37,7 +37,7 @@ from chatgpt.guards import rate_limit_middleware
 from chatgpt.images import ImageStore, Pruner
 from chatgpt.keypool import KeyPool, mask, probe_forever
 from chatgpt.limits import LimiterTable
-from chatgpt.logs import setup_logging
+from chatgpt.logs import quiet_bad_requests, setup_logging
 from chatgpt.memory import ConversationMemory
 from chatgpt.metrics import Metrics
 from chatgpt.providers.baixing import BaixingProvider
@@ -126,6 +126,7 @@ def describe(settings: Settings) -> str:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the application; used alike by production, tests and `adev runserver`."""
+    quiet_bad_requests()
     app = web.Application(middlewares=[error_middleware, rate_limit_middleware],
                           client_max_size=settings.ws.max_message_bytes)
     app[settings_key] = settings

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+    return web.json_response(body, status=status, dumps=jsontext.dumps)
 
 
 def _error(status: int, message: str) -> web.HTTPException:

@@ -1,13 +1,12 @@
 """The mini-program's flat JSON envelope: status, msg, timestamp and the endpoint's fields."""
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from aiohttp import web
 
-from . import messages
+from . import jsontext, messages
 
 OK = "000000"
 
@@ -21,5 +20,5 @@ def envelope(status: str = OK, msg: str = messages.SUCCESS, **fields: Any) -> di
 
 def envelope_response(status: str = OK, msg: str = messages.SUCCESS, **fields: Any) -> web.Response:
     """An envelope as an HTTP 200 JSON answer: the client ignores HTTP status codes."""
-    text = json.dumps(envelope(status, msg, **fields), ensure_ascii=False, separators=(",", ":"))
+    text = jsontext.dumps(envelope(status, msg, **fields))
     return web.Response(text=text, content_type="application/json")

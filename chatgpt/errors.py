@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -115,7 +114,7 @@ def openai_error_response(error: ServiceError) -> web.Response:
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     return web.json_response(body, status=error.http_status, headers=headers,
-                             dumps=lambda o: json.dumps(o, ensure_ascii=False))
+                             dumps=jsontext.dumps)
 
 
 def _uses_http_errors(request: web.Request) -> bool:

@@ -17,6 +17,7 @@ from .render import IncrementalRenderer, to_html
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 256  # frames waiting for a client that does not read; past this the socket is closed
+LOW_WATER = 32  # the reader stops taking frames from a client while more than this wait to go out
 
 
 def now_text() -> str:
@@ -84,6 +85,7 @@ class FrameWriter:
         self._interval = interval
         self._queue: deque[dict[str, Any] | _PendingText] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
         self._last_answer: str | None = None
         self._last_text_at = 0.0
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
@@ -118,9 +120,28 @@ class FrameWriter:
         if delay > 0:
             await asyncio.sleep(delay)
 
+    async def wait_for_room(self, timeout: float) -> bool:
+        """Wait until at most LOW_WATER frames wait; False if the client read nothing for `timeout`.
+        The reader calls this, so a client that sends fast but reads is slowed, not cut off."""
+        if len(self._queue) <= LOW_WATER:
+            return True
+        if self._room is None:
+            self._room = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._room.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _made_room(self) -> None:
+        if self._room is not None and len(self._queue) <= LOW_WATER:
+            self._room.set()
+            self._room = None
+
     async def close(self) -> None:
         """Stop sending (the client left or the socket is closing)."""
         self._queue.clear()
+        self._made_room()
         if self._task is not None:
             self._task.cancel()
             with suppress(asyncio.CancelledError):
@@ -135,6 +156,7 @@ class FrameWriter:
             self._queue.clear()  # the client is gone; the reader loop ends and cleans up
         finally:
             self._task = None
+            self._made_room()
 
     async def _send_head(self) -> None:
         head = self._queue[0]
@@ -147,4 +169,9 @@ class FrameWriter:
         else:
             frame = head
         self._queue.popleft()
-        await self._ws.send_str(json.dumps(frame, ensure_ascii=False, separators=(",", ":")))
+        self._made_room()
+        text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+        try:
+            await self._ws.send_str(text)
+        except UnicodeEncodeError:  # a lone surrogate echoed from the client: send it escaped
+            await self._ws.send_str(json.dumps(frame, separators=(",", ":")))

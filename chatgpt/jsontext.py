@@ -1,13 +1,38 @@
-"""JSON from outside (clients, upstreams, files): every way it can be bad is one ValueError."""
+"""JSON across the boundary: what comes in is checked, what goes out is always valid UTF-8 JSON."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a number too large for JSON")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse(raw: str | bytes) -> Any:
-    """`json.loads`, except that absurd nesting (RecursionError) and bad UTF-8 are ValueErrors too."""
+    """`json.loads` for outside input. Every way it can be bad is a ValueError: absurd nesting
+    (RecursionError), bad UTF-8, and NaN/Infinity/1e999, which the client's JSON.parse could not
+    read back if we echoed them."""
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON keeping Chinese text readable; strings with lone surrogates (valid in JSON
+    escapes, not in UTF-8) fall back to ASCII escapes instead of failing to encode."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"))
+    return text

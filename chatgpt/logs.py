@@ -5,6 +5,8 @@ import json
 import logging
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 
 class JsonFormatter(logging.Formatter):
     """`{"time", "level", "logger", "message"}` (plus `error` with the traceback, if any)."""
@@ -31,3 +33,23 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs every malformed request (scanners, garbage) as an ERROR with a traceback; that is
+    the client's fault, not ours: keep one WARNING line without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "bad request from a client: %s", (str(error).splitlines()[0][:200],)
+        return True
+
+
+def quiet_bad_requests() -> None:
+    """Install BadRequestFilter on aiohttp's server logger, once per process."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(BadRequestFilter())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import re
 import time
 from contextlib import aclosing
@@ -94,7 +93,7 @@ def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question
 def _chunk(answer_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> bytes:
     chunk = {"id": answer_id, "object": "chat.completion.chunk", "created": created, "model": model,
              "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + jsontext.dumps(chunk).encode() + b"\n\n"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -116,7 +115,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "id": answer_id, "object": "chat.completion", "created": created, "model": question.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
                      "finish_reason": finish}],
-    }, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+    }, dumps=jsontext.dumps)
 
 
 async def _stream(request: web.Request, deltas: Any, model: str, created: int) -> web.StreamResponse:
@@ -149,7 +148,7 @@ async def _stream(request: web.Request, deltas: Any, model: str, created: int) -
         # Headers are gone: report the failure the way OpenAI does inside a stream.
         payload = {"error": {"message": error.message, "type": error.error_type, "param": None,
                              "code": error.error_code}}
-        await response.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+        await response.write(b"data: " + jsontext.dumps(payload).encode() + b"\n\n")
     await response.write_eof()
     return response
 

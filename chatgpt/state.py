@@ -84,7 +84,7 @@ class StateFile:
 
     def _serialise(self) -> str:
         return json.dumps({"version": VERSION, **{n: p.snapshot() for n, p in self.parts.items()}},
-                          ensure_ascii=False, sort_keys=True)
+                          sort_keys=True)  # ASCII escapes: any string, even a lone surrogate, can be written
 
     def _write(self, text: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,3 +126,5 @@ class StateFile:
                 await self.save()
             except OSError as exc:
                 log.warning("state file %s not written (%s); will retry", self.path, exc.strerror)
+            except Exception:  # the task must outlive any one bad snapshot
+                log.exception("state file %s not written; will retry", self.path)

@@ -1,7 +1,6 @@
 """The mini-program's HTTP routes (PROTOCOL.md A.2): every answer is an envelope on HTTP 200."""
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from contextlib import aclosing
@@ -147,20 +146,21 @@ async def chat(request: web.Request) -> web.StreamResponse:
             while delta is not None:
                 if delta.text:
                     parts.append(delta.text)
-                    await response.write(_event(None, {"content": delta.text}) if sse else delta.text.encode())
+                    piece = _event(None, {"content": delta.text}) if sse else delta.text.encode(errors="replace")
+                    await response.write(piece)
                 delta = await anext(deltas, None)
             memory.remember(cid, content, "".join(parts))
             await response.write(_event("done", {"conversationId": cid}) if sse else b"\n")
         except ServiceError as error:
             await response.write(_event("error", {"message": error.message}) if sse
-                                 else f"\n[error] {error.message}\n".encode())
+                                 else f"\n[error] {error.message}\n".encode(errors="replace"))
     await response.write_eof()
     return response
 
 
 def _event(name: str | None, data: dict[str, Any]) -> bytes:
     head = f"event: {name}\n" if name else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    return f"{head}data: {jsontext.dumps(data)}\n\n".encode()
 
 
 def add_routes(app: web.Application) -> None:

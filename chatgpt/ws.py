@@ -27,6 +27,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+READ_STALL_SECONDS = 30.0  # a client that sends but reads nothing for this long is disconnected
 MAX_PENDING = 4  # questions queued behind the one being answered; each may hold a 1 MiB frame
 _TYPES: dict[str, tuple[type, ...]] = {
     "id": (str,), "parentId": (str, int, float), "authType": (str,), "authValue": (str,),
@@ -83,6 +84,9 @@ class SocketSession:
                     self._receive(message.data)
                 elif message.type == WSMsgType.BINARY:
                     self.writer.send(error_frame(None, messages.FRAME_NOT_JSON))
+                if not await self.writer.wait_for_room(READ_STALL_SECONDS):
+                    await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"client not reading")
+                    break
         finally:
             # The client is gone (or the server is stopping): stop paying for an answer nobody reads.
             self.pending.clear()
@@ -169,7 +173,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     """Upgrade and serve one mini-program socket (no auth, no sub-protocol on the handshake)."""
     app = request.app
     settings = app[settings_key]
-    ws = web.WebSocketResponse(max_msg_size=settings.ws.max_message_bytes)
+    # +1: aiohttp refuses a frame of exactly max_msg_size; the setting is the largest one accepted.
+    ws = web.WebSocketResponse(max_msg_size=settings.ws.max_message_bytes + 1)
     await ws.prepare(request)
     identity = client_ip(request.remote, request.headers, app[trusted_key])
     app[sockets_key].add(ws)
