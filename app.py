@@ -17,6 +17,7 @@ from chatgpt import admin, openai_api, ops, views
 from chatgpt.appkeys import (
     flags_key,
     http_limits_key,
+    inflight_key,
     memory_key,
     metrics_key,
     page_key,
@@ -35,6 +36,7 @@ from chatgpt.clientip import TrustedProxies
 from chatgpt.errors import error_middleware
 from chatgpt.guards import rate_limit_middleware
 from chatgpt.images import ImageStore, Pruner
+from chatgpt.inflight import InFlight
 from chatgpt.keypool import KeyPool, mask, probe_forever
 from chatgpt.limits import LimiterTable
 from chatgpt.logs import quiet_bad_requests, setup_logging
@@ -114,6 +116,12 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
         log.error("state file %s not written at shutdown (%s)", state.path, exc.strerror)
 
 
+async def end_http_streams(app: web.Application) -> None:
+    """on_shutdown: streamed /v1 and /chat answers end with an error event, not a cut connection."""
+    if stopped := app[inflight_key].stop_all():
+        log.info("shutdown: ended %d streamed HTTP answer(s)", stopped)
+
+
 def describe(settings: Settings) -> str:
     """One line saying where answers come from, without revealing any key."""
     upstream = settings.upstream
@@ -135,6 +143,7 @@ def create_app(settings: Settings) -> web.Application:
     app[sockets_key] = weakref.WeakSet()
     app[metrics_key] = Metrics()
     app[started_key] = time.monotonic()
+    app[inflight_key] = InFlight()
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
     chat = settings.chat
     app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600)
@@ -150,6 +159,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(pruner_ctx)
     app.on_shutdown.append(close_sockets)
+    app.on_shutdown.append(end_http_streams)
     return app
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from .chat import ChatPipeline
 from .clientip import TrustedProxies
 from .images import Pruner
+from .inflight import InFlight
 from .limits import LimiterTable
 from .memory import ConversationMemory
 from .metrics import Metrics
@@ -31,3 +32,4 @@ memory_key = web.AppKey("memory", ConversationMemory)
 metrics_key = web.AppKey("metrics", Metrics)
 page_key = web.AppKey("page", bytes)
 started_key = web.AppKey("started", float)
+inflight_key = web.AppKey("inflight", InFlight)

@@ -44,6 +44,11 @@ def bad_request(message: str, code: str = "300001") -> ServiceError:
     return ServiceError(code, message, http_status=400)
 
 
+def shutting_down() -> ServiceError:
+    """An answer cut short because the server is stopping (SIGTERM)."""
+    return ServiceError("500001", messages.SHUTTING_DOWN, http_status=503, error_type="server_error")
+
+
 def unexpected() -> ServiceError:
     """A bug on our side: the client gets a plain message, never a traceback."""
     return ServiceError("999999", messages.SERVICE_ERROR, http_status=500, error_type="server_error")
@@ -66,6 +71,10 @@ class UpstreamUnreachable(Exception):
 
 class UpstreamBroken(Exception):
     """The upstream stream ended or stalled before `[DONE]`, or sent something unreadable."""
+
+
+class UpstreamTimeout(UpstreamBroken):
+    """The upstream sent nothing for `upstream.read_timeout` seconds in the middle of an answer."""
 
 
 def _parse_openai_error(body: bytes) -> tuple[str | None, str | None]:
@@ -101,7 +110,7 @@ def from_upstream(exc: Exception) -> ServiceError:
     if isinstance(exc, UpstreamUnreachable):
         return ServiceError("500001", messages.UPSTREAM_UNREACHABLE, http_status=502, error_type="api_error")
     if isinstance(exc, (UpstreamBroken, asyncio.TimeoutError)):
-        http_status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
+        http_status = 504 if isinstance(exc, (UpstreamTimeout, asyncio.TimeoutError)) else 502
         return ServiceError("500001", messages.UPSTREAM_FAILED, http_status=http_status, error_type="api_error")
     raise TypeError(f"not an upstream failure: {exc!r}")
 

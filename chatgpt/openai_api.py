@@ -11,10 +11,10 @@ from typing import Any
 from aiohttp import web
 
 from . import jsontext
-from .appkeys import pipeline_key, settings_key, trusted_key
+from .appkeys import inflight_key, pipeline_key, settings_key, trusted_key
 from .bodies import read_raw
 from .clientip import client_ip
-from .errors import ServiceError, bad_request
+from .errors import ServiceError, bad_request, shutting_down
 from .providers import Delta
 from .question import Payer, Question
 
@@ -126,7 +126,10 @@ async def _stream(request: web.Request, deltas: Any, model: str, created: int) -
     await response.prepare(request)
     answer_id = first.answer_id if first else ""
     relayed, encoded, finish = False, False, None
+    inflight = request.app[inflight_key]
+    failure: ServiceError | None = None
     try:
+        inflight.enter()
         delta = first
         while delta is not None:
             if delta.raw:
@@ -145,9 +148,17 @@ async def _stream(request: web.Request, deltas: Any, model: str, created: int) -
             tail = _chunk(answer_id, created, model, {}, finish or "stop") + tail
         await response.write(tail)
     except ServiceError as error:
+        failure = error
+    except asyncio.CancelledError:
+        if not inflight.stopping:
+            raise  # the client left: nobody to tell
+        failure = shutting_down()
+    finally:
+        inflight.leave()
+    if failure is not None:
         # Headers are gone: report the failure the way OpenAI does inside a stream.
-        payload = {"error": {"message": error.message, "type": error.error_type, "param": None,
-                             "code": error.error_code}}
+        payload = {"error": {"message": failure.message, "type": failure.error_type, "param": None,
+                             "code": failure.error_code}}
         await response.write(b"data: " + jsontext.dumps(payload).encode() + b"\n\n")
     await response.write_eof()
     return response

@@ -41,6 +41,7 @@ class StateFile:
 
     def load(self) -> None:
         """Restore every part from the file; report a missing or corrupt file in one log line."""
+        self._remove_stale_temps()
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -64,6 +65,14 @@ class StateFile:
                 log.exception("state part %s could not be restored; it starts fresh", name)
         self._written = self._serialise()
         log.info("state restored from %s", self.path)
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of writes cut short by a kill: the state file itself is whole (atomic rename)."""
+        for temp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            try:
+                temp.unlink()
+            except OSError:
+                pass
 
     def _set_aside(self) -> Path:
         """Move a corrupt file to a fresh name (never over an earlier one) so it can be inspected."""

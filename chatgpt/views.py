@@ -1,6 +1,7 @@
 """The mini-program's HTTP routes (PROTOCOL.md A.2): every answer is an envelope on HTTP 200."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from contextlib import aclosing
@@ -9,10 +10,10 @@ from typing import Any
 from aiohttp import web
 
 from . import jsontext, messages
-from .appkeys import flags_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
+from .appkeys import flags_key, inflight_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
 from .bodies import read_raw
 from .envelope import envelope_response
-from .errors import ServiceError, UpstreamError, bad_request
+from .errors import ServiceError, UpstreamError, bad_request, shutting_down
 from .guards import identity_of
 from .images import safe_image_path
 from .memory import CONVERSATION_ID
@@ -141,7 +142,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if sse:
             await response.write(_event("conversation", {"conversationId": cid}))
         parts: list[str] = []
+        inflight = app[inflight_key]
+        failure: ServiceError | None = None
         try:
+            inflight.enter()
             delta = first
             while delta is not None:
                 if delta.text:
@@ -152,8 +156,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
             memory.remember(cid, content, "".join(parts))
             await response.write(_event("done", {"conversationId": cid}) if sse else b"\n")
         except ServiceError as error:
-            await response.write(_event("error", {"message": error.message}) if sse
-                                 else f"\n[error] {error.message}\n".encode(errors="replace"))
+            failure = error
+        except asyncio.CancelledError:
+            if not inflight.stopping:
+                raise  # the client left: nobody to tell
+            failure = shutting_down()
+        finally:
+            inflight.leave()
+        if failure is not None:
+            await response.write(_event("error", {"message": failure.message}) if sse
+                                 else f"\n[error] {failure.message}\n".encode(errors="replace"))
     await response.write_eof()
     return response
 

@@ -109,3 +109,70 @@ class FakeOpenAI:
         if self.valid_keys is not None and key not in self.valid_keys:
             return self._fail(Fail(401, "Incorrect API key provided.", code="invalid_api_key"))
         return web.json_response({"object": "list", "data": [{"id": "gpt-3.5-turbo", "object": "model"}]})
+
+
+# --- Faults beyond an HTTP error status (tests/test_upstream_faults.py, tests/test_lifecycle.py) ---
+
+def sse_chunk(text: str | None, answer_id: str = "chatcmpl-fake-1", finish: str | None = None) -> bytes:
+    """One well-formed `chat.completion.chunk` event; `None` text sends the opening role delta."""
+    delta: dict[str, Any] = {"role": "assistant", "content": ""} if text is None else {"content": text}
+    data = {"id": answer_id, "object": "chat.completion.chunk", "created": 1, "model": "gpt-3.5-turbo",
+            "choices": [{"index": 0, "delta": delta if finish is None else {}, "finish_reason": finish}]}
+    return f"data: {json.dumps(data)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class RawStream:
+    """Answer 200 with `chunks` written byte for byte, `delay` seconds apart, then finish as `end` says:
+    "eof" ends the body normally, "reset" drops the TCP connection mid-body, "hang" sends nothing more."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    content_type: str = "text/event-stream"
+    delay: float = 0.0
+    end: str = "eof"
+
+
+class FaultyOpenAI(FakeOpenAI):
+    """The fake upstream plus `RawStream` behaviours (anything else is answered as FakeOpenAI does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handlers_running = 0  # chat handlers not yet finished, cancelled or failed
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.handlers_running += 1
+        try:
+            upcoming = self.script[0] if self.script else self.default
+            if not isinstance(upcoming, RawStream):
+                return await super().chat(request)
+            body = await request.json()
+            self.requests.append(Recorded(request.method, request.path, request.headers.get("Authorization"), body))
+            behaviour = self.script.popleft() if self.script else self.default
+            assert isinstance(behaviour, RawStream)
+            return await self._raw(request, behaviour)
+        finally:
+            self.handlers_running -= 1
+
+    async def _raw(self, request: web.Request, raw: RawStream) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": raw.content_type})
+        await response.prepare(request)
+        try:
+            for chunk in raw.chunks:
+                if raw.delay:
+                    await asyncio.sleep(raw.delay)
+                await response.write(chunk)
+            if raw.end == "hang":
+                await asyncio.sleep(3600)
+            if raw.end == "reset":
+                assert request.transport is not None
+                request.transport.close()  # the body is cut mid-way: no chunked-encoding terminator
+                return response  # aiohttp's own write_eof then meets the closed transport and gives up quietly
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnects += 1
+            self.disconnected.set()
+            raise
+        await response.write_eof()
+        return response

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import aiohttp
 
-from ..errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
+from ..errors import UpstreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 
 def _never() -> bool:
@@ -25,7 +25,7 @@ def upstream_call(what: str, answering: Callable[[], bool] = _never) -> Iterator
         raise UpstreamBroken(f"{what}: the answer broke off ({type(exc).__name__})") from None
     except TimeoutError:
         if answering():
-            raise UpstreamBroken(f"{what}: nothing received within the read timeout") from None
+            raise UpstreamTimeout(f"{what}: nothing received within the read timeout") from None
         raise UpstreamUnreachable(f"{what}: no answer in time") from None
     except (aiohttp.ClientError, OSError) as exc:
         kind = UpstreamBroken if answering() else UpstreamUnreachable
