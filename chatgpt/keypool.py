@@ -55,7 +55,7 @@ class KeyPool:
         """Keep the distinct non-blank keys in their given order."""
         self._clock = clock
         self._backoff = backoff_seconds
-        self._probe_interval = probe_interval
+        self.probe_interval = probe_interval
         # A dict keeps insertion order and drops duplicates in one step.
         self._states = {k: _KeyState() for k in (key.strip() for key in keys) if k}
         self._keys = list(self._states)
@@ -132,7 +132,7 @@ class KeyPool:
         """Return the disabled keys whose last disable or probe is at least probe_interval ago."""
         now = self._clock()
         return [key for key, s in self._states.items()
-                if s.disabled and now - s.probe_from >= self._probe_interval]
+                if s.disabled and now - s.probe_from >= self.probe_interval]
 
     def report_probe(self, key: str, ok: bool) -> None:
         """Re-enable the key after a good probe; otherwise restart its probe timer."""
@@ -188,7 +188,7 @@ class KeyPool:
             state.disabled = True
             reason = entry.get("reason")
             state.reason = reason if isinstance(reason, str) else "restored"
-            since = _number(entry.get("since_probe"), self._probe_interval) or 0.0
+            since = _number(entry.get("since_probe"), self.probe_interval) or 0.0
             state.probe_from = now - since
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,6 +13,8 @@ from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt import messages
+from chatgpt.appkeys import pipeline_key, upstream_key
+from chatgpt.keypool import probe_forever
 from chatgpt.render import to_html
 from tests.conftest import CLIENT_TOKEN, USER_KEY, MakeClient, url, ws_connect
 from tests.fake_openai import Fail, FakeOpenAI, Stream
@@ -411,3 +414,31 @@ async def test_the_baixing_quota_refuses_the_second_anonymous_question(
     assert refused == [refusal(messages.QUOTA_USED_UP, refused[0]["createTime"])]
     assert len(baixing.received) == 1
 
+
+
+async def test_a_disabled_server_key_is_reprobed_with_get_models_and_comes_back_when_it_works(
+        make_client: MakeClient, fake: FakeOpenAI) -> None:
+    client = await make_client(upstream={"api_keys": [KEY_A]})
+    pipeline = client.app[pipeline_key]
+    fake.script.append(Fail(401, "Incorrect API key provided.", code="invalid_api_key"))
+    async with ws_connect(client) as ws:
+        assert (await ask(ws))[-1]["isSuccess"] is False
+    assert [row["state"] for row in pipeline.keys.health()] == ["disabled"]
+    upstream = client.app[upstream_key]
+    fake.valid_keys = {"sk-some-other-key"}  # the upstream still refuses KEY_A
+    probe = asyncio.create_task(probe_forever(pipeline.keys, upstream.key_works, every=0.02))
+    try:
+        pipeline.keys.probe_interval = 0  # due at once instead of after 10 minutes
+        await asyncio.sleep(0.1)
+        assert [row["state"] for row in pipeline.keys.health()] == ["disabled"]
+        fake.valid_keys = {KEY_A}  # the operator topped the account up
+        await asyncio.sleep(0.1)
+        assert [row["state"] for row in pipeline.keys.health()] == ["healthy"]
+    finally:
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+    probes = [r for r in fake.requests if r.path.endswith("/models")]
+    assert probes and all(r.authorization == f"Bearer {KEY_A}" for r in probes)
+    async with ws_connect(client) as ws:
+        assert (await ask(ws))[-1]["content"] == "DONE"
