@@ -15,19 +15,24 @@ all on 127.0.0.1:
   that the server remembered the first), faults, leavers; malformed mini-program requests;
 - upstream faults chosen by a marker in the prompt (`#fault:500|429|401|html|notsse|garbage|cut|
   drop|hang|hanghead`), `upstream.read_timeout` is 2 s so hangs end in a timeout;
-- one websocket client and one HTTP client hammering to hit the per-IP limiters, and one
-  anonymous client asking until its daily quota is used up.
+- one websocket client and one HTTP client hammering to hit the per-IP limiters, one anonymous
+  client asking until its daily quota is used up, and every 30 s a burst of 60 clients leaving
+  fast /v1 and /chat streams at once.
+Before the load, each of the 200 ordinary client addresses touches the per-address tables once
+(limiters, quota) and `chat.max_conversations` is 100, so bounded tables are full by minute 2.
 
 Each client sends its own address in `X-Forwarded-For` (loopback is a trusted proxy), so the
 per-IP limits and the daily quota apply per client as in production.
 
-Every minute one JSON line on stdout: the project's VmRSS (MB), open fds, threads, operations
-done/failed by kind in that minute (`failed` = the client saw something the contract does not
-allow: wrong text, no end frame, timeout, 5xx where a clean error was due), /healthz and /metrics
-values, the fake upstream's counters. Then the load stops, the script waits `--settle` seconds and
-measures once more ("after"), stops the project with SIGTERM, scans its log for tracebacks and
-prints a summary line with a verdict. Progress goes to stderr. Every process is stopped at the
-end, also on Ctrl-C.
+One JSON line on stdout before the load (minute 0), one after the warm-up, then one every minute:
+the project's VmRSS (MB), open fds, threads, operations done/failed by kind in that minute
+(`failed` = the client saw something the contract does not allow: wrong text, no end frame,
+timeout, 5xx where a clean error was due), /healthz and /metrics values, the fake upstream's
+counters. Then the load stops, the script waits `--settle` seconds and measures once more
+("after"), stops the project with SIGTERM, scans its log for tracebacks and prints a summary line
+with a verdict: flat when the last minute's RSS is within 10% + 5 MB of minute 2's, the fds are
+back within 5 of the baseline and no stream, socket or upstream request is left open.
+Progress goes to stderr. Every process is stopped at the end, also on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -64,10 +69,11 @@ CLIENT_TOKEN = "soak-client-token-0001"  # api.client_tokens: the pool without t
 READ_TIMEOUT = 2.0  # upstream.read_timeout in the project's settings
 HANG_SECONDS = 6.0  # how long a hanging upstream answer stays silent (> READ_TIMEOUT)
 TOKENS = 20  # default answer length of the fake upstream
-DAILY_QUESTIONS = 200  # per anonymous client address; the quota hog passes it in under a minute
+DAILY_QUESTIONS = 1000  # per anonymous client address; the quota hog (20/s) passes it in under a minute
 HTTP_PER_SECOND = 50
 WS_PER_MINUTE = 120
-IDENTITIES = 1000  # ordinary clients' addresses, used in turn: each stays far below the limits
+IDENTITIES = 200  # ordinary clients' addresses, used in turn: each stays far below the limits
+CHAT_MEMORY = 100  # chat.max_conversations: full within two minutes, so eviction runs too
 MAX_IN_FLIGHT = 300  # operations at once; more are counted as skipped (load generator saturated)
 JOB_TIMEOUT = 30.0
 ANSWER_TIMEOUT = 15.0  # the longest fault ends within READ_TIMEOUT; normal answers take ms
@@ -255,6 +261,8 @@ limits:
   ws_per_minute: {WS_PER_MINUTE}
 quota:
   daily_questions: {DAILY_QUESTIONS}
+chat:
+  max_conversations: {CHAT_MEMORY}
 api:
   client_tokens: ["{CLIENT_TOKEN}"]
 images:
@@ -780,8 +788,31 @@ class Soak:
             await asyncio.gather(*(one(i) for i in range(200)))
             await self.pause(15)
 
+    async def leave_burst(self, end: float) -> None:
+        """Every 30 s, 60 clients at once leave /v1 and /chat streams that are being written fast:
+        the write after a client left must not become a traceback in the log."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < end and not self.stopping.is_set():
+            await asyncio.gather(*(self.guarded("leave_burst", self.fast_leave(i)) for i in range(60)))
+            await self.pause(30)
+
+    async def fast_leave(self, i: int) -> None:
+        assert self.session is not None
+        n = self.n()
+        _, headers = self.who()
+        prompt = f"Fast {n} #tokens:400 #rate:{self.rng.choice([200, 1000, 2000])}"
+        path, body = (("/v1/chat/completions", {"stream": True, "messages": [{"role": "user", "content": prompt}]})
+                      if i % 2 else ("/chat", {"content": prompt}))
+        async with self.session.post(self.base + path, json=body, headers=headers) as resp:
+            if resp.status != 200:
+                raise Failed(f"{path}: HTTP {resp.status}")
+            if not await resp.content.readany():
+                raise Failed(f"{path}: no text before leaving")
+            await asyncio.sleep(self.rng.random() * 0.05)
+            resp.close()
+
     async def quota_hog(self, end: float) -> None:
-        """One anonymous address asks 5 times a second until its daily quota is gone, and on."""
+        """One anonymous address asks 20 times a second until its daily quota is gone, and on."""
         assert self.session is not None
         loop = asyncio.get_running_loop()
         headers = {"X-Forwarded-For": "10.9.0.3"}
@@ -799,7 +830,41 @@ class Soak:
                     self.tally.fail("quota_hog", f"HTTP {resp.status}: {raw[:150]!r}")
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 self.tally.fail("quota_hog", f"{type(exc).__name__}: {exc}")
-            await self.pause(0.2)
+            await self.pause(0.05)
+
+    async def warm_up(self) -> dict[str, Any]:
+        """Every ordinary client address touches every per-address table once (the HTTP, /v1 and
+        websocket limiters, the daily quota), so the tables are full before the load starts and
+        memory growth after minute 2 is not their filling."""
+        assert self.session is not None
+        gate = asyncio.Semaphore(20)
+        started = time.monotonic()
+        result = {"phase": "warm-up", "identities": IDENTITIES, "done": 0, "failed": 0}
+
+        async def one(i: int) -> None:
+            ident = f"10.1.{i >> 8}.{i & 255}"
+            headers = {"X-Forwarded-For": ident}
+            async with gate:
+                try:
+                    async with self.session.get(self.base + "//status", headers=headers) as resp:
+                        await resp.read()
+                    async with self.session.post(self.base + "/v1/chat/completions", data=b"",
+                                                 headers=headers) as resp:
+                        await resp.read()  # 400: only the limiter and the body check ran
+                    ws = await self.ws_connect(ident)
+                    try:
+                        frames = await self.ask(lambda t: recv_frame(ws, t), ws.send_str,
+                                                question(f"w-{i}", "warm up", None))
+                    finally:
+                        await ws.close()
+                    ok = frames[-1].get("content") == "DONE"
+                except (Failed, SocketEnded, TimeoutError, aiohttp.ClientError, OSError):
+                    ok = False
+                result["done" if ok else "failed"] += 1
+
+        await asyncio.gather(*(one(i) for i in range(IDENTITIES)))
+        result["seconds"] = round(time.monotonic() - started, 1)
+        return result
 
     async def pause(self, seconds: float) -> None:
         with suppress(TimeoutError):
@@ -983,12 +1048,13 @@ async def run_soak(args: argparse.Namespace, base: str, upstream_stats: str, pid
         baseline = await soak.measure()
         emit({"minute": 0, "phase": "before load", **baseline})
         lines.append({"minute": 0, **baseline})
+        emit(await soak.warm_up())
         start = loop.time()
         end = start + seconds
         sockets = [PersistentSocket(soak) for _ in range(max(16, int(args.rate)))]
         background += [asyncio.ensure_future(s.run()) for s in sockets]
         background += [asyncio.ensure_future(soak.ws_hammer(end)), asyncio.ensure_future(soak.http_hammer(end)),
-                       asyncio.ensure_future(soak.quota_hog(end))]
+                       asyncio.ensure_future(soak.quota_hog(end)), asyncio.ensure_future(soak.leave_burst(end))]
         scheduler = asyncio.ensure_future(soak.scheduler(end))
         background.append(scheduler)
         before = soak.tally.snapshot()

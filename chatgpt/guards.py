@@ -16,9 +16,16 @@ _SLASHES = re.compile(r"/{2,}")
 _EXEMPT = ("/websocket", "/admin/", "/healthz", "/metrics", "/res/")
 
 
+IDENTITY = web.RequestKey("identity", str)
+
+
 def identity_of(request: web.Request) -> str:
-    """The client IP: forwarded headers count only from a trusted proxy (PROTOCOL.md C.3)."""
-    return client_ip(request.remote, request.headers, request.app[trusted_key])
+    """The client IP: forwarded headers count only from a trusted proxy (PROTOCOL.md C.3).
+    Worked out once per request (the limiter and the handler both need it)."""
+    identity = request.get(IDENTITY)
+    if identity is None:
+        identity = request[IDENTITY] = client_ip(request.remote, request.headers, request.app[trusted_key])
+    return identity
 
 
 @web.middleware

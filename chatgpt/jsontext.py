@@ -17,12 +17,17 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for the process: json.loads with hooks would build a new decoder on every call, and
+# this runs for every upstream chunk.
+_decoder = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
 def parse(raw: str | bytes) -> Any:
     """`json.loads` for outside input. Every way it can be bad is a ValueError: absurd nesting
     (RecursionError), bad UTF-8, and NaN/Infinity/1e999, which the client's JSON.parse could not
     read back if we echoed them."""
     try:
-        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+        return _decoder.decode(raw if isinstance(raw, str) else raw.decode("utf-8"))
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -64,6 +65,14 @@ class Metrics:
         self.images = Gauge("chatgpt_images_on_disk", "Saved pictures in the images folder", registry=r)
         self.image_bytes = Gauge("chatgpt_images_on_disk_bytes", "Bytes of saved pictures", registry=r)
         self.sockets = Gauge("chatgpt_websocket_connections", "Open mini-program websockets", registry=r)
+        self._children: dict[tuple[object, ...], Any] = {}  # labels() takes a lock and hashes; once is enough
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def start(self, entry: str, identity: str, kind: str = "chat") -> QuestionRecord:
         """A question is going upstream."""
@@ -74,12 +83,12 @@ class Metrics:
         """Count and log a finished question (whatever its outcome)."""
         self.in_flight.dec()
         now = time.monotonic()
-        self.questions.labels(record.entry, record.kind, record.outcome).inc()
-        self.duration.labels(record.entry).observe(now - record.started)
+        self._child(self.questions, record.entry, record.kind, record.outcome).inc()
+        self._child(self.duration, record.entry).observe(now - record.started)
         if record.first_token is not None:
-            self.first_token.labels(record.entry).observe(record.first_token - record.started)
+            self._child(self.first_token, record.entry).observe(record.first_token - record.started)
         if record.tokens:
-            self.tokens.labels(record.entry).inc(record.tokens)
+            self._child(self.tokens, record.entry).inc(record.tokens)
         ttft = f"{(record.first_token - record.started) * 1000:.0f}" if record.first_token else "-"
         log.info("question entry=%s kind=%s who=%s outcome=%s deltas=%d first_ms=%s ms=%.0f%s",
                  record.entry, record.kind, hashed(record.identity), record.outcome, record.tokens, ttft,

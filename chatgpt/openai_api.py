@@ -11,10 +11,10 @@ from typing import Any
 from aiohttp import web
 
 from . import jsontext
-from .appkeys import inflight_key, pipeline_key, settings_key, trusted_key
+from .appkeys import inflight_key, pipeline_key, settings_key
 from .bodies import read_raw
-from .clientip import client_ip
 from .errors import ServiceError, bad_request, shutting_down
+from .guards import identity_of
 from .providers import Delta
 from .question import Payer, Question
 
@@ -66,7 +66,7 @@ def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question
     """Validate a chat completion request into the pipeline's Question and the `stream` flag."""
     app = request.app
     payer = Payer.from_bearer(request.headers.get("Authorization"), app[settings_key].api.client_tokens)
-    identity = client_ip(request.remote, request.headers, app[trusted_key])
+    identity = identity_of(request)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _invalid("'stream' must be a boolean.", "stream")
@@ -178,7 +178,7 @@ async def image_generations(request: web.Request) -> web.Response:
     if size is not None and (not isinstance(size, str) or not IMAGE_SIZE.match(size)):
         raise _invalid("'size' must look like 1024x1024.", "size")
     payer = Payer.from_bearer(request.headers.get("Authorization"), app[settings_key].api.client_tokens)
-    identity = client_ip(request.remote, request.headers, app[trusted_key])
+    identity = identity_of(request)
     pipeline = app[pipeline_key]
     await pipeline.admit("v1", identity)
     question = Question("v1", identity, payer, [], app[settings_key].upstream.model)

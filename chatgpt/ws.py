@@ -10,9 +10,8 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import jsontext, messages
-from .appkeys import pipeline_key, settings_key, sockets_key, trusted_key
+from .appkeys import pipeline_key, settings_key, sockets_key
 from .chat import ChatPipeline
-from .clientip import client_ip
 from .errors import ServiceError, bad_request
 from .frames import (
     FrameWriter,
@@ -22,6 +21,7 @@ from .frames import (
     pong_frame,
     quota_frame,
 )
+from .guards import identity_of
 from .question import Payer, Question, clean_messages
 from .settings import Settings
 
@@ -176,7 +176,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     # +1: aiohttp refuses a frame of exactly max_msg_size; the setting is the largest one accepted.
     ws = web.WebSocketResponse(max_msg_size=settings.ws.max_message_bytes + 1)
     await ws.prepare(request)
-    identity = client_ip(request.remote, request.headers, app[trusted_key])
+    identity = identity_of(request)
     app[sockets_key].add(ws)
     try:
         await SocketSession(ws, app[pipeline_key], settings, identity).run()
