@@ -31,7 +31,8 @@ timeout, 5xx where a clean error was due), /healthz and /metrics values, the fak
 counters. Then the load stops, the script waits `--settle` seconds and measures once more
 ("after"), stops the project with SIGTERM, scans its log for tracebacks and prints a summary line
 with a verdict: flat when the last minute's RSS is within 10% + 5 MB of minute 2's, the fds are
-back within 5 of the baseline and no stream, socket or upstream request is left open.
+back within 5 of the baseline and no stream, socket or upstream request is left open; clean when
+also no operation failed, the log has no traceback and the project exited 0 at SIGTERM.
 Progress goes to stderr. Every process is stopped at the end, also on Ctrl-C.
 """
 from __future__ import annotations
@@ -1178,7 +1179,8 @@ def summarize(result: dict[str, Any], stop: dict[str, Any], log_scan: dict[str, 
         "metrics_after": metrics, "upstream_after": after.get("upstream"),
         "project_stop": stop, "log": log_scan,
         "verdict": {"rss_flat": rss_flat, "fds_back_to_baseline": fds_back, "drained": drained,
-                    "flat": rss_flat and fds_back and drained, "problems": problems},
+                    "flat": rss_flat and fds_back and drained,
+                    "clean": not problems and failed == 0, "problems": problems},
     }
 
 
