@@ -20,6 +20,29 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> list[str]:
         """Decode `chunk`; raise ValueError for an over-long event or a payload that is not UTF-8."""
         buffer = self._buffer + chunk if self._buffer else chunk
+        if not self._data and b"\r" not in buffer:
+            fast = self._single_line_events(buffer)
+            if fast is not None:
+                return fast
+        return self._lines(buffer)
+
+    def _single_line_events(self, buffer: bytes) -> list[str] | None:
+        """The common case, decoded without a per-line loop: every complete event in the buffer is
+        one `data: ` line. None sends anything else (comments, multi-line events) to `_lines`."""
+        events = buffer.split(b"\n\n")
+        rest = events.pop()
+        if b"\n" in rest.rstrip(b"\n") or len(rest) > self._max:
+            return None
+        payloads = []
+        for event in events:
+            if not event.startswith(b"data: ") or b"\n" in event or len(event) > self._max:
+                return None
+            payloads.append(event[6:])
+        self._buffer = rest
+        return [p.decode("utf-8") for p in payloads]
+
+    def _lines(self, buffer: bytes) -> list[str]:
+        """The general line-by-line decoder of the event-stream format."""
         payloads: list[str] = []
         start = 0
         while True:

@@ -44,3 +44,21 @@ def test_an_over_long_event_made_of_many_lines_is_refused() -> None:
 def test_a_payload_that_is_not_utf8_is_refused() -> None:
     with pytest.raises(ValueError):
         SSEDecoder().feed(b"data: \xff\xfe\n\n")
+
+
+def test_an_over_long_event_arriving_whole_in_one_read_is_refused() -> None:
+    with pytest.raises(ValueError):
+        SSEDecoder(max_event_bytes=1000).feed(b"data: " + b"x" * 2000 + b"\n\n")
+
+
+@given(st.lists(st.sampled_from([b'data: {"a": 1}\n\n', b": keep-alive\n\n", b"data: one\ndata: two\n\n",
+                                 b"data: [DONE]\n\n", b"event: x\ndata: y\n\n"]), max_size=12),
+       st.lists(st.integers(1, 200), max_size=10))
+def test_mixed_events_split_anywhere_decode_like_a_whole_read(events: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(events)
+    expected = SSEDecoder().feed(stream)
+    decoder, got, start = SSEDecoder(), [], 0
+    for cut in sorted({c for c in cuts if c < len(stream)}) + [len(stream)]:
+        got += decoder.feed(stream[start:cut])
+        start = cut
+    assert got == expected

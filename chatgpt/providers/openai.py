@@ -61,32 +61,43 @@ def make_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientS
     return aiohttp.ClientSession(timeout=timeout, connector=connector, middlewares=(raise_for_upstream_status,))
 
 
+def _piece(chunk: Any) -> tuple[str, str | None, str | None]:
+    """(text, finish_reason, id) of one chat.completion.chunk; checked without trusting its shape."""
+    if not isinstance(chunk, dict):
+        raise UpstreamBroken("upstream sent a chunk that is not an object")
+    if "error" in chunk and isinstance(chunk["error"], (dict, str)):
+        raise UpstreamError(500, jsontext.dumps(chunk).encode())  # an error reported inside the stream
+    try:  # the shape of nearly every chunk: one try instead of a check per level
+        choice = chunk["choices"][0]
+        text = choice["delta"].get("content")
+        finish = choice.get("finish_reason")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        text = finish = None
+    answer_id = chunk.get("id")
+    return (text if isinstance(text, str) else "", finish if isinstance(finish, str) else None,
+            answer_id if isinstance(answer_id, str) else None)
+
+
 def _batch(payloads: list[str], answer_id: str) -> tuple[Delta | None, bool]:
     """The events of one network read as one Delta (their texts joined, their payloads kept for a
     verbatim /v1 relay), and whether `[DONE]` was among them."""
     texts: list[str] = []
     raw: list[str] = []
     finish = None
+    done = False
     for payload in payloads:
         if payload == "[DONE]":
-            return (Delta(answer_id, "".join(texts), finish, tuple(raw)) if raw else None), True
-        chunk = jsontext.parse(payload)
-        if not isinstance(chunk, dict):
-            raise UpstreamBroken("upstream sent a chunk that is not an object")
-        if isinstance(chunk.get("error"), (dict, str)):
-            raise UpstreamError(500, payload.encode())  # an error reported inside the stream
-        if not answer_id and isinstance(chunk.get("id"), str):
-            answer_id = chunk["id"]
-        choices = chunk.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else None
-        if isinstance(text, str):
+            done = True
+            break
+        text, ended, chunk_id = _piece(jsontext.parse(payload))
+        if text:
             texts.append(text)
-        if isinstance(choice.get("finish_reason"), str):
-            finish = choice["finish_reason"]
+        if ended:
+            finish = ended
+        if not answer_id and chunk_id:
+            answer_id = chunk_id
         raw.append(payload)
-    return (Delta(answer_id, "".join(texts), finish, tuple(raw)) if raw else None), False
+    return (Delta(answer_id, "".join(texts), finish, tuple(raw)) if raw else None), done
 
 
 class OpenAIProvider:
