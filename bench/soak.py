@@ -1112,7 +1112,11 @@ def scan_log(path: Path) -> dict[str, Any]:
             j += 1
         block = lines[max(0, i - 1):j + 1]
         last = lines[j] if j < len(lines) else "?"
-        entry = tracebacks.setdefault(last, {"count": 0, "stack": "\n".join(block)[-3000:]})
+        # grouped by the exception and the innermost frame outside the standard library and venv
+        own = [ln.strip() for ln in block if ln.strip().startswith('File "') and "site-packages" not in ln
+               and "/lib/python3" not in ln]
+        where = own[-1] if own else "?"
+        entry = tracebacks.setdefault(f"{last} @ {where}", {"count": 0, "stack": "\n".join(block)[-3000:]})
         entry["count"] += 1
     warnings: dict[str, int] = defaultdict(int)
     for line in lines:

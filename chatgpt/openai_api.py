@@ -5,7 +5,7 @@ import asyncio
 import base64
 import re
 import time
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from typing import Any
 
 from aiohttp import web
@@ -153,14 +153,17 @@ async def _stream(request: web.Request, deltas: Any, model: str, created: int) -
         if not inflight.stopping:
             raise  # the client left: nobody to tell
         failure = shutting_down()
+    except ConnectionResetError:
+        return response  # the client left while we wrote: the upstream is closed on the way out
     finally:
         inflight.leave()
-    if failure is not None:
-        # Headers are gone: report the failure the way OpenAI does inside a stream.
-        payload = {"error": {"message": failure.message, "type": failure.error_type, "param": None,
-                             "code": failure.error_code}}
-        await response.write(b"data: " + jsontext.dumps(payload).encode() + b"\n\n")
-    await response.write_eof()
+    with suppress(ConnectionResetError):  # the client may be gone by now: nothing to tell it
+        if failure is not None:
+            # Headers are gone: report the failure the way OpenAI does inside a stream.
+            payload = {"error": {"message": failure.message, "type": failure.error_type, "param": None,
+                                 "code": failure.error_code}}
+            await response.write(b"data: " + jsontext.dumps(payload).encode() + b"\n\n")
+        await response.write_eof()
     return response
 
 

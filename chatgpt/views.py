@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from typing import Any
 
 from aiohttp import web
@@ -139,13 +139,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
             "Content-Type": "text/event-stream; charset=utf-8" if sse else "text/plain; charset=utf-8",
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Conversation-Id": cid})
         await response.prepare(request)
-        if sse:
-            await response.write(_event("conversation", {"conversationId": cid}))
         parts: list[str] = []
         inflight = app[inflight_key]
         failure: ServiceError | None = None
         try:
             inflight.enter()
+            if sse:
+                await response.write(_event("conversation", {"conversationId": cid}))
             delta = first
             while delta is not None:
                 if delta.text:
@@ -161,12 +161,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
             if not inflight.stopping:
                 raise  # the client left: nobody to tell
             failure = shutting_down()
+        except ConnectionResetError:
+            return response  # the client left while we wrote: the upstream is closed on the way out
         finally:
             inflight.leave()
+    with suppress(ConnectionResetError):  # the client may be gone by now: nothing to tell it
         if failure is not None:
             await response.write(_event("error", {"message": failure.message}) if sse
                                  else f"\n[error] {failure.message}\n".encode(errors="replace"))
-    await response.write_eof()
+        await response.write_eof()
     return response
 
 

@@ -442,3 +442,4 @@ async def test_a_disabled_server_key_is_reprobed_with_get_models_and_comes_back_
     assert probes and all(r.authorization == f"Bearer {KEY_A}" for r in probes)
     async with ws_connect(client) as ws:
         assert (await ask(ws))[-1]["content"] == "DONE"
+
