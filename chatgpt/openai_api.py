@@ -5,18 +5,20 @@ import asyncio
 import base64
 import re
 import time
-from contextlib import aclosing, suppress
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
 from . import jsontext
-from .appkeys import inflight_key, pipeline_key, settings_key
+from .appkeys import pipeline_key, settings_key
 from .bodies import read_raw
-from .errors import ServiceError, bad_request, shutting_down
+from .errors import ServiceError, bad_request
 from .guards import identity_of
 from .providers import Delta
 from .question import Payer, Question
+from .streaming import send_stream
 
 PASSED_THROUGH = {"top_p": (int, float), "stop": (str, list), "presence_penalty": (int, float),
                   "frequency_penalty": (int, float), "user": (str,), "seed": (int,)}
@@ -124,47 +126,35 @@ async def _stream(request: web.Request, deltas: Any, model: str, created: int) -
     first: Delta | None = await anext(deltas, None)
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
+    return await send_stream(request, response, _sse_body(first, deltas, model, created), _error_event)
+
+
+async def _sse_body(first: Delta | None, deltas: Any, model: str, created: int) -> AsyncIterator[bytes]:
+    """The answer as OpenAI SSE: the upstream's own chunks when it sent some, else our encoding."""
     answer_id = first.answer_id if first else ""
     relayed, encoded, finish = False, False, None
-    inflight = request.app[inflight_key]
-    failure: ServiceError | None = None
-    try:
-        inflight.enter()
-        delta = first
-        while delta is not None:
-            if delta.raw:
-                # The upstream's own chunks, byte for byte: one write for all a network read brought.
-                relayed = True
-                await response.write(b"".join(b"data: " + p.encode() + b"\n\n" for p in delta.raw))
-            elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
-                role = {} if encoded else {"role": "assistant"}
-                encoded = True
-                await response.write(_chunk(answer_id, created, model, {**role, "content": delta.text}, None))
-            if delta.finish_reason:
-                finish = delta.finish_reason
-            delta = await anext(deltas, None)
-        tail = b"data: [DONE]\n\n"
-        if not relayed:
-            tail = _chunk(answer_id, created, model, {}, finish or "stop") + tail
-        await response.write(tail)
-    except ServiceError as error:
-        failure = error
-    except asyncio.CancelledError:
-        if not inflight.stopping:
-            raise  # the client left: nobody to tell
-        failure = shutting_down()
-    except ConnectionResetError:
-        return response  # the client left while we wrote: the upstream is closed on the way out
-    finally:
-        inflight.leave()
-    with suppress(ConnectionResetError):  # the client may be gone by now: nothing to tell it
-        if failure is not None:
-            # Headers are gone: report the failure the way OpenAI does inside a stream.
-            payload = {"error": {"message": failure.message, "type": failure.error_type, "param": None,
-                                 "code": failure.error_code}}
-            await response.write(b"data: " + jsontext.dumps(payload).encode() + b"\n\n")
-        await response.write_eof()
-    return response
+    delta = first
+    while delta is not None:
+        if delta.raw:
+            # The upstream's own chunks, byte for byte: one write for all a network read brought.
+            relayed = True
+            yield b"".join(b"data: " + p.encode() + b"\n\n" for p in delta.raw)
+        elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
+            role = {} if encoded else {"role": "assistant"}
+            encoded = True
+            yield _chunk(answer_id, created, model, {**role, "content": delta.text}, None)
+        if delta.finish_reason:
+            finish = delta.finish_reason
+        delta = await anext(deltas, None)
+    tail = b"data: [DONE]\n\n"
+    yield tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail
+
+
+def _error_event(failure: ServiceError) -> bytes:
+    """Headers are gone: report the failure the way OpenAI does inside a stream."""
+    payload = {"error": {"message": failure.message, "type": failure.error_type, "param": None,
+                         "code": failure.error_code}}
+    return b"data: " + jsontext.dumps(payload).encode() + b"\n\n"
 
 
 async def image_generations(request: web.Request) -> web.Response:

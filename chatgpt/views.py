@@ -1,25 +1,26 @@
 """The mini-program's HTTP routes (PROTOCOL.md A.2): every answer is an envelope on HTTP 200."""
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from contextlib import aclosing, suppress
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
 from . import jsontext, messages
-from .appkeys import flags_key, inflight_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
+from .appkeys import flags_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
 from .bodies import read_raw
 from .envelope import envelope_response
-from .errors import ServiceError, UpstreamError, bad_request, shutting_down
+from .errors import ServiceError, UpstreamError, bad_request
 from .guards import identity_of
 from .images import safe_image_path
 from .memory import CONVERSATION_ID
 from .openai_api import read_body
 from .question import Payer, Question
 from .render import to_html
+from .streaming import send_stream
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -139,38 +140,25 @@ async def chat(request: web.Request) -> web.StreamResponse:
             "Content-Type": "text/event-stream; charset=utf-8" if sse else "text/plain; charset=utf-8",
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Conversation-Id": cid})
         await response.prepare(request)
-        parts: list[str] = []
-        inflight = app[inflight_key]
-        failure: ServiceError | None = None
-        try:
-            inflight.enter()
+
+        async def body() -> AsyncIterator[bytes]:
+            parts: list[str] = []
             if sse:
-                await response.write(_event("conversation", {"conversationId": cid}))
+                yield _event("conversation", {"conversationId": cid})
             delta = first
             while delta is not None:
                 if delta.text:
                     parts.append(delta.text)
-                    piece = _event(None, {"content": delta.text}) if sse else delta.text.encode(errors="replace")
-                    await response.write(piece)
+                    yield _event(None, {"content": delta.text}) if sse else delta.text.encode(errors="replace")
                 delta = await anext(deltas, None)
-            memory.remember(cid, content, "".join(parts))
-            await response.write(_event("done", {"conversationId": cid}) if sse else b"\n")
-        except ServiceError as error:
-            failure = error
-        except asyncio.CancelledError:
-            if not inflight.stopping:
-                raise  # the client left: nobody to tell
-            failure = shutting_down()
-        except ConnectionResetError:
-            return response  # the client left while we wrote: the upstream is closed on the way out
-        finally:
-            inflight.leave()
-    with suppress(ConnectionResetError):  # the client may be gone by now: nothing to tell it
-        if failure is not None:
-            await response.write(_event("error", {"message": failure.message}) if sse
-                                 else f"\n[error] {failure.message}\n".encode(errors="replace"))
-        await response.write_eof()
-    return response
+            memory.remember(cid, content, "".join(parts))  # only a finished answer is remembered
+            yield _event("done", {"conversationId": cid}) if sse else b"\n"
+
+        def error_event(failure: ServiceError) -> bytes:
+            return (_event("error", {"message": failure.message}) if sse
+                    else f"\n[error] {failure.message}\n".encode(errors="replace"))
+
+        return await send_stream(request, response, body(), error_event)
 
 
 def _event(name: str | None, data: dict[str, Any]) -> bytes:
