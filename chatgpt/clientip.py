@@ -10,6 +10,7 @@ from typing import Any
 _MAX_ADDRESS_LEN = 64
 # Proxy chains are a handful of hops; bounding the walk bounds the work a hostile header causes.
 _MAX_HOPS = 32
+_MAX_REMEMBERED_PEERS = 4096
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -58,6 +59,7 @@ class TrustedProxies:
         self._networks: list[_Network] = []
         for entry in entries:
             self._networks.append(self._network(entry))
+        self._peers: dict[str, tuple[_Address | None, str, bool]] = {}
 
     @staticmethod
     def _network(entry: Any) -> _Network:
@@ -84,6 +86,19 @@ class TrustedProxies:
         return any(
             network.version == address.version and address in network for network in self._networks
         )
+
+    def peer(self, peer: str) -> tuple[_Address | None, str, bool]:
+        """A TCP peer as (address or None, its canonical text, trusted?), remembered per peer string:
+        the same addresses connect again and again, and parsing costs more than the rest of a lookup.
+        The memory is bounded: peers are not chosen by headers, yet a scan of many hosts could grow it."""
+        known = self._peers.get(peer)
+        if known is None:
+            if len(self._peers) >= _MAX_REMEMBERED_PEERS:
+                self._peers.clear()
+            address = _parse(peer)
+            text = str(address) if address is not None else (peer.strip() or "unknown")
+            known = self._peers[peer] = (address, text, address is not None and self._holds(address))
+        return known
 
     def __len__(self) -> int:
         """Number of configured networks."""
@@ -113,15 +128,13 @@ def _header(headers: Mapping[str, str], name: str) -> str:
 
 def client_ip(peer: str | None, headers: Mapping[str, str], trusted: TrustedProxies) -> str:
     """Return the client's IP: the peer, or what a trusted proxy peer forwarded."""
-    if peer is None:
+    if not isinstance(peer, str):
         return "unknown"
-    peer_address = _parse(peer)
-    if peer_address is None:
-        # Not an IP (e.g. a unix socket name): cannot be trusted, report it as given.
-        return peer.strip() or "unknown"
-    if not trusted._holds(peer_address):
+    _, peer_text, peer_trusted = trusted.peer(peer)
+    if not peer_trusted:
         # An untrusted peer can write any header it likes; only the socket tells the truth.
-        return str(peer_address)
+        # (Not an IP at all, e.g. a unix socket name: cannot be trusted, reported as given.)
+        return peer_text
 
     real = _parse(_header(headers, "X-Real-IP"))
     if real is not None:
@@ -134,4 +147,4 @@ def client_ip(peer: str | None, headers: Mapping[str, str], trusted: TrustedProx
         address = _parse(hop)
         if address is not None and not trusted._holds(address):
             return str(address)
-    return str(peer_address)
+    return peer_text

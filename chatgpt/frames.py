@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -10,8 +9,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
+from . import jsontext
 from .render import IncrementalRenderer, to_html
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,5 @@ class FrameWriter:
             frame = head
         self._queue.popleft()
         self._made_room()
-        text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
-        try:
-            await self._ws.send_str(text)
-        except UnicodeEncodeError:  # a lone surrogate echoed from the client: send it escaped
-            await self._ws.send_str(json.dumps(frame, separators=(",", ":")))
+        # Always valid UTF-8 (a lone surrogate echoed from the client goes out escaped).
+        await self._ws.send_frame(jsontext.dumpb(frame), WSMsgType.TEXT)

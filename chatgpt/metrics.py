@@ -89,6 +89,8 @@ class Metrics:
             self._child(self.first_token, record.entry).observe(record.first_token - record.started)
         if record.tokens:
             self._child(self.tokens, record.entry).inc(record.tokens)
+        if not log.isEnabledFor(logging.INFO):
+            return  # the line is not wanted: spare the hash and the formatting
         ttft = f"{(record.first_token - record.started) * 1000:.0f}" if record.first_token else "-"
         log.info("question entry=%s kind=%s who=%s outcome=%s deltas=%d first_ms=%s ms=%.0f%s",
                  record.entry, record.kind, hashed(record.identity), record.outcome, record.tokens, ttft,

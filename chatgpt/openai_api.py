@@ -18,7 +18,7 @@ from .errors import ServiceError, bad_request
 from .guards import identity_of
 from .providers import Delta
 from .question import Payer, Question
-from .streaming import send_stream
+from .streaming import Piece, StreamingAnswer, send_stream
 
 PASSED_THROUGH = {"top_p": (int, float), "stop": (str, list), "presence_penalty": (int, float),
                   "frequency_penalty": (int, float), "user": (str,), "seed": (int,)}
@@ -95,7 +95,7 @@ def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question
 def _chunk(answer_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> bytes:
     chunk = {"id": answer_id, "object": "chat.completion.chunk", "created": created, "model": model,
              "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    return b"data: " + jsontext.dumps(chunk).encode() + b"\n\n"
+    return b"data: " + jsontext.dumpb(chunk) + b"\n\n"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -124,37 +124,44 @@ async def _stream(request: web.Request, deltas: Any, model: str, created: int) -
     # The first delta is awaited before the headers go out, so a refusal or an upstream error
     # before any text still gets its real HTTP status and OpenAI's error JSON.
     first: Delta | None = await anext(deltas, None)
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = StreamingAnswer(headers=SSE_HEADERS)
     await response.prepare(request)
     return await send_stream(request, response, _sse_body(first, deltas, model, created), _error_event)
 
 
-async def _sse_body(first: Delta | None, deltas: Any, model: str, created: int) -> AsyncIterator[bytes]:
+async def _sse_body(first: Delta | None, deltas: Any, model: str, created: int) -> AsyncIterator[Piece]:
     """The answer as OpenAI SSE: the upstream's own chunks when it sent some, else our encoding."""
     answer_id = first.answer_id if first else ""
     relayed, encoded, finish = False, False, None
+    held = b""
     delta = first
     while delta is not None:
+        data = b""
         if delta.raw:
             # The upstream's own chunks, byte for byte: one write for all a network read brought.
             relayed = True
-            yield b"".join(b"data: " + p.encode() + b"\n\n" for p in delta.raw)
+            data = b"".join(b"data: " + p.encode() + b"\n\n" for p in delta.raw)
         elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
             role = {} if encoded else {"role": "assistant"}
             encoded = True
-            yield _chunk(answer_id, created, model, {**role, "content": delta.text}, None)
+            data = _chunk(answer_id, created, model, {**role, "content": delta.text}, None)
         if delta.finish_reason:
             finish = delta.finish_reason
+        if delta.last:
+            held = data  # nothing follows: it leaves with the tail and the end of the body, in one write
+        elif data:
+            yield data, False
+        # Also after the last piece: the pipeline finishes its accounting when the answer ends.
         delta = await anext(deltas, None)
     tail = b"data: [DONE]\n\n"
-    yield tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail
+    yield held + (tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail), True
 
 
 def _error_event(failure: ServiceError) -> bytes:
     """Headers are gone: report the failure the way OpenAI does inside a stream."""
     payload = {"error": {"message": failure.message, "type": failure.error_type, "param": None,
                          "code": failure.error_code}}
-    return b"data: " + jsontext.dumps(payload).encode() + b"\n\n"
+    return b"data: " + jsontext.dumpb(payload) + b"\n\n"
 
 
 async def image_generations(request: web.Request) -> web.Response:

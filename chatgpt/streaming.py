@@ -11,8 +11,22 @@ from aiohttp import web
 from .appkeys import inflight_key
 from .errors import ServiceError, shutting_down
 
+# A body piece and whether it is the last one: the last goes out with the end of the chunked body.
+Piece = tuple[bytes, bool]
 
-async def send_stream(request: web.Request, response: web.StreamResponse, body: AsyncIterator[bytes],
+
+class StreamingAnswer(web.StreamResponse):
+    """A StreamResponse whose headers wait for the first body bytes and leave in the same packet.
+
+    aiohttp sends a StreamResponse's headers on their own at prepare(); our routes prepare only
+    once the first piece of the answer is in hand, so the two can share one send. A short answer
+    that arrived in one upstream read goes out as headers, body and end in one write.
+    (`_send_headers_immediately` is the switch aiohttp's own `web.Response` turns off.)"""
+
+    _send_headers_immediately = False
+
+
+async def send_stream(request: web.Request, response: web.StreamResponse, body: AsyncIterator[Piece],
                       error_event: Callable[[ServiceError], bytes]) -> web.StreamResponse:
     """Write `body` to the prepared `response`. A failure once the headers are gone ends the body
     with `error_event(failure)`; so does a shutdown (SIGTERM); a client that left gets nothing more."""
@@ -21,8 +35,11 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
     inflight.enter()
     try:
         async with aclosing(body) as pieces:
-            async for data in pieces:
-                await response.write(data)
+            async for data, last in pieces:
+                if last:
+                    await response.write_eof(data)
+                else:
+                    await response.write(data)
     except ServiceError as error:
         failure = error
     except asyncio.CancelledError:
@@ -34,7 +51,6 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
     finally:
         inflight.leave()
     with suppress(ConnectionResetError):  # the client may be gone by now: nothing to tell it
-        if failure is not None:
-            await response.write(error_event(failure))
-        await response.write_eof()
+        # write_eof() is a no-op once the last piece has ended the body.
+        await response.write_eof(error_event(failure) if failure is not None else b"")
     return response

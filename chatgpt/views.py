@@ -20,7 +20,7 @@ from .memory import CONVERSATION_ID
 from .openai_api import read_body
 from .question import Payer, Question
 from .render import to_html
-from .streaming import send_stream
+from .streaming import Piece, StreamingAnswer, send_stream
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -136,23 +136,24 @@ async def chat(request: web.Request) -> web.StreamResponse:
     sse = "text/event-stream" in request.headers.get("Accept", "")
     async with aclosing(pipeline.answer(question)) as deltas:
         first = await anext(deltas, None)  # a refusal before any text keeps its real HTTP status
-        response = web.StreamResponse(headers={
+        response = StreamingAnswer(headers={
             "Content-Type": "text/event-stream; charset=utf-8" if sse else "text/plain; charset=utf-8",
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Conversation-Id": cid})
         await response.prepare(request)
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body() -> AsyncIterator[Piece]:
             parts: list[str] = []
             if sse:
-                yield _event("conversation", {"conversationId": cid})
+                yield _event("conversation", {"conversationId": cid}), False
             delta = first
             while delta is not None:
                 if delta.text:
                     parts.append(delta.text)
-                    yield _event(None, {"content": delta.text}) if sse else delta.text.encode(errors="replace")
+                    yield (_event(None, {"content": delta.text}) if sse
+                           else delta.text.encode(errors="replace")), False
                 delta = await anext(deltas, None)
             memory.remember(cid, content, "".join(parts))  # only a finished answer is remembered
-            yield _event("done", {"conversationId": cid}) if sse else b"\n"
+            yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True
 
         def error_event(failure: ServiceError) -> bytes:
             return (_event("error", {"message": failure.message}) if sse
@@ -162,8 +163,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 def _event(name: str | None, data: dict[str, Any]) -> bytes:
-    head = f"event: {name}\n" if name else ""
-    return f"{head}data: {jsontext.dumps(data)}\n\n".encode()
+    head = f"event: {name}\n".encode() if name else b""
+    return head + b"data: " + jsontext.dumpb(data) + b"\n\n"
 
 
 def add_routes(app: web.Application) -> None:

@@ -26,6 +26,7 @@ class Delta:
     text: str
     finish_reason: str | None = None
     raw: tuple[str, ...] = ()  # the upstream's own SSE payloads behind this piece, relayed as is on /v1
+    last: bool = False  # the upstream ended the answer in the same read: nothing follows this piece
 
 
 @dataclass(frozen=True)

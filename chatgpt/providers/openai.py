@@ -97,7 +97,7 @@ def _batch(payloads: list[str], answer_id: str) -> tuple[Delta | None, bool]:
         if not answer_id and chunk_id:
             answer_id = chunk_id
         raw.append(payload)
-    return (Delta(answer_id, "".join(texts), finish, tuple(raw)) if raw else None), done
+    return (Delta(answer_id, "".join(texts), finish, tuple(raw), done) if raw else None), done
 
 
 class OpenAIProvider:
@@ -120,10 +120,12 @@ class OpenAIProvider:
 
     async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
         """Relay the upstream's answer until `[DONE]`: one Delta per network read, never a retry."""
-        headers = {"Authorization": f"Bearer {key or ''}", "Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        headers = {"Authorization": f"Bearer {key or ''}", "Accept": "text/event-stream", "Cache-Control": "no-cache",
+                   "Content-Type": "application/json"}
         opened = False
         with upstream_call("chat stream", lambda: opened):
-            async with self._session.post(f"{self._base_url}/chat/completions", json=self._body(request),
+            body = jsontext.dumpb(self._body(request))
+            async with self._session.post(f"{self._base_url}/chat/completions", data=body,
                                           headers=headers) as response:
                 opened = True
                 decoder, answer_id = SSEDecoder(), ""
