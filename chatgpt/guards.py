@@ -21,22 +21,23 @@ IDENTITY = web.RequestKey("identity", str)
 
 def identity_of(request: web.Request) -> str:
     """The client IP: forwarded headers count only from a trusted proxy (PROTOCOL.md C.3).
-    Worked out once per request (the limiter and the handler both need it)."""
-    identity = request.get(IDENTITY)
-    if identity is None:
+    Worked out once per request, by the middleware below (the limiter and the handler need it)."""
+    try:
+        return request[IDENTITY]
+    except KeyError:  # a request that did not pass the middleware
         identity = request[IDENTITY] = client_ip(request.remote, request.headers, request.app[trusted_key])
-    return identity
+        return identity
 
 
 @web.middleware
 async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse a client over its per-IP rate before any work is done for it."""
+    identity = request[IDENTITY] = client_ip(request.remote, request.headers, request.app[trusted_key])
     path = _SLASHES.sub("/", request.path)
     if path.startswith(_EXEMPT):
         return await handler(request)
     limits = request.app[http_limits_key]
     table = limits["v1"] if path.startswith("/v1/") else limits["http"]
-    identity = identity_of(request)
     if not await table.allow(identity):
         request.app[metrics_key].limiter_refusals.labels("v1" if path.startswith("/v1/") else "http").inc()
         raise ServiceError("700001", messages.HTTP_TOO_FAST, http_status=429, error_type="rate_limit_exceeded",

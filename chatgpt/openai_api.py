@@ -140,7 +140,7 @@ async def _sse_body(first: Delta | None, deltas: Any, model: str, created: int) 
         if delta.raw:
             # The upstream's own chunks, byte for byte: one write for all a network read brought.
             relayed = True
-            data = b"".join(b"data: " + p.encode() + b"\n\n" for p in delta.raw)
+            data = delta.raw
         elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
             role = {} if encoded else {"role": "assistant"}
             encoded = True

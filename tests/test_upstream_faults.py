@@ -104,6 +104,9 @@ FAULTS: dict[str, Fault] = {
     "200 json instead of sse": Fault(lambda: RawStream([completion_json()], content_type="application/json"),
                                      FAILED, 502),
     "garbage sse line first": Fault(lambda: RawStream([b"data: {not json\n\n"]), FAILED, 502),
+    "sse line that is not utf-8": Fault(
+        lambda: RawStream([sse_chunk(None), sse_chunk("Hel"), b'data: {"choices": "\xff\xfe"}\n\n'], delay=0.02),
+        FAILED, 502, text="Hel", opened=True),
     "garbage sse line after text": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("Hel"), b"data: {not json\n\n"], delay=0.02),
         FAILED, 502, text="Hel", opened=True),

@@ -25,7 +25,7 @@ class Delta:
     answer_id: str
     text: str
     finish_reason: str | None = None
-    raw: tuple[str, ...] = ()  # the upstream's own SSE payloads behind this piece, relayed as is on /v1
+    raw: bytes = b""  # the upstream's own SSE events behind this piece (`data: ...` lines), relayed as is on /v1
     last: bool = False  # the upstream ended the answer in the same read: nothing follows this piece
 
 

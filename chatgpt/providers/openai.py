@@ -78,15 +78,20 @@ def _piece(chunk: Any) -> tuple[str, str | None, str | None]:
             answer_id if isinstance(answer_id, str) else None)
 
 
-def _batch(payloads: list[str], answer_id: str) -> tuple[Delta | None, bool]:
-    """The events of one network read as one Delta (their texts joined, their payloads kept for a
+_DONE = b"[DONE]"
+_DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def _batch(decoder: SSEDecoder, chunk: bytes, answer_id: str) -> tuple[Delta | None, bool]:
+    """The events of one network read as one Delta (their texts joined, their SSE bytes kept for a
     verbatim /v1 relay), and whether `[DONE]` was among them."""
+    payloads = decoder.feed(chunk)
     texts: list[str] = []
-    raw: list[str] = []
     finish = None
     done = False
+    count = 0
     for payload in payloads:
-        if payload == "[DONE]":
+        if payload == _DONE:
             done = True
             break
         text, ended, chunk_id = _piece(jsontext.parse(payload))
@@ -96,8 +101,18 @@ def _batch(payloads: list[str], answer_id: str) -> tuple[Delta | None, bool]:
             finish = ended
         if not answer_id and chunk_id:
             answer_id = chunk_id
-        raw.append(payload)
-    return (Delta(answer_id, "".join(texts), finish, tuple(raw), done) if raw else None), done
+        count += 1
+    if not count:
+        return None, done
+    wire = decoder.verbatim
+    if wire is not None and count == len(payloads) - 1:
+        # [DONE] ended this read; it is sent by the relay itself at the end.
+        wire = wire[:-len(_DONE_EVENT)] if wire.endswith(_DONE_EVENT) else None
+    elif count != len(payloads):
+        wire = None
+    if wire is None:  # other events were mixed in (comments, several lines): the payloads in canonical form
+        wire = b"".join(b"data: " + p + b"\n\n" for p in payloads[:count])
+    return Delta(answer_id, "".join(texts), finish, wire, done), done
 
 
 class OpenAIProvider:
@@ -135,7 +150,7 @@ class OpenAIProvider:
                         # Ended without [DONE]: an answer cut short. Nothing is re-sent: the
                         # upstream may already have billed it.
                         raise UpstreamBroken("upstream stream ended before [DONE]")
-                    delta, done = _batch(decoder.feed(chunk), answer_id)
+                    delta, done = _batch(decoder, chunk, answer_id)
                     if delta is not None:
                         answer_id = delta.answer_id
                         yield delta
