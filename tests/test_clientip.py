@@ -143,3 +143,18 @@ def test_ipv4_trust_never_matches_ipv6_addresses() -> None:
 def test_membership_of_garbage_is_false() -> None:
     assert "nonsense" not in LOCAL
     assert None not in LOCAL
+
+
+def test_answers_stay_right_for_the_same_peers_asked_again_across_many_other_peers() -> None:
+    # Peers are remembered (bounded); asking again, before and after the memory fills and is
+    # dropped, must give the same answers as the first time.
+    trusted = TrustedProxies(["10.0.0.1"])
+    forwarded = CIMultiDict({"X-Real-IP": "203.0.113.9"})
+    for _ in range(2):
+        assert client_ip("10.0.0.1", forwarded, trusted) == "203.0.113.9"
+        assert client_ip("198.51.100.7", forwarded, trusted) == "198.51.100.7"
+        assert client_ip("[::ffff:198.51.100.8]:5000", forwarded, trusted) == "198.51.100.8"
+        assert client_ip("unix-socket", forwarded, trusted) == "unix-socket"
+        for n in range(6000):
+            assert client_ip(f"192.0.{n // 256}.{n % 256}", forwarded, trusted) == f"192.0.{n // 256}.{n % 256}"
+        assert len(trusted._peers) <= 4096
