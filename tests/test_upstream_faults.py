@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
@@ -19,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from chatgpt import messages
 from chatgpt.appkeys import pipeline_key, session_key
 from chatgpt.render import to_html
-from tests.conftest import MakeClient, ws_connect
+from tests.conftest import CLIENT_TOKEN, MakeClient, ws_connect
 from tests.fake_openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
 
 ADMIN_TOKEN = "adm-upstream-faults-5150"
@@ -297,3 +298,27 @@ async def test_an_upstream_fault_ends_the_question_with_one_clear_error_and_leav
         assert fault.cooling - 1 < health["until"] <= fault.cooling, health
     if fault.key_state == "disabled":
         assert pipeline.keys.usable() == 0
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one read", "a read per event"])
+async def test_comments_and_multi_line_events_from_the_upstream_reach_an_sdk_as_the_same_chunks(
+        make_client: MakeClient, fake: FaultyOpenAI, split: bool) -> None:
+    # Not OpenAI's own spelling, but valid SSE that compatible servers send: the relay must not
+    # pass a multi-line event on as one line (the SDK would read half a JSON object).
+    events = [sse_chunk(None), b": keep-alive\n\n",
+              b'data: {"id": "chatcmpl-fake-1", "object": "chat.completion.chunk", "created": 1,\n'
+              b'data:  "model": "gpt-3.5-turbo",\n'
+              b'data:  "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}]}\n\n',
+              sse_chunk("lo"), sse_chunk(None, finish="stop"), SSE_DONE]
+    fake.script.append(RawStream(events if split else [b"".join(events)], delay=0.01 if split else 0.0))
+    client = await make_client()
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=CLIENT_TOKEN, max_retries=0)
+    try:
+        stream = await sdk.chat.completions.create(
+            model="gpt-3.5-turbo", messages=[{"role": "user", "content": "Hi"}], stream=True)
+        chunks = [chunk async for chunk in stream]
+    finally:
+        await sdk.close()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello"
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+    assert {c.id for c in chunks} == {"chatcmpl-fake-1"}

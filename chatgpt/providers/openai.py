@@ -82,6 +82,11 @@ _DONE = b"[DONE]"
 _DONE_EVENT = b"data: [DONE]\n\n"
 
 
+def _event(payload: bytes) -> bytes:
+    """One SSE event carrying `payload`; a payload of several lines needs a `data:` field per line."""
+    return b"data: " + payload.replace(b"\n", b"\ndata: ") + b"\n\n"
+
+
 def _batch(decoder: SSEDecoder, chunk: bytes, answer_id: str) -> tuple[Delta | None, bool]:
     """The events of one network read as one Delta (their texts joined, their SSE bytes kept for a
     verbatim /v1 relay), and whether `[DONE]` was among them."""
@@ -111,7 +116,7 @@ def _batch(decoder: SSEDecoder, chunk: bytes, answer_id: str) -> tuple[Delta | N
     elif count != len(payloads):
         wire = None
     if wire is None:  # other events were mixed in (comments, several lines): the payloads in canonical form
-        wire = b"".join(b"data: " + p + b"\n\n" for p in payloads[:count])
+        wire = b"".join(_event(p) for p in payloads[:count])
     return Delta(answer_id, "".join(texts), finish, wire, done), done
 
 
