@@ -176,8 +176,8 @@ class FakeUpstream:
         return web.json_response(self.stats)
 
 
-def make_app(tokens: int, rate: float) -> web.Application:
-    fake = FakeUpstream(tokens, rate)
+def make_app(fake: FakeUpstream) -> web.Application:
+    """The upstream's routes and its pacer's lifecycle; callers may add routes before it starts."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.chat)
     app.router.add_get("/v1/models", fake.models)
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="tokens/s per stream; 0 = all at once")
     args = parser.parse_args()
     raise_nofile()
-    web.run_app(make_app(args.tokens, args.rate), host=args.host, port=args.port, print=None,
+    web.run_app(make_app(FakeUpstream(args.tokens, args.rate)), host=args.host, port=args.port, print=None,
                 access_log=None, backlog=4096)
 
 

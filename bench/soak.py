@@ -206,19 +206,8 @@ class FaultyUpstream(fu.FakeUpstream):
 def serve_upstream(port: int) -> None:
     raise_nofile()
     fake = FaultyUpstream(TOKENS, 0.0)
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", fake.chat)
+    app = fu.make_app(fake)
     app.router.add_post("/v1/images/generations", fake.images)
-    app.router.add_get("/v1/models", fake.models)
-    app.router.add_post("/bench/config", fake.config)
-    app.router.add_get("/bench/stats", fake.get_stats)
-
-    async def pacer_ctx(app: web.Application):
-        fake.pacer.start()
-        yield
-        await fake.pacer.stop()
-
-    app.cleanup_ctx.append(pacer_ctx)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, backlog=4096)
 
 

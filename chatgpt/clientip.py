@@ -59,7 +59,7 @@ class TrustedProxies:
         self._networks: list[_Network] = []
         for entry in entries:
             self._networks.append(self._network(entry))
-        self._peers: dict[str, tuple[_Address | None, str, bool]] = {}
+        self._peers: dict[str, tuple[str, bool]] = {}
 
     @staticmethod
     def _network(entry: Any) -> _Network:
@@ -87,8 +87,8 @@ class TrustedProxies:
             network.version == address.version and address in network for network in self._networks
         )
 
-    def peer(self, peer: str) -> tuple[_Address | None, str, bool]:
-        """A TCP peer as (address or None, its canonical text, trusted?), remembered per peer string:
+    def peer(self, peer: str) -> tuple[str, bool]:
+        """A TCP peer as (its canonical text, trusted?), remembered per peer string:
         the same addresses connect again and again, and parsing costs more than the rest of a lookup.
         The memory is bounded: peers are not chosen by headers, yet a scan of many hosts could grow it."""
         known = self._peers.get(peer)
@@ -97,7 +97,7 @@ class TrustedProxies:
                 self._peers.clear()
             address = _parse(peer)
             text = str(address) if address is not None else (peer.strip() or "unknown")
-            known = self._peers[peer] = (address, text, address is not None and self._holds(address))
+            known = self._peers[peer] = (text, address is not None and self._holds(address))
         return known
 
     def __len__(self) -> int:
@@ -130,7 +130,7 @@ def client_ip(peer: str | None, headers: Mapping[str, str], trusted: TrustedProx
     """Return the client's IP: the peer, or what a trusted proxy peer forwarded."""
     if not isinstance(peer, str):
         return "unknown"
-    _, peer_text, peer_trusted = trusted.peer(peer)
+    peer_text, peer_trusted = trusted.peer(peer)
     if not peer_trusted:
         # An untrusted peer can write any header it likes; only the socket tells the truth.
         # (Not an IP at all, e.g. a unix socket name: cannot be trusted, reported as given.)

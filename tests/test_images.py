@@ -19,7 +19,6 @@ import aiohttp
 import pytest
 import yarl
 from aiohttp import web
-from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt import messages
@@ -28,6 +27,7 @@ from chatgpt.images import ImageStore, Pruner, folder_usage, prune, seconds_unti
 from chatgpt.providers import GeneratedImage
 from chatgpt.render import to_html
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, url, ws_connect
+from tests.test_ws import receive_answer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG = PNG_SIGNATURE + bytes(range(256)) * 4  # the server checks the signature, not the whole picture
@@ -154,16 +154,6 @@ def draw(prompt: str = "a cat", **fields: Any) -> dict[str, Any]:
 
 
 OWN_KEY = {"authValue": f"Bearer {USER_KEY}", "isDemo": False}
-
-
-async def receive_answer(ws: ClientWebSocketResponse) -> list[dict[str, Any]]:
-    """Frames up to and including the one with isDone true."""
-    frames = []
-    while True:
-        frame = await asyncio.wait_for(ws.receive_json(), 5)
-        frames.append(frame)
-        if frame.get("isDone"):
-            return frames
 
 
 async def ask(client: TestClient, frame: dict[str, Any]) -> list[dict[str, Any]]:

@@ -5,8 +5,6 @@ import asyncio
 import json
 import logging
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from chatgpt import messages
 from chatgpt.metrics import hashed
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, ws_connect
 from tests.fake_openai import Fail, FakeOpenAI, Stream
-from tests.test_settings import REPO, clean_env, free_port, status_envelope
+from tests.test_settings import free_port, serve_until_status
 from tests.test_ws import question, receive_answer
 
 ADMIN_TOKEN = "adm-ops-secret-777"
@@ -325,20 +323,7 @@ async def test_log_format_json_prints_one_json_object_per_line(tmp_path: Path) -
         "state": {"file": str(tmp_path / "state.json")},
     }), encoding="utf-8")
     log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "--port", str(port), "--config", str(config), "--log-format", "json"],
-            cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            body = await status_envelope(port, process)
-        finally:
-            process.terminate()
-            try:
-                returncode = process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                raise
+    body, returncode = await serve_until_status(port, ["--config", str(config), "--log-format", "json"], log_path)
     assert (body["status"], body["state"], returncode) == ("000000", True, 0)
     lines = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]  # every line is one JSON object

@@ -239,16 +239,11 @@ async def status_envelope(port: int, process: subprocess.Popen[bytes]) -> dict[s
                 await asyncio.sleep(0.1)
 
 
-async def test_the_server_starts_without_an_api_key_answers_and_stops_on_terminate(tmp_path: Path) -> None:
-    port = free_port()
-    config = write(tmp_path, json.dumps({
-        "server": {"host": "127.0.0.1"},
-        "images": {"folder": str(tmp_path / "images")},
-        "state": {"file": str(tmp_path / "state.json")},
-    }))
-    log_path = tmp_path / "server.log"
+async def serve_until_status(port: int, args: list[str], log_path: Path) -> tuple[dict[str, Any], int]:
+    """Start `python app.py --port PORT *args` (stderr to `log_path`), read `//status` once, stop it
+    with SIGTERM; the envelope and the exit code."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--config", str(config)],
+        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args],
                                    cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=log)
         try:
             body = await status_envelope(port, process)
@@ -260,6 +255,18 @@ async def test_the_server_starts_without_an_api_key_answers_and_stops_on_termina
                 process.kill()
                 process.wait()
                 raise
+    return body, returncode
+
+
+async def test_the_server_starts_without_an_api_key_answers_and_stops_on_terminate(tmp_path: Path) -> None:
+    port = free_port()
+    config = write(tmp_path, json.dumps({
+        "server": {"host": "127.0.0.1"},
+        "images": {"folder": str(tmp_path / "images")},
+        "state": {"file": str(tmp_path / "state.json")},
+    }))
+    log_path = tmp_path / "server.log"
+    body, returncode = await serve_until_status(port, ["--config", str(config)], log_path)
     assert set(body) == {"status", "msg", "timestamp", "state"}
     assert (body["status"], body["msg"], body["state"]) == ("000000", "SUCCESS", True)
     assert returncode == 0

@@ -110,11 +110,10 @@ def _batch(decoder: SSEDecoder, chunk: bytes, answer_id: str) -> tuple[Delta | N
     if not count:
         return None, done
     wire = decoder.verbatim
-    if wire is not None and count == len(payloads) - 1:
-        # [DONE] ended this read; it is sent by the relay itself at the end.
-        wire = wire[:-len(_DONE_EVENT)] if wire.endswith(_DONE_EVENT) else None
-    elif count != len(payloads):
-        wire = None
+    if wire is not None and done:
+        # The relay sends [DONE] itself at the end: cut it off when it was the read's last event
+        # (verbatim bytes are exactly `data: <payload>\n\n` per payload); events after it are dropped.
+        wire = wire[:-len(_DONE_EVENT)] if count == len(payloads) - 1 else None
     if wire is None:  # other events were mixed in (comments, several lines): the payloads in canonical form
         wire = b"".join(_event(p) for p in payloads[:count])
     return Delta(answer_id, "".join(texts), finish, wire, done), done
