@@ -70,7 +70,7 @@ PATHS: dict[str, tuple[str, str, str]] = {  # name: (server, client kind, URL pa
 REFERENCE = "raw-v1"
 # Past 600 for the bare relay: in this repo it carries more than that on one core.
 FULL_LADDER = "50,100,200,300,400,500,600,800,1000"
-QUICK_LADDER = "100,300,600,900"
+QUICK_LADDER = "100,200,400,800"
 # The load side counts as saturated past these (its delays are then partly its own).
 LOAD_CPU_PCT = 85.0  # load generator + upstream, of core 1
 LOAD_LAG_MS = 20.0  # p99 lateness of the load's event loop: it adds straight to the delays measured
