@@ -1,7 +1,8 @@
 """Capacity benchmark: how many concurrent paced answers one core carries, per path, vs a bare relay.
 
-    python bench/capacity.py                      # default ladder, the long answer too (~10 min)
-    python bench/capacity.py --quick              # 3 rungs per path, no long answer (~3 min)
+    python bench/capacity.py                      # default ladder, the long answer too (6-10 min)
+    python bench/capacity.py --quick              # 4 rungs per path, no long answer (~3 min)
+    python bench/capacity.py --nice -10           # on a machine busy with other work (needs root)
     python bench/capacity.py --only-long          # only the 2,000-token websocket answer (~75 s)
     python bench/capacity.py --ladder 100,200 --paths v1,ws --measure 20
 
