@@ -426,6 +426,10 @@ def _fmt(value: Any, suffix: str = "") -> str:
     return f"{value:,}{suffix}" if isinstance(value, int) else f"{value}{suffix}"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def print_tables(rows: list[dict[str, Any]], summary: dict[str, Any] | None, long: dict[str, Any] | None) -> None:
     """Human-readable tables on stderr."""
     out: list[str] = []
@@ -453,9 +457,9 @@ def print_tables(rows: list[dict[str, Any]], summary: dict[str, Any] | None, lon
             ttft = f"{_fmt(item['ttft_ms_p99_lowest_rung'])} -> {_fmt(item['ttft_ms_p99_at_capacity'])} ms"
             capacity = (">=" if item["capacity_is_lower_bound"] else "") + str(item["capacity"])
             bound = {"at most": "<=", "at least": ">=", "unknown": "?"}.get(item.get("vs_bare_relay_bound", ""), "")
-            ratio = bound + _fmt(item.get("vs_bare_relay"))
+            ratio = bound + _ratio(item.get("vs_bare_relay"))
             out.append(f"{name:7} {capacity:>8} {ratio:>13} "
-                       f"{_fmt(item['server_ms_per_answer']):>13} {_fmt(item.get('cpu_per_answer_vs_bare_relay')):>8} "
+                       f"{_fmt(item['server_ms_per_answer']):>13} {_ratio(item.get('cpu_per_answer_vs_bare_relay')):>8} "
                        f"{_fmt(item['server_us_per_token']):>8} {ttft:>31} {_fmt(kb):>9}  "
                        f"{','.join(map(str, item['saturated_rungs'])) or '-'}")
     if long:
