@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sys
 import time
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from importlib import resources
@@ -53,6 +52,7 @@ from chatgpt.server.routing import merge_slashes
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings, SettingsError, load_settings, replace_section
 from chatgpt.server.state import StateFile
+from chatgpt.faces.sockets import SocketRegistry
 from chatgpt.faces.ws import close_sockets, websocket_handler
 
 log = logging.getLogger("chatgpt")
@@ -143,7 +143,7 @@ def create_app(settings: Settings) -> web.Application:
     app[settings_key] = settings
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions)
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
-    app[sockets_key] = weakref.WeakSet()
+    app[sockets_key] = SocketRegistry(settings.ws.max_sockets_per_ip, settings.ws.max_sockets)
     app[metrics_key] = Metrics()
     app[started_key] = time.monotonic()
     app[inflight_key] = InFlight()

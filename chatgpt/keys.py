@@ -1,12 +1,11 @@
 """Every piece of typed app state, as `web.AppKey`s: no string keys, no module globals."""
 from __future__ import annotations
 
-import weakref
-
 import aiohttp
 from aiohttp import web
 
 from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.faces.sockets import SocketRegistry
 from chatgpt.server.clientip import TrustedProxies
 from chatgpt.server.images import Pruner
 from chatgpt.server.inflight import InFlight
@@ -23,7 +22,7 @@ flags_key = web.AppKey("flags", RuntimeFlags)
 session_key = web.AppKey("session", aiohttp.ClientSession)
 upstream_key = web.AppKey("upstream", OpenAIProvider)
 pipeline_key = web.AppKey("pipeline", ChatPipeline)
-sockets_key = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
+sockets_key = web.AppKey("sockets", SocketRegistry)
 trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
 http_limits_key = web.AppKey("http_limits", dict[str, LimiterTable])
 state_key = web.AppKey("state", StateFile)

@@ -24,7 +24,8 @@ FRAME_BAD_FIELD = "消息格式不正确: 字段 {field} 的类型错误。"
 TOKEN_MODE_GONE = "Token登录方式已停用, 请使用API Key。"
 PROMPT_TOO_LONG = "问题太长了, 请缩短后再试。"
 BUSY = "上一个问题还在回答中, 请稍后再试。"
-SHUTTING_DOWN = "服务器正在重启, 请稍后再试。"
+SHUTTING_DOWN = "服务器正在重启, 请稍后再试~"  # PROTOCOL.md E.3
+ANSWER_TOO_LONG = "回答超出长度限制, 已停止。"
 PROMPT_EMPTY = "请输入图片描述。"
 NO_SERVER_KEY = "服务器未配置API Key, 请使用自己的API Key。"
 
