@@ -11,6 +11,7 @@ from aiohttp import web
 from chatgpt import jsontext
 from chatgpt.keys import flags_key, pipeline_key, pruner_key, settings_key, state_key
 from chatgpt.server.bodies import read_raw
+from chatgpt.server.clientip import identity_of_text
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ async def reset_quota(request: web.Request) -> web.Response:
     identity = (await _body(request)).get("identity")
     if identity is not None and not isinstance(identity, str):
         raise _error(400, "identity: expected a string")
+    if identity is not None:
+        identity = identity_of_text(identity) or identity  # an IPv6 address counts as its /64
     pipeline = request.app[pipeline_key]
     cleared = pipeline.quota.reset(identity) + pipeline.debug_quota.reset(identity)
     await request.app[state_key].save()
