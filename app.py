@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -30,6 +32,7 @@ from chatgpt.keys import (
     sockets_key,
     started_key,
     state_key,
+    state_lock_key,
     trusted_key,
     upstream_key,
 )
@@ -51,7 +54,7 @@ from chatgpt.domain.quota import DailyQuota
 from chatgpt.server.routing import merge_slashes
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings, SettingsError, load_settings, replace_section
-from chatgpt.server.state import StateFile
+from chatgpt.server.state import StateFile, StateLock, StateLocked
 from chatgpt.faces.sockets import SocketRegistry
 from chatgpt.faces.ws import close_sockets, websocket_handler
 
@@ -100,13 +103,23 @@ async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def state_lock_ctx(app: web.Application) -> AsyncIterator[None]:
+    """First of all: hold the state file's lock, so a second process on the same file stops before it
+    touches anything (PROTOCOL.md E.3)."""
+    lock = StateLock(app[settings_key].state.file)
+    lock.acquire()
+    app[state_lock_key] = lock
+    yield
+    lock.release()
+
+
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     """Restore quotas, flags and key health at start; save periodically and at shutdown."""
     pipeline = app[pipeline_key]
     state = StateFile(app[settings_key].state.file, {
         "flags": app[flags_key], "quota": pipeline.quota, "debug_quota": pipeline.debug_quota,
         "keys": pipeline.keys, "chat": app[memory_key]})
-    state.load()
+    state.load(app[state_lock_key])
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
     yield
@@ -149,7 +162,8 @@ def create_app(settings: Settings) -> web.Application:
     app[inflight_key] = InFlight()
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
     chat = settings.chat
-    app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600)
+    app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600,
+                                         settings.upstream.context_chars)
     app[http_limits_key] = {"http": LimiterTable(settings.limits.http_per_second, 1.0),
                             "v1": LimiterTable(settings.limits.http_per_second, 1.0)}
     merge_slashes(app, aliases={"/api1/": "/api/"})
@@ -158,6 +172,7 @@ def create_app(settings: Settings) -> web.Application:
     openai_api.add_routes(app)
     admin.add_routes(app)
     ops.add_routes(app)
+    app.cleanup_ctx.append(state_lock_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(pruner_ctx)
@@ -194,10 +209,58 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.check:
         print(f"settings OK; {describe(settings)}")
         return
+    try:
+        # Before anything is logged or the state file touched: a second instance, a busy port or a bad
+        # host ends in one line naming what to change (run_app would fail the same way, later).
+        probe = StateLock(settings.state.file)  # first: the same instance started twice says so
+        probe.acquire()
+        probe.release()
+        check_listen(settings.server.host, settings.server.port)
+    except StateLocked as error:
+        print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, UnicodeError) as error:
+        print(f"chatgpt-api: {listen_failure(error, settings.server.host, settings.server.port)}", file=sys.stderr)
+        raise SystemExit(2) from None
     log.info("chatgpt-api starting on http://%s:%s; %s", settings.server.host, settings.server.port,
              describe(settings))
-    web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
-                print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
+    try:
+        web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
+                    print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
+    except StateLocked as error:
+        print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, UnicodeError) as error:  # UnicodeError: a host name IDNA cannot encode ("a..b")
+        print(f"chatgpt-api: {listen_failure(error, settings.server.host, settings.server.port)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_listen(host: str, port: int) -> None:
+    """Resolve `host` and bind each of its addresses as the server will (then let go); raise the
+    OSError (or UnicodeError for a name IDNA cannot encode) that listening would meet."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
+
+
+def listen_failure(error: OSError | UnicodeError, host: str, port: int) -> str:
+    """One line naming the setting that made listening fail, and why."""
+    if isinstance(error, UnicodeError):
+        return f"setting server.host: cannot resolve {host!r} (not a valid host name)"
+    reason = error.strerror or str(error)
+    if isinstance(error, socket.gaierror):
+        return f"setting server.host: cannot resolve {host!r} ({reason})"
+    if error.errno == errno.EADDRINUSE:
+        return f"setting server.port: port {port} on {host} is already in use ({reason})"
+    if error.errno == errno.EACCES:
+        return f"setting server.port: not allowed to listen on port {port} ({reason})"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"setting server.host: {host} is not an address of this machine ({reason})"
+    return f"settings server.host/server.port: cannot listen on {host}:{port} ({reason})"
 
 
 if __name__ == "__main__":

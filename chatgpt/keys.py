@@ -15,7 +15,7 @@ from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings
-from chatgpt.server.state import StateFile
+from chatgpt.server.state import StateFile, StateLock
 
 settings_key = web.AppKey("settings", Settings)
 flags_key = web.AppKey("flags", RuntimeFlags)
@@ -26,6 +26,7 @@ sockets_key = web.AppKey("sockets", SocketRegistry)
 trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
 http_limits_key = web.AppKey("http_limits", dict[str, LimiterTable])
 state_key = web.AppKey("state", StateFile)
+state_lock_key = web.AppKey("state_lock", StateLock)
 pruner_key = web.AppKey("pruner", Pruner)
 memory_key = web.AppKey("memory", ConversationMemory)
 metrics_key = web.AppKey("metrics", Metrics)

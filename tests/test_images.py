@@ -36,7 +36,7 @@ HTML = b"<html><body>Access denied</body></html>"
 SAFETY = "Your request was rejected by the safety system"
 OURS = re.compile(r"^[0-9a-f]{32}\.png$")
 HEX_NAME = "0123456789abcdef0123456789abcdef.png"
-ADMIN_TOKEN = "t0k3n-admin"
+ADMIN_TOKEN = "t0k3n-admin-images"
 
 
 # --- a fake image upstream -------------------------------------------------------------------

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +17,28 @@ from chatgpt import jsontext
 log = logging.getLogger(__name__)
 
 VERSION = 1
+SPLIT_AT = 64  # a part with more entries than this (the /chat memory) is serialised entry by entry
+
+
+class StateLocked(Exception):
+    """Another process holds the state file: two writers would overwrite each other's saves."""
+
+
+def serialise(data: dict[str, Any]) -> str:
+    """Exactly `json.dumps(data, sort_keys=True)`, built from one small dumps per entry of a big part.
+
+    Run in a thread, one big dumps would still hold the GIL (and so stop the event loop) for as long as
+    it takes; between small ones the interpreter hands the GIL back to the loop."""
+    items = []
+    for name in sorted(data):
+        value = data[name]
+        if isinstance(value, dict) and len(value) > SPLIT_AT:
+            text = "{" + ", ".join(json.dumps(k) + ": " + json.dumps(v, sort_keys=True)
+                                   for k, v in sorted(value.items())) + "}"
+        else:
+            text = json.dumps(value, sort_keys=True)  # ASCII escapes: any string, even a lone surrogate
+        items.append(json.dumps(name) + ": " + text)
+    return "{" + ", ".join(items) + "}"
 
 
 class Snapshotting(Protocol):
@@ -29,6 +53,44 @@ class Snapshotting(Protocol):
         ...
 
 
+class StateLock:
+    """`<state file>.lock`, held (flock) for the life of the process: a second process on the same state
+    file would overwrite this one's saves (and used to delete its temp file at start-up)."""
+
+    def __init__(self, state_path: str | Path) -> None:
+        path = Path(state_path)
+        self.path = path.with_name(path.name + ".lock")
+        self.state_path = path
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock."""
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock; StateLocked (naming the holder's pid when known) if another process has it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise StateLocked(f"state file {self.state_path} is in use by another process"
+                              f"{f' (pid {holder})' if holder.isdigit() else ''}: "
+                              f"stop it first, or give this one another state.file") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go of the lock (at shutdown, after the last save)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class StateFile:
     """Saves named parts to one JSON file with temp file + fsync + rename, so a crash mid-write
     leaves the previous file whole; a corrupt file is moved aside, never overwritten."""
@@ -38,10 +100,14 @@ class StateFile:
         self.parts = parts
         self._written: str | None = None
         self._lock = asyncio.Lock()
+        self._writing = threading.Lock()  # a save still running in its thread and the shutdown save
 
-    def load(self) -> None:
-        """Restore every part from the file; report a missing or corrupt file in one log line."""
-        self._remove_stale_temps()
+    def load(self, lock: StateLock) -> None:
+        """Restore every part from the file; report a missing or corrupt file in one log line.
+        Leftover temp files are removed only while `lock` is held: another live process might be
+        writing one."""
+        if lock.held:
+            self._remove_stale_temps()
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -91,9 +157,22 @@ class StateFile:
             return aside
         return self.path
 
+    def _snapshot(self) -> dict[str, Any]:
+        """Every part's state, taken on the event loop; cheap, as the parts copy no strings."""
+        return {"version": VERSION, **{n: p.snapshot() for n, p in self.parts.items()}}
+
     def _serialise(self) -> str:
-        return json.dumps({"version": VERSION, **{n: p.snapshot() for n, p in self.parts.items()}},
-                          sort_keys=True)  # ASCII escapes: any string, even a lone surrogate, can be written
+        return serialise(self._snapshot())
+
+    def _store(self, data: dict[str, Any]) -> bool:
+        """Serialise and write `data` if it differs from what was last written (in a thread)."""
+        with self._writing:
+            text = serialise(data)
+            if text == self._written:
+                return False
+            self._write(text)
+            self._written = text
+            return True
 
     def _write(self, text: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,22 +189,12 @@ class StateFile:
 
     def save_now(self) -> bool:
         """Write synchronously if anything changed (shutdown); True when written."""
-        text = self._serialise()
-        if text == self._written:
-            return False
-        self._write(text)
-        self._written = text
-        return True
+        return self._store(self._snapshot())
 
     async def save(self) -> bool:
-        """Write if anything changed, without blocking the event loop on disk I/O."""
+        """Write if anything changed: snapshot on the loop, serialise and write in a thread."""
         async with self._lock:
-            text = self._serialise()
-            if text == self._written:
-                return False
-            await asyncio.to_thread(self._write, text)
-            self._written = text
-            return True
+            return await asyncio.to_thread(self._store, self._snapshot())
 
     async def save_periodically(self, interval: float) -> None:
         """Background task: snapshot every `interval` seconds; a failed write is logged and retried."""
