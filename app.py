@@ -19,10 +19,13 @@ from chatgpt.faces import v1 as openai_api
 from chatgpt.faces import ops
 from chatgpt.faces import miniprogram as views
 from chatgpt.keys import (
+    admin_failures_key,
     flags_key,
     http_limits_key,
+    image_usage_key,
     inflight_key,
     memory_key,
+    metrics_allow_key,
     metrics_key,
     page_key,
     pipeline_key,
@@ -40,10 +43,10 @@ from chatgpt.domain.pipeline import ChatPipeline
 from chatgpt.server.clientip import TrustedProxies
 from chatgpt.server.errors import error_middleware
 from chatgpt.server.guards import rate_limit_middleware
-from chatgpt.server.images import ImageStore, Pruner
+from chatgpt.server.images import ImageStore, ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
 from chatgpt.domain.keypool import KeyPool, mask, probe_forever
-from chatgpt.domain.limits import LimiterTable
+from chatgpt.domain.limits import FailureLimit, LimiterTable
 from chatgpt.server.logs import quiet_bad_requests, setup_logging
 from chatgpt.domain.memory import ConversationMemory
 from chatgpt.server.metrics import Metrics
@@ -61,6 +64,7 @@ from chatgpt.faces.ws import close_sockets, websocket_handler
 log = logging.getLogger("chatgpt")
 
 SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
+ADMIN_FAILURES = 10  # wrong admin tokens per address per minute, then 429 (PROTOCOL.md E.3)
 SHUTDOWN_SECONDS = 5.0  # in-flight requests get this long at SIGTERM; systemd waits 15 s
 
 
@@ -74,7 +78,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
     keys = KeyPool(upstream.api_keys)
     images = ImageStore(settings.images.folder, settings.public_url, session,
-                        int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds)
+                        int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds,
+                        app[image_usage_key])
     app[session_key] = session
     app[upstream_key] = openai
     app[pipeline_key] = ChatPipeline(
@@ -94,8 +99,9 @@ async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
     """The picture-pruning task: daily at images.prune_at and whenever the folder is over its cap."""
     images = app[settings_key].images
     pruner = Pruner(images.folder, images.retention_hours * 3600, int(images.max_total_mb * 1024 * 1024),
-                    images.prune_at)
+                    images.prune_at, usage=app[image_usage_key])
     app[pruner_key] = pruner
+    await pruner.measure()  # the one folder scan; from here on saves and passes keep the count
     task = asyncio.create_task(pruner.run_forever())
     yield
     task.cancel()
@@ -156,10 +162,13 @@ def create_app(settings: Settings) -> web.Application:
     app[settings_key] = settings
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions)
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
+    app[metrics_allow_key] = TrustedProxies(settings.ops.metrics_allow)  # an address set, like the proxies
     app[sockets_key] = SocketRegistry(settings.ws.max_sockets_per_ip, settings.ws.max_sockets)
     app[metrics_key] = Metrics()
+    app[image_usage_key] = ImageUsage(app[metrics_key].set_images)
     app[started_key] = time.monotonic()
     app[inflight_key] = InFlight()
+    app[admin_failures_key] = FailureLimit(ADMIN_FAILURES, 60.0)
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
     chat = settings.chat
     app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600,

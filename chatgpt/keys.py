@@ -7,9 +7,9 @@ from aiohttp import web
 from chatgpt.domain.pipeline import ChatPipeline
 from chatgpt.faces.sockets import SocketRegistry
 from chatgpt.server.clientip import TrustedProxies
-from chatgpt.server.images import Pruner
+from chatgpt.server.images import ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
-from chatgpt.domain.limits import LimiterTable
+from chatgpt.domain.limits import FailureLimit, LimiterTable
 from chatgpt.domain.memory import ConversationMemory
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
@@ -24,6 +24,8 @@ upstream_key = web.AppKey("upstream", OpenAIProvider)
 pipeline_key = web.AppKey("pipeline", ChatPipeline)
 sockets_key = web.AppKey("sockets", SocketRegistry)
 trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
+metrics_allow_key = web.AppKey("metrics_allow", TrustedProxies)  # peers that may read /metrics
+image_usage_key = web.AppKey("image_usage", ImageUsage)
 http_limits_key = web.AppKey("http_limits", dict[str, LimiterTable])
 state_key = web.AppKey("state", StateFile)
 state_lock_key = web.AppKey("state_lock", StateLock)
@@ -33,3 +35,4 @@ metrics_key = web.AppKey("metrics", Metrics)
 page_key = web.AppKey("page", bytes)
 started_key = web.AppKey("started", float)
 inflight_key = web.AppKey("inflight", InFlight)
+admin_failures_key = web.AppKey("admin_failures", FailureLimit)  # wrong admin tokens per address
