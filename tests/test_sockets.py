@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from chatgpt.domain import texts
 from chatgpt.keys import sockets_key
+from chatgpt.server.logs import quiet_bad_requests
 from tests.conftest import MakeClient, ws_connect
 from tests.fake_openai import FakeOpenAI, Stream
 from tests.test_ws import question, receive_answer
@@ -223,3 +225,16 @@ async def test_an_answer_longer_than_max_answer_chars_ends_with_an_error_frame_a
     assert (end["content"], end["isDone"], end["isSuccess"], end["conversationId"]) == (
         texts.ANSWER_TOO_LONG, True, False, "c-1")
     assert fake.disconnects == 1
+
+
+def test_a_connection_reset_reaching_aiohttps_log_becomes_one_info_line_without_traceback() -> None:
+    quiet_bad_requests()
+    server_log = logging.getLogger("aiohttp.server")
+    try:
+        raise ConnectionResetError("Cannot write to closing transport")
+    except ConnectionResetError:
+        record = server_log.makeRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                                       ("127.0.0.1",), sys.exc_info())
+    assert all(f.filter(record) for f in server_log.filters)
+    assert (record.levelno, record.exc_info, record.getMessage()) == (
+        logging.INFO, None, "a client left mid-request: ConnectionResetError")
