@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,21 +26,39 @@ class StateLocked(Exception):
     """Another process holds the state file: two writers would overwrite each other's saves."""
 
 
-def serialise(data: dict[str, Any]) -> str:
-    """Exactly `json.dumps(data, sort_keys=True)`, built from one small dumps per entry of a big part.
-
-    Run in a thread, one big dumps would still hold the GIL (and so stop the event loop) for as long as
-    it takes; between small ones the interpreter hands the GIL back to the loop."""
-    items = []
-    for name in sorted(data):
+def serialise_pieces(data: dict[str, Any]) -> Iterator[str]:
+    """The text of `json.dumps(data, sort_keys=True)` in small pieces: a big part (the /chat memory) is
+    dumped entry by entry. Run in a thread, one big dumps, join or compare would hold the GIL (and so
+    stop the event loop) for as long as it takes; between small steps the loop gets the GIL back."""
+    yield "{"
+    for n, name in enumerate(sorted(data)):
+        yield (", " if n else "") + json.dumps(name) + ": "
         value = data[name]
         if isinstance(value, dict) and len(value) > SPLIT_AT:
-            text = "{" + ", ".join(json.dumps(k) + ": " + json.dumps(v, sort_keys=True)
-                                   for k, v in sorted(value.items())) + "}"
+            yield "{"
+            for m, key in enumerate(sorted(value)):
+                yield (", " if m else "") + json.dumps(key) + ": " + json.dumps(value[key], sort_keys=True)
+            yield "}"
         else:
-            text = json.dumps(value, sort_keys=True)  # ASCII escapes: any string, even a lone surrogate
-        items.append(json.dumps(name) + ": " + text)
-    return "{" + ", ".join(items) + "}"
+            yield json.dumps(value, sort_keys=True)  # ASCII escapes: any string, even a lone surrogate
+    yield "}"
+
+
+def serialise(data: dict[str, Any]) -> str:
+    """Exactly `json.dumps(data, sort_keys=True)`."""
+    return "".join(serialise_pieces(data))
+
+
+def encode(data: dict[str, Any]) -> tuple[list[bytes], bytes]:
+    """The state file's bytes in pieces, and their digest (to tell whether anything changed)."""
+    digest = hashlib.blake2b(digest_size=32)
+    chunks = []
+    for piece in serialise_pieces(data):
+        chunk = piece.encode("ascii")
+        digest.update(chunk)
+        chunks.append(chunk)
+        time.sleep(0)  # hand the GIL to the event loop now rather than at the next switch interval
+    return chunks, digest.digest()
 
 
 class Snapshotting(Protocol):
@@ -98,7 +118,7 @@ class StateFile:
     def __init__(self, path: str | Path, parts: dict[str, Snapshotting]) -> None:
         self.path = Path(path)
         self.parts = parts
-        self._written: str | None = None
+        self._written: bytes | None = None  # digest of the last text written or read
         self._lock = asyncio.Lock()
         self._writing = threading.Lock()  # a save still running in its thread and the shutdown save
 
@@ -129,7 +149,7 @@ class StateFile:
                 part.restore(data.get(name))
             except Exception:  # one bad part must not stop the start
                 log.exception("state part %s could not be restored; it starts fresh", name)
-        self._written = self._serialise()
+        self._written = encode(self._snapshot())[1]
         log.info("state restored from %s", self.path)
 
     def _remove_stale_temps(self) -> None:
@@ -161,25 +181,23 @@ class StateFile:
         """Every part's state, taken on the event loop; cheap, as the parts copy no strings."""
         return {"version": VERSION, **{n: p.snapshot() for n, p in self.parts.items()}}
 
-    def _serialise(self) -> str:
-        return serialise(self._snapshot())
-
     def _store(self, data: dict[str, Any]) -> bool:
         """Serialise and write `data` if it differs from what was last written (in a thread)."""
         with self._writing:
-            text = serialise(data)
-            if text == self._written:
+            chunks, digest = encode(data)
+            if digest == self._written:
                 return False
-            self._write(text)
-            self._written = text
+            self._write(chunks)
+            self._written = digest
             return True
 
-    def _write(self, text: str) -> None:
+    def _write(self, chunks: list[bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, self.path)
