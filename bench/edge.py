@@ -21,6 +21,7 @@ import asyncio
 import gc
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -151,9 +152,10 @@ async def sockets_one_address(count: int, folder: Path) -> dict[str, Any]:
     settings = replace_section(settings, "images", folder=str(folder / "images"))
     runner = web.AppRunner(create_app(settings), handler_cancellation=True)
     await runner.setup()
-    site = web.SockSite(runner, _listening())
+    listening = _listening()
+    port = listening.getsockname()[1]
+    site = web.SockSite(runner, listening)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
     opened: list[aiohttp.ClientWebSocketResponse] = []
     refused: dict[int, int] = {}
     async with aiohttp.ClientSession() as http:
@@ -173,8 +175,8 @@ async def sockets_one_address(count: int, folder: Path) -> dict[str, Any]:
             "cap": Settings().ws.max_sockets_per_ip}
 
 
-def _listening() -> Any:
-    import socket
+def _listening() -> socket.socket:
+    """A loopback socket on a port the system picks, already listening (no race for the port)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
