@@ -384,6 +384,14 @@ def notes(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]
     env = os.environ if env is None else env
     lines = [f"upstream {e.name}: {e.api_keys_env} is not set, so its key pool is empty "
              f"(callers' own keys still reach it)" for e in settings.upstreams if e.api_keys_env and not e.api_keys]
+    routes = settings.routes()
+    if settings.pool_provider == "openai" and not any(e.api_keys for e in routes.serving(settings.default_model)):
+        lines.append(f"no upstream serving the default model {settings.default_model} has a key: questions "
+                     f"on the server's keys will be refused")
+    if not routes.drawing():
+        lines.append("no upstream draws pictures (images: true): pictures will be refused")
+    elif settings.pool_provider == "openai" and not any(e.api_keys for e in routes.drawing()):
+        lines.append("no upstream that draws pictures has a key: pictures on the server's keys will be refused")
     if settings.upstreams:
         if env.get("OPENAI_API_KEY", "").strip() and all(e.api_keys_env != "OPENAI_API_KEY"
                                                            for e in settings.upstreams):

@@ -193,8 +193,9 @@ class SecretCapture:
         """Every credential in an app's Settings: server keys, admin token, client tokens, Baixing key."""
         if not isinstance(settings, Settings):
             return
-        for key in settings.upstream.api_keys:
-            self.add_secret(key, "upstream.api_keys")
+        for entry in settings.upstream_entries:  # the `upstream:` shorthand's keys are the "default" upstream's
+            for key in entry.api_keys:
+                self.add_secret(key, f"upstream {entry.name} api_keys")
         self.add_secret(settings.upstream.baixing_key, "upstream.baixing_key")
         self.add_secret(settings.admin.token, ADMIN_SECRET_SOURCE)
         for token in settings.api.client_tokens:
