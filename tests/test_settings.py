@@ -297,4 +297,5 @@ async def test_the_server_starts_without_an_api_key_answers_and_stops_on_termina
     assert returncode == 0
     log_text = log_path.read_text(encoding="utf-8")
     assert f"chatgpt-api starting on http://127.0.0.1:{port}; provider: offline" in log_text
+    assert "upstream default at api.openai.com serves gpt-3.5-turbo; draws pictures; keys: none" in log_text
     assert "Traceback" not in log_text

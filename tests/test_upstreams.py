@@ -377,3 +377,16 @@ async def test_metrics_label_upstream_errors_by_upstream(start: Any, chat: FakeU
     text = await (await client.get("/metrics")).text()
     assert 'chatgpt_upstream_errors_total{key="…0001",status="503",upstream="deepseek"} 1.0' in text
     assert 'upstream="pictures"' not in text
+
+
+async def test_each_upstreams_key_health_survives_a_restart_under_its_own_name(
+        start: Any, chat: FakeUpstream, backup: FakeUpstream, tmp_path: Path) -> None:
+    client = await start(layout(chat, backup))
+    chat.script.append(Fail(401, "Incorrect API key provided.", code="invalid_api_key"))
+    assert (await ask(client, "shared"))[0] == 200
+    await client.close()  # the state file is written at shutdown
+    saved = json.loads((tmp_path / "state.json").read_text(encoding="utf-8"))
+    assert {"keys.deepseek", "keys.pictures"} <= set(saved) and "keys" not in saved
+    again = await start(layout(chat, backup))
+    body = await (await again.get("/admin/upstreams", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})).json()
+    assert [[k["state"] for k in u["keys"]] for u in body["upstreams"]] == [["disabled"], ["healthy"]]
