@@ -13,8 +13,11 @@ from importlib import resources
 
 from aiohttp import web
 
-from chatgpt import admin, openai_api, ops, views
-from chatgpt.appkeys import (
+from chatgpt.faces import admin
+from chatgpt.faces import v1 as openai_api
+from chatgpt.faces import ops
+from chatgpt.faces import miniprogram as views
+from chatgpt.keys import (
     flags_key,
     http_limits_key,
     inflight_key,
@@ -31,26 +34,26 @@ from chatgpt.appkeys import (
     trusted_key,
     upstream_key,
 )
-from chatgpt.chat import ChatPipeline
-from chatgpt.clientip import TrustedProxies
-from chatgpt.errors import error_middleware
-from chatgpt.guards import rate_limit_middleware
-from chatgpt.images import ImageStore, Pruner
-from chatgpt.inflight import InFlight
-from chatgpt.keypool import KeyPool, mask, probe_forever
-from chatgpt.limits import LimiterTable
-from chatgpt.logs import quiet_bad_requests, setup_logging
-from chatgpt.memory import ConversationMemory
-from chatgpt.metrics import Metrics
-from chatgpt.providers.baixing import BaixingProvider
-from chatgpt.providers.offline import OfflineProvider
-from chatgpt.providers.openai import OpenAIProvider, make_session
-from chatgpt.quota import DailyQuota
-from chatgpt.routing import merge_slashes
-from chatgpt.runtime import RuntimeFlags
+from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.server.clientip import TrustedProxies
+from chatgpt.server.errors import error_middleware
+from chatgpt.server.guards import rate_limit_middleware
+from chatgpt.server.images import ImageStore, Pruner
+from chatgpt.server.inflight import InFlight
+from chatgpt.domain.keypool import KeyPool, mask, probe_forever
+from chatgpt.domain.limits import LimiterTable
+from chatgpt.server.logs import quiet_bad_requests, setup_logging
+from chatgpt.domain.memory import ConversationMemory
+from chatgpt.server.metrics import Metrics
+from chatgpt.upstream.baixing import BaixingProvider
+from chatgpt.upstream.offline import OfflineProvider
+from chatgpt.upstream.openai import OpenAIProvider, make_session
+from chatgpt.domain.quota import DailyQuota
+from chatgpt.server.routing import merge_slashes
+from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings, SettingsError, load_settings, replace_section
-from chatgpt.state import StateFile
-from chatgpt.ws import close_sockets, websocket_handler
+from chatgpt.server.state import StateFile
+from chatgpt.faces.ws import close_sockets, websocket_handler
 
 log = logging.getLogger("chatgpt")
 

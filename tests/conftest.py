@@ -86,7 +86,7 @@ from aiohttp.connector import Connection  # noqa: E402
 from aiohttp.streams import StreamReader  # noqa: E402
 from aiohttp.test_utils import BaseTestServer  # noqa: E402
 
-from chatgpt.appkeys import settings_key  # noqa: E402
+from chatgpt.keys import settings_key  # noqa: E402
 
 ADMIN_SECRET_SOURCE = "admin.token"  # how an admin token found in an app's settings is labelled
 MIN_SECRET_CHARS = 8  # shorter "secrets" (test tokens like "x") would match ordinary text by chance

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from chatgpt.appkeys import sockets_key
+from chatgpt.keys import sockets_key
 from tests.conftest import USER_KEY, MakeClient, url
 from tests.fake_openai import Fail, FakeOpenAI, Stream
 

@@ -5,10 +5,11 @@ import re
 
 from aiohttp import web
 
-from . import messages
-from .appkeys import http_limits_key, metrics_key, trusted_key
-from .clientip import client_ip
-from .errors import Handler, ServiceError
+from chatgpt.domain import texts
+from chatgpt.keys import http_limits_key, metrics_key, trusted_key
+from chatgpt.server.clientip import client_ip
+from chatgpt.domain.errors import ServiceError
+from chatgpt.server.errors import Handler
 
 _SLASHES = re.compile(r"/{2,}")
 # Not limited here: the websocket limits questions itself (heartbeats never count), the admin API
@@ -40,6 +41,6 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
     table = limits["v1"] if path.startswith("/v1/") else limits["http"]
     if not await table.allow(identity):
         request.app[metrics_key].limiter_refusals.labels("v1" if path.startswith("/v1/") else "http").inc()
-        raise ServiceError("700001", messages.HTTP_TOO_FAST, http_status=429, error_type="rate_limit_exceeded",
+        raise ServiceError("700001", texts.HTTP_TOO_FAST, http_status=429, error_type="rate_limit_exceeded",
                            error_code="rate_limit_exceeded", retry_after=table.retry_after(identity))
     return await handler(request)

@@ -6,17 +6,17 @@ import weakref
 import aiohttp
 from aiohttp import web
 
-from .chat import ChatPipeline
-from .clientip import TrustedProxies
-from .images import Pruner
-from .inflight import InFlight
-from .limits import LimiterTable
-from .memory import ConversationMemory
-from .metrics import Metrics
-from .providers.openai import OpenAIProvider
-from .runtime import RuntimeFlags
-from .settings import Settings
-from .state import StateFile
+from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.server.clientip import TrustedProxies
+from chatgpt.server.images import Pruner
+from chatgpt.server.inflight import InFlight
+from chatgpt.domain.limits import LimiterTable
+from chatgpt.domain.memory import ConversationMemory
+from chatgpt.server.metrics import Metrics
+from chatgpt.upstream.openai import OpenAIProvider
+from chatgpt.domain.runtime import RuntimeFlags
+from chatgpt.settings import Settings
+from chatgpt.server.state import StateFile
 
 settings_key = web.AppKey("settings", Settings)
 flags_key = web.AppKey("flags", RuntimeFlags)

@@ -7,23 +7,23 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
-from . import messages
-from .errors import (
+from chatgpt.domain import texts
+from chatgpt.domain.errors import (
     ServiceError,
     UpstreamBroken,
     UpstreamError,
     UpstreamUnreachable,
     from_upstream,
 )
-from .images import ImageStore, StoredImage
-from .keypool import KeyPool, mask, retry_after_from_headers
-from .limits import LimiterTable
-from .metrics import Metrics, QuestionRecord
-from .providers import ChatRequest, Delta, GeneratedImage, Provider
-from .question import Question, fit_context
-from .quota import DailyQuota
-from .runtime import RuntimeFlags
-from .settings import Settings
+from chatgpt.server.images import ImageStore, StoredImage
+from chatgpt.domain.keypool import KeyPool, mask, retry_after_from_headers
+from chatgpt.domain.limits import LimiterTable
+from chatgpt.server.metrics import Metrics, QuestionRecord
+from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage, Provider
+from chatgpt.domain.question import Question, fit_context
+from chatgpt.domain.quota import DailyQuota
+from chatgpt.domain.runtime import RuntimeFlags
+from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def public_error(exc: BaseException, pool_key: str | None) -> ServiceError:
     error = from_upstream(exc)
     if pool_key is not None and isinstance(exc, UpstreamError) and (
             exc.status in (401, 403, 429) or exc.code == "insufficient_quota"):
-        return ServiceError("500001", messages.UPSTREAM_FAILED, http_status=503, error_type="api_error",
+        return ServiceError("500001", texts.UPSTREAM_FAILED, http_status=503, error_type="api_error",
                             retry_after=error.retry_after)
     return error
 
@@ -83,10 +83,10 @@ class ChatPipeline:
     async def admit(self, entry: str, identity: str) -> None:
         """Maintenance, then the per-IP limiter of this entry point; raises a refusal."""
         if not self.flags.serving:
-            raise ServiceError("700001", messages.MAINTENANCE, http_status=503, error_type="server_error")
+            raise ServiceError("700001", texts.MAINTENANCE, http_status=503, error_type="server_error")
         limiter = self.limiters.get(entry)
         if limiter is not None and not await limiter.allow(identity):
-            text = messages.WS_TOO_FAST if entry == "ws" else messages.HTTP_TOO_FAST
+            text = texts.WS_TOO_FAST if entry == "ws" else texts.HTTP_TOO_FAST
             self.metrics.limiter_refusals.labels(entry).inc()
             raise ServiceError("700001", text, http_status=429, error_type="rate_limit_exceeded",
                                retry_after=limiter.retry_after(identity))
@@ -127,7 +127,7 @@ class ChatPipeline:
         self.quota.limit = self.flags.demoLimit
         if not quota.take(question.identity):
             self.metrics.quota_refusals.labels(question.entry).inc()
-            raise ServiceError("700001", messages.QUOTA_USED_UP, http_status=429,
+            raise ServiceError("700001", texts.QUOTA_USED_UP, http_status=429,
                                error_type="insufficient_quota", error_code="daily_quota_exceeded")
         return quota
 
@@ -195,7 +195,7 @@ class ChatPipeline:
         if key is None:
             if refused is not None:
                 raise refused
-            raise ServiceError("500001", messages.NO_SERVER_KEY, http_status=503, error_type="api_error")
+            raise ServiceError("500001", texts.NO_SERVER_KEY, http_status=503, error_type="api_error")
         tried.append(key)
         return key
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import messages
-from .errors import bad_request
+from chatgpt.domain import texts
+from chatgpt.domain.errors import bad_request
 
 ROLES = frozenset({"system", "user", "assistant"})
 
@@ -55,9 +55,9 @@ def content_size(content: Any) -> int:
 def fit_context(history: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
     """Drop the oldest messages until the rest fit `budget` characters; the newest always stays."""
     if not history:
-        raise bad_request(messages.MESSAGES_EMPTY, "300003")
+        raise bad_request(texts.MESSAGES_EMPTY, "300003")
     if content_size(history[-1].get("content")) > budget:
-        raise bad_request(messages.PROMPT_TOO_LONG)
+        raise bad_request(texts.PROMPT_TOO_LONG)
     kept: list[dict[str, Any]] = []
     used = 0
     for message in reversed(history):
@@ -72,11 +72,11 @@ def fit_context(history: list[dict[str, Any]], budget: int) -> list[dict[str, An
 def clean_messages(items: Any) -> list[dict[str, str]]:
     """Client context items to `{role, content}`: extra keys dropped, blank and unknown-role ones skipped."""
     if not isinstance(items, list):
-        raise bad_request(messages.FRAME_BAD_FIELD.format(field="messages"))
+        raise bad_request(texts.FRAME_BAD_FIELD.format(field="messages"))
     cleaned = []
     for item in items:
         if not isinstance(item, dict):
-            raise bad_request(messages.FRAME_BAD_FIELD.format(field="messages"))
+            raise bad_request(texts.FRAME_BAD_FIELD.format(field="messages"))
         role, content = item.get("role"), item.get("content")
         if role in ROLES and isinstance(content, str) and content.strip():
             cleaned.append({"role": role, "content": content})

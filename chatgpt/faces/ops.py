@@ -7,8 +7,8 @@ import time
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from .appkeys import metrics_key, pipeline_key, settings_key, sockets_key, started_key
-from .images import folder_usage
+from chatgpt.keys import metrics_key, pipeline_key, settings_key, sockets_key, started_key
+from chatgpt.server.images import folder_usage
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -9,31 +9,32 @@ from typing import Any
 
 from aiohttp import web
 
-from . import jsontext, messages
-from .appkeys import flags_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
-from .bodies import read_raw
-from .envelope import envelope_response
-from .errors import ServiceError, UpstreamError, bad_request
-from .guards import identity_of
-from .images import safe_image_path
-from .memory import CONVERSATION_ID
-from .openai_api import read_body
-from .question import Payer, Question
-from .render import to_html
-from .streaming import Piece, StreamingAnswer, send_stream
+from chatgpt import jsontext
+from chatgpt.domain import texts
+from chatgpt.keys import flags_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
+from chatgpt.server.bodies import read_raw
+from chatgpt.faces.envelope import envelope_response
+from chatgpt.domain.errors import ServiceError, UpstreamError, bad_request
+from chatgpt.server.guards import identity_of
+from chatgpt.server.images import safe_image_path
+from chatgpt.domain.memory import CONVERSATION_ID
+from chatgpt.faces.v1 import read_body
+from chatgpt.domain.question import Payer, Question
+from chatgpt.faces.markdown import to_html
+from chatgpt.server.streaming import Piece, StreamingAnswer, send_stream
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or the envelope error the Java backend gave."""
     raw = await read_raw(request)
     if not raw.strip():
-        raise ServiceError("200001", messages.BODY_EMPTY)
+        raise ServiceError("200001", texts.BODY_EMPTY)
     try:
         body = jsontext.parse(raw)
     except ValueError:
-        raise ServiceError("200002", messages.BODY_NOT_JSON) from None
+        raise ServiceError("200002", texts.BODY_NOT_JSON) from None
     if not isinstance(body, dict):
-        raise ServiceError("200002", messages.BODY_NOT_JSON)
+        raise ServiceError("200002", texts.BODY_NOT_JSON)
     return body
 
 
@@ -72,35 +73,35 @@ async def demo_chat_list(request: web.Request) -> web.Response:
 async def verify_api_key(request: web.Request) -> web.Response:
     """Check a user's key with the upstream's `GET /models`; the key is never stored or logged."""
     if not request.app[flags_key].serving:
-        raise ServiceError("700001", messages.MAINTENANCE)
+        raise ServiceError("700001", texts.MAINTENANCE)
     body = await read_json_object(request)
     key = body.get("apiKey")
     if not isinstance(key, str) or not key.strip():
-        raise bad_request(messages.API_KEY_BLANK)
+        raise bad_request(texts.API_KEY_BLANK)
     try:
         await request.app[upstream_key].verify_key(key.strip())
     except UpstreamError as error:
         if error.status == 401:
             banned = "deactivated" in (error.message or "").lower()
-            raise ServiceError("400001", messages.ACCOUNT_BANNED if banned else messages.API_KEY_WRONG) from None
-        raise ServiceError("500001", messages.SERVICE_ERROR) from None
+            raise ServiceError("400001", texts.ACCOUNT_BANNED if banned else texts.API_KEY_WRONG) from None
+        raise ServiceError("500001", texts.SERVICE_ERROR) from None
     except Exception as error:  # unreachable upstream, timeouts: the client only needs "failed"
         if isinstance(error, ServiceError):
             raise
-        raise ServiceError("500001", messages.SERVICE_ERROR) from None
+        raise ServiceError("500001", texts.SERVICE_ERROR) from None
     return envelope_response()
 
 
 async def login_gone(request: web.Request) -> web.Response:
     """Email/password login and access tokens no longer exist upstream (PROTOCOL.md C.1)."""
-    raise ServiceError("400001", messages.LOGIN_GONE)
+    raise ServiceError("400001", texts.LOGIN_GONE)
 
 
 async def backend_api(request: web.Request) -> web.Response:
     """The old ChatGPT web proxy: say clearly that token mode is gone."""
     if not request.headers.get("Authorization", "").strip():
-        raise ServiceError("900001", messages.AUTHORIZATION_NULL)
-    raise ServiceError("500001", messages.TOKEN_UNSUPPORTED)
+        raise ServiceError("900001", texts.AUTHORIZATION_NULL)
+    raise ServiceError("500001", texts.TOKEN_UNSUPPORTED)
 
 
 async def picture(request: web.Request) -> web.StreamResponse:

@@ -43,9 +43,9 @@ class Provider(Protocol):
     name: str
 
     def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
-        """Yield the answer's deltas; raise an upstream exception from `chatgpt.errors` on failure."""
+        """Yield the answer's deltas; raise an upstream exception from `chatgpt.domain.errors` on failure."""
         ...
 
     async def generate_image(self, prompt: str, size: str, key: str | None) -> GeneratedImage:
-        """One picture for `prompt`; raise an upstream exception from `chatgpt.errors` on failure."""
+        """One picture for `prompt`; raise an upstream exception from `chatgpt.domain.errors` on failure."""
         ...

@@ -7,11 +7,11 @@ from typing import Any
 
 import aiohttp
 
-from .. import jsontext
-from ..errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
-from ..sse import SSEDecoder
-from . import ChatRequest, Delta, GeneratedImage
-from .network import upstream_call
+from chatgpt import jsontext
+from chatgpt.domain.errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
+from chatgpt.upstream.sse import SSEDecoder
+from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
+from chatgpt.upstream.network import upstream_call
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .errors import UpstreamBroken
-from .providers import GeneratedImage
-from .providers.network import upstream_call
+from chatgpt.domain.errors import UpstreamBroken
+from chatgpt.domain.provider import GeneratedImage
+from chatgpt.upstream.network import upstream_call
 
 log = logging.getLogger(__name__)
 

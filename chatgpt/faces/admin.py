@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import jsontext
-from .appkeys import flags_key, pipeline_key, pruner_key, settings_key, state_key
-from .bodies import read_raw
+from chatgpt import jsontext
+from chatgpt.keys import flags_key, pipeline_key, pruner_key, settings_key, state_key
+from chatgpt.server.bodies import read_raw
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,12 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import jsontext, messages
-from .appkeys import pipeline_key, settings_key, sockets_key
-from .chat import ChatPipeline
-from .errors import ServiceError, bad_request
-from .frames import (
+from chatgpt import jsontext
+from chatgpt.domain import texts
+from chatgpt.keys import pipeline_key, settings_key, sockets_key
+from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.domain.errors import ServiceError, bad_request
+from chatgpt.faces.frames import (
     FrameWriter,
     done_frame,
     error_frame,
@@ -21,9 +22,9 @@ from .frames import (
     pong_frame,
     quota_frame,
 )
-from .guards import identity_of
-from .question import Payer, Question, clean_messages
-from .settings import Settings
+from chatgpt.server.guards import identity_of
+from chatgpt.domain.question import Payer, Question, clean_messages
+from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def check_types(frame: dict[str, Any]) -> None:
     for name, kinds in _TYPES.items():
         value = frame.get(name)
         if value is not None and not isinstance(value, kinds):
-            raise bad_request(messages.FRAME_BAD_FIELD.format(field=name))
+            raise bad_request(texts.FRAME_BAD_FIELD.format(field=name))
 
 
 def prompt_of(frame: dict[str, Any], history: list[dict[str, str]]) -> str:
@@ -57,10 +58,10 @@ def payer_of(frame: dict[str, Any], settings: Settings) -> Payer:
     if frame.get("isDemo"):
         return Payer("anonymous")
     if frame.get("authType") != "api":
-        raise ServiceError("400001", messages.TOKEN_MODE_GONE, http_status=401)
+        raise ServiceError("400001", texts.TOKEN_MODE_GONE, http_status=401)
     payer = Payer.from_bearer(frame.get("authValue"), settings.api.client_tokens)
     if payer.kind == "anonymous":
-        raise bad_request(messages.API_KEY_BLANK)
+        raise bad_request(texts.API_KEY_BLANK)
     return payer
 
 
@@ -83,7 +84,7 @@ class SocketSession:
                 if message.type == WSMsgType.TEXT:
                     self._receive(message.data)
                 elif message.type == WSMsgType.BINARY:
-                    self.writer.send(error_frame(None, messages.FRAME_NOT_JSON))
+                    self.writer.send(error_frame(None, texts.FRAME_NOT_JSON))
                 if not await self.writer.wait_for_room(READ_STALL_SECONDS):
                     await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"client not reading")
                     break
@@ -102,13 +103,13 @@ class SocketSession:
         except ValueError:
             frame = None
         if not isinstance(frame, dict):
-            self.writer.send(error_frame(None, messages.FRAME_NOT_JSON))
+            self.writer.send(error_frame(None, texts.FRAME_NOT_JSON))
             return
         if frame.get("heart") == "ping":
             self.writer.send(pong_frame())  # never limited, never queued behind an answer
             return
         if len(self.pending) >= MAX_PENDING:
-            self.writer.send(error_frame(_cid(frame), messages.WS_TOO_FAST))
+            self.writer.send(error_frame(_cid(frame), texts.WS_TOO_FAST))
             return
         self.pending.append(frame)
         if self._worker is None:
@@ -124,7 +125,7 @@ class SocketSession:
                     self.writer.send(error_frame(_cid(frame), error.message))
                 except Exception:
                     log.exception("unexpected error answering a websocket question")
-                    self.writer.send(error_frame(_cid(frame), messages.SERVICE_ERROR))
+                    self.writer.send(error_frame(_cid(frame), texts.SERVICE_ERROR))
         finally:
             self._worker = None
 
@@ -135,7 +136,7 @@ class SocketSession:
         payer = payer_of(frame, self.settings)
         history = clean_messages(frame.get("messages") or [])
         prompt = prompt_of(frame, history)
-        if payer.kind == "anonymous" and prompt == messages.QUOTA_QUERY:
+        if payer.kind == "anonymous" and prompt == texts.QUOTA_QUERY:
             self.writer.send(quota_frame(cid, self.pipeline.remaining(self.identity)))
             return
         if frame.get("isGenImg"):
@@ -156,7 +157,7 @@ class SocketSession:
 
     async def _draw(self, cid: Any, payer: Payer, prompt: str) -> None:
         if not prompt:
-            raise bad_request(messages.PROMPT_EMPTY)
+            raise bad_request(texts.PROMPT_EMPTY)
         question = Question("ws", self.identity, payer, [], self.settings.upstream.model)
         stored = await self.pipeline.image(question, prompt)
         self.writer.send(image_frame(cid, stored.name.split(".")[0], stored.url))

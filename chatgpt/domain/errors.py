@@ -1,19 +1,12 @@
-"""Domain exceptions and the middleware that turns them into envelopes or OpenAI error JSON."""
+"""Domain exceptions: refusals and failures the client should see, and upstream failures."""
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
-from . import jsontext, messages
-from .envelope import envelope_response
-from .keypool import retry_after_from_headers
-
-log = logging.getLogger(__name__)
-
+from chatgpt import jsontext
+from chatgpt.domain import texts
+from chatgpt.domain.keypool import retry_after_from_headers
 
 class ServiceError(Exception):
     """A failure the client should see, with its envelope code, HTTP status and message."""
@@ -46,12 +39,12 @@ def bad_request(message: str, code: str = "300001") -> ServiceError:
 
 def shutting_down() -> ServiceError:
     """An answer cut short because the server is stopping (SIGTERM)."""
-    return ServiceError("500001", messages.SHUTTING_DOWN, http_status=503, error_type="server_error")
+    return ServiceError("500001", texts.SHUTTING_DOWN, http_status=503, error_type="server_error")
 
 
 def unexpected() -> ServiceError:
     """A bug on our side: the client gets a plain message, never a traceback."""
-    return ServiceError("999999", messages.SERVICE_ERROR, http_status=500, error_type="server_error")
+    return ServiceError("999999", texts.SERVICE_ERROR, http_status=500, error_type="server_error")
 
 
 class UpstreamError(Exception):
@@ -105,52 +98,11 @@ def from_upstream(exc: Exception) -> ServiceError:
         error_type = "rate_limit_exceeded" if status == 429 else (
             "invalid_request_error" if status < 500 else "api_error")
         retry_after = retry_after_from_headers(exc.headers) if status == 429 else None
-        return ServiceError(code, exc.message or messages.UPSTREAM_FAILED, http_status=http_status,
+        return ServiceError(code, exc.message or texts.UPSTREAM_FAILED, http_status=http_status,
                             error_type=error_type, error_code=exc.code, retry_after=retry_after)
     if isinstance(exc, UpstreamUnreachable):
-        return ServiceError("500001", messages.UPSTREAM_UNREACHABLE, http_status=502, error_type="api_error")
+        return ServiceError("500001", texts.UPSTREAM_UNREACHABLE, http_status=502, error_type="api_error")
     if isinstance(exc, (UpstreamBroken, asyncio.TimeoutError)):
         http_status = 504 if isinstance(exc, (UpstreamTimeout, asyncio.TimeoutError)) else 502
-        return ServiceError("500001", messages.UPSTREAM_FAILED, http_status=http_status, error_type="api_error")
+        return ServiceError("500001", texts.UPSTREAM_FAILED, http_status=http_status, error_type="api_error")
     raise TypeError(f"not an upstream failure: {exc!r}")
-
-
-def openai_error_response(error: ServiceError) -> web.Response:
-    """OpenAI's error JSON with a real HTTP status (and Retry-After on 429)."""
-    body: dict[str, Any] = {"error": {"message": error.message, "type": error.error_type,
-                                      "param": error.param, "code": error.error_code}}
-    headers = {}
-    if error.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(error.retry_after)))
-    return web.json_response(body, status=error.http_status, headers=headers,
-                             dumps=jsontext.dumps)
-
-
-def _uses_http_errors(request: web.Request) -> bool:
-    """Routes for curl and SDKs answer errors as OpenAI JSON with real statuses; the rest as envelopes."""
-    path = request.path.lstrip("/")
-    return path.startswith(("v1/", "admin/")) or path == "chat"
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure ends as the contract's error shape; nothing reaches the client as a traceback."""
-    try:
-        return await handler(request)
-    except ServiceError as error:
-        failure = error
-    except web.HTTPRequestEntityTooLarge:
-        failure = ServiceError("200002", "Request body too large.", http_status=413)
-    except web.HTTPException:
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        failure = unexpected()
-    if _uses_http_errors(request):
-        return openai_error_response(failure)
-    return envelope_response(failure.code, failure.message)

@@ -8,8 +8,8 @@ from contextlib import aclosing, suppress
 
 from aiohttp import web
 
-from .appkeys import inflight_key
-from .errors import ServiceError, shutting_down
+from chatgpt.keys import inflight_key
+from chatgpt.domain.errors import ServiceError, shutting_down
 
 # A body piece and whether it is the last one: the last goes out with the end of the chunked body.
 Piece = tuple[bytes, bool]

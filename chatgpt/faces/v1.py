@@ -11,14 +11,14 @@ from typing import Any
 
 from aiohttp import web
 
-from . import jsontext
-from .appkeys import pipeline_key, settings_key
-from .bodies import read_raw
-from .errors import ServiceError, bad_request
-from .guards import identity_of
-from .providers import Delta
-from .question import Payer, Question
-from .streaming import Piece, StreamingAnswer, send_stream
+from chatgpt import jsontext
+from chatgpt.keys import pipeline_key, settings_key
+from chatgpt.server.bodies import read_raw
+from chatgpt.domain.errors import ServiceError, bad_request
+from chatgpt.server.guards import identity_of
+from chatgpt.domain.provider import Delta
+from chatgpt.domain.question import Payer, Question
+from chatgpt.server.streaming import Piece, StreamingAnswer, send_stream
 
 PASSED_THROUGH = {"top_p": (int, float), "stop": (str, list), "presence_penalty": (int, float),
                   "frequency_penalty": (int, float), "user": (str,), "seed": (int,)}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .settings import RuntimeSettings
+from chatgpt.settings import RuntimeSettings
 
 TEXT_LIMIT = 20000  # announcement / demoChat are shown in the client; keep them bounded
 

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from .. import jsontext
-from ..errors import UpstreamBroken, UpstreamError
-from . import ChatRequest, Delta
-from .network import upstream_call
+from chatgpt import jsontext
+from chatgpt.domain.errors import UpstreamBroken, UpstreamError
+from chatgpt.domain.provider import ChatRequest, Delta
+from chatgpt.upstream.network import upstream_call
 
 ANSWER_LIMIT = 1024 * 1024
 

@@ -5,7 +5,7 @@ import asyncio
 
 from aiohttp import web
 
-from .errors import ServiceError
+from chatgpt.domain.errors import ServiceError
 
 BODY_SECONDS = 30.0  # a 1 MiB body over a slow phone link takes a few seconds, not thirty
 

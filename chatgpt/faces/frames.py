@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from . import jsontext
-from .render import IncrementalRenderer, to_html
+from chatgpt import jsontext
+from chatgpt.faces.markdown import IncrementalRenderer, to_html
 
 log = logging.getLogger(__name__)
 

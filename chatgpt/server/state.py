@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import jsontext
+from chatgpt import jsontext
 
 log = logging.getLogger(__name__)
 

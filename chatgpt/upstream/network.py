@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import aiohttp
 
-from ..errors import UpstreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from chatgpt.domain.errors import UpstreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 
 def _never() -> bool:

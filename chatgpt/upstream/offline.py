@@ -9,8 +9,8 @@ import uuid
 import zlib
 from collections.abc import AsyncIterator
 
-from .. import messages
-from . import ChatRequest, Delta, GeneratedImage
+from chatgpt.domain import texts
+from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 
 # Words with their trailing spaces, CJK text a few characters at a time: the stream looks like a
 # model's and the pieces join back to the exact text.
@@ -29,7 +29,7 @@ class OfflineProvider:
     async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
         """Stream the canned notice; `request` and `key` are ignored on purpose."""
         answer_id = f"chatcmpl-offline-{uuid.uuid4().hex[:24]}"
-        for token in _TOKEN.findall(messages.OFFLINE_ANSWER):
+        for token in _TOKEN.findall(texts.OFFLINE_ANSWER):
             yield Delta(answer_id, token)
             await asyncio.sleep(self._delay)
         yield Delta(answer_id, "", "stop")
