@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from chatgpt.domain.wechat import CHECK_FAILED, CONFIG_FAILED, WeChatRefused, WeChatUnreachable, WxSession
-from chatgpt.providers.openai import make_session
+from chatgpt.upstream.openai import make_session
 from chatgpt.upstream.wechat import WeChatClient
 from tests.conftest import SecretCapture
 from tests.fakes.wechat import Clock, FakeWeChat
