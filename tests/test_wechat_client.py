@@ -14,7 +14,7 @@ from chatgpt.domain.wechat import CHECK_FAILED, CONFIG_FAILED, WeChatRefused, We
 from chatgpt.upstream.openai import make_session
 from chatgpt.upstream.wechat import WeChatClient
 from tests.conftest import SecretCapture
-from tests.fakes.wechat import Clock, FakeWeChat
+from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
 
 OPENID = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
 
@@ -23,15 +23,10 @@ OPENID = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
 async def wechat(aiohttp_server: Callable[..., Awaitable[TestServer]],
                  secret_capture: SecretCapture) -> AsyncIterator[FakeWeChat]:
     """A running fake WeChat. Its secret, session keys and access tokens join the secrets check."""
-    fake = FakeWeChat(clock=Clock())
-    # access_log=None: the fake plays WeChat, whose own access log holds the secret and tokens in
-    # its URLs; only our process's log lines count for the secrets check.
-    server = await aiohttp_server(fake.app, access_log=None)
-    fake.base_url = str(server.make_url("")).rstrip("/")
+    fake = await start_fake_wechat(aiohttp_server)
     yield fake
-    secret_capture.add_secret(fake.secret, "fake WeChat secret")
-    for value in [*fake.session_keys, *fake.tokens]:
-        secret_capture.add_secret(value, "fake WeChat session_key / access token")
+    for value in fake_secrets(fake):
+        secret_capture.add_secret(value, "fake WeChat")
 
 
 @pytest.fixture
@@ -239,5 +234,5 @@ async def test_no_secret_session_key_or_token_reaches_a_log(
     with pytest.raises(WeChatUnreachable):
         await client.msg_sec_check("b", openid)
     assert caplog.records
-    for value in [wechat.secret, *wechat.session_keys, *wechat.tokens]:
+    for value in fake_secrets(wechat):
         assert value not in caplog.text

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeGuard
 
 Suggest = Literal["pass", "review", "risky"]
 
@@ -24,6 +24,8 @@ CONFIG_FAILED = "微信登录暂不可用, 请联系管理员"
 CHECK_FAILED = "内容安全检查失败, 请稍后再试"
 UNREACHABLE = "微信服务暂时无法访问, 请稍后再试"
 TOKEN_EXPIRED = "登录已过期, 请重新登录"
+CODE_MISSING = "缺少登录凭证code, 请调用wx.login获取"
+LOGIN_OFF = "服务器未开启微信登录"
 
 
 class WeChatRefused(Exception):
@@ -67,7 +69,7 @@ def login_refusal(errcode: int, errmsg: str = "") -> WeChatRefused:
     return WeChatRefused(errcode, LOGIN_MESSAGES.get(errcode, LOGIN_FAILED), errmsg)
 
 
-def valid_code(code: object) -> bool:
+def valid_code(code: object) -> TypeGuard[str]:
     """Whether a login body's `code` looks like a wx.login code (checked before WeChat is asked)."""
     return isinstance(code, str) and _CODE.fullmatch(code) is not None
 

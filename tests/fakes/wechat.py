@@ -12,9 +12,11 @@ import asyncio
 import json
 import secrets
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 LOGIN_ERRMSG = {
     40029: "invalid code", 40163: "code been used", 40226: "code blocked", -1: "system error",
@@ -37,6 +39,20 @@ class Clock:
 def new_code() -> str:
     """A code shaped like wx.login's: 32 letters and digits."""
     return secrets.token_hex(16)
+
+
+async def start_fake_wechat(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeWeChat:
+    """A running fake WeChat at `fake.base_url`, with its access log off: that log is WeChat's (it would
+    hold the secret and tokens in its URLs), and only our process's log lines count for the secrets check."""
+    fake = FakeWeChat()
+    server = await aiohttp_server(fake.app, access_log=None)
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+def fake_secrets(fake: FakeWeChat) -> list[str]:
+    """Everything of the fake's that must never reach our logs or answers."""
+    return [fake.secret, *fake.session_keys, *fake.tokens]
 
 
 class FakeWeChat:
