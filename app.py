@@ -16,6 +16,7 @@ from aiohttp import web
 from chatgpt.faces import admin
 from chatgpt.faces import v1 as openai_api
 from chatgpt.faces import ops
+from chatgpt.faces import wxlogin
 from chatgpt.faces import miniprogram as views
 from chatgpt.keys import (
     flags_key,
@@ -34,6 +35,7 @@ from chatgpt.keys import (
     state_key,
     trusted_key,
     upstream_key,
+    wechat_login_key,
 )
 from chatgpt.domain.pipeline import ChatPipeline
 from chatgpt.server.clientip import TrustedProxies
@@ -50,6 +52,9 @@ from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
 from chatgpt.upstream.openai import OpenAIProvider, make_session
+from chatgpt.upstream.wechat import WeChatClient
+from chatgpt.domain.wxlogin import WeChatLogin
+from chatgpt.domain.wxtoken import TokenSigner, secret_from_setting
 from chatgpt.domain.quota import DailyQuota
 from chatgpt.server.routing import merge_slashes
 from chatgpt.domain.routes import RouteTable
@@ -94,6 +99,16 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         with suppress(asyncio.CancelledError):
             await probe
     await session.close()
+
+
+async def wechat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The WeChat client on the upstream session (when wechat.appid is set) and the login built on it."""
+    wechat = app[settings_key].wechat
+    client = WeChatClient(app[session_key], appid=wechat.appid, secret=wechat.secret,
+                          api_base=wechat.api_base) if wechat.appid else None
+    signer = TokenSigner(secret_from_setting(wechat.token_secret))
+    app[wechat_login_key] = WeChatLogin(client, signer, wechat.session_days * 86400)
+    yield
 
 
 async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -184,7 +199,9 @@ def create_app(settings: Settings) -> web.Application:
     openai_api.add_routes(app)
     admin.add_routes(app)
     ops.add_routes(app)
+    wxlogin.add_routes(app)
     app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(wechat_ctx)  # after upstream_ctx: it uses its session
     app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(pruner_ctx)
     app.on_shutdown.append(close_sockets)

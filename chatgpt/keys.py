@@ -17,6 +17,7 @@ from chatgpt.domain.memory import ConversationMemory
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
 from chatgpt.domain.runtime import RuntimeFlags
+from chatgpt.domain.wxlogin import WeChatLogin
 from chatgpt.settings import Settings
 from chatgpt.server.state import StateFile
 
@@ -36,3 +37,4 @@ metrics_key = web.AppKey("metrics", Metrics)
 page_key = web.AppKey("page", bytes)
 started_key = web.AppKey("started", float)
 inflight_key = web.AppKey("inflight", InFlight)
+wechat_login_key = web.AppKey("wechat_login", WeChatLogin)

@@ -139,6 +139,40 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class WechatSettings:
+    appid: str = ""  # empty: WeChat login is off
+    secret: str = field(default="", repr=False)  # or WECHAT_APP_SECRET
+    api_base: str = "https://api.weixin.qq.com"
+    session_days: int = 30
+    msg_sec_check: bool = False
+    fail_open: bool = True
+    token_secret: str = field(default="", repr=False)  # empty: 32 random bytes at start
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.api_base.startswith(("http://", "https://")), "api_base: expected an http:// or https:// URL"),
+            (1 <= self.session_days <= 365, "session_days: expected 1..365"),
+            (bool(self.appid) or not self.secret, "appid: needed when wechat.secret (or WECHAT_APP_SECRET) is set"),
+            (bool(self.secret) or not self.appid, "secret: needed when wechat.appid is set (or set WECHAT_APP_SECRET)"),
+            (bool(self.appid) or not self.msg_sec_check, "msg_sec_check: needs wechat.appid and wechat.secret"),
+            (not self.token_secret or len(self.token_secret) >= 16, "token_secret: expected 16 characters or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(f"setting wechat.{message}")
+
+
+@dataclass(frozen=True)
+class ModerationSettings:
+    words_file: str = ""  # UTF-8, one word a line; empty: no listed words
+    action: str = "mask"  # mask | refuse
+
+    def __post_init__(self) -> None:
+        if self.action not in ("mask", "refuse"):
+            raise SettingsError("setting moderation.action: expected mask or refuse")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -154,6 +188,8 @@ class Settings:
     chat: ChatSettings = field(default_factory=ChatSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    wechat: WechatSettings = field(default_factory=WechatSettings)
+    moderation: ModerationSettings = field(default_factory=ModerationSettings)
 
     def __post_init__(self) -> None:
         """The upstreams and models must agree: one line naming the first setting that does not."""
@@ -307,6 +343,8 @@ def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         _section(raw, "upstream")["baixing_key"] = env["BAIXING_API_KEY"].strip()
     if env.get("CHATGPT_ADMIN_TOKEN", "").strip():
         _section(raw, "admin")["token"] = env["CHATGPT_ADMIN_TOKEN"].strip()
+    if env.get("WECHAT_APP_SECRET", "").strip():
+        _section(raw, "wechat")["secret"] = env["WECHAT_APP_SECRET"].strip()
 
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")

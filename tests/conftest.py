@@ -190,7 +190,7 @@ class SecretCapture:
             self.secrets.setdefault(value.strip(), set()).add(source)
 
     def add_settings(self, settings: object) -> None:
-        """Every credential in an app's Settings: server keys, admin token, client tokens, Baixing key."""
+        """Every credential in an app's Settings: server keys, admin token, client tokens, Baixing key, WeChat."""
         if not isinstance(settings, Settings):
             return
         for entry in settings.upstream_entries:  # the `upstream:` shorthand's keys are the "default" upstream's
@@ -200,6 +200,8 @@ class SecretCapture:
         self.add_secret(settings.admin.token, ADMIN_SECRET_SOURCE)
         for token in settings.api.client_tokens:
             self.add_secret(token, "api.client_tokens")
+        self.add_secret(settings.wechat.secret, "wechat.secret")
+        self.add_secret(settings.wechat.token_secret, "wechat.token_secret")
 
     def add_lines(self, text: str) -> None:
         """Log lines from elsewhere, e.g. a server subprocess's output."""
