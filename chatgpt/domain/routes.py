@@ -107,12 +107,3 @@ class RouteTable(Generic[U]):
         """Every model and alias a client may name, served models first in upstream order."""
         names = [m for u in self.upstreams for m in u.models] + list(self.aliases)
         return list(dict.fromkeys(names))
-
-    def describe(self) -> list[str]:
-        """One line per upstream and one for the models, for the start-up log."""
-        lines = [f"upstream {u.name} serves {', '.join(u.models)}{' and draws pictures' if u.images else ''}"
-                 for u in self.upstreams]
-        aliases = ", ".join(f"{a} -> {t}" for a, t in self.aliases.items()) or "none"
-        lines.append(f"models: default {self.default}, image {self.image or '(the upstream default)'}, "
-                     f"aliases {aliases}")
-        return lines
