@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import aclosing, suppress
@@ -135,9 +136,12 @@ class SocketSession:
         await self._cancel_worker()
         for frame in ending:
             self.writer.send(error_frame(_cid(frame), texts.SHUTTING_DOWN))
+        # One close_seconds for both steps: a client that reads nothing must not hold the shutdown up.
         seconds = self.settings.ws.close_seconds
-        await self.writer.flush(seconds)
-        await close_within(self.ws, self.transport, WSCloseCode.GOING_AWAY, b"server shutdown", seconds)
+        started = time.monotonic()
+        await self.writer.flush(seconds / 2)
+        await close_within(self.ws, self.transport, WSCloseCode.GOING_AWAY, b"server shutdown",
+                           max(seconds / 10, seconds - (time.monotonic() - started)))
 
     async def _cancel_worker(self) -> None:
         if self._worker is not None:
