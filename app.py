@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 import time
 import weakref
@@ -167,7 +168,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="chatgpt-api", description=__doc__)
     parser.add_argument("--config", help="settings file (default: ./settings.yaml when present)")
     parser.add_argument("--host", help="address to listen on (overrides server.host)")
-    parser.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    parser.add_argument("--port", type=int,
+                        help="port to listen on (overrides server.port; 0: any free port, named in the log)")
     parser.add_argument("--check", action="store_true", help="validate the settings and exit")
     parser.add_argument("--log-format", choices=("text", "json"), help="overrides logging.format")
     return parser.parse_args(argv)
@@ -178,10 +180,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         settings = load_settings(args.config)
-        if args.host or args.port:
+        if args.host or args.port is not None:
             settings = replace_section(settings, "server", host=args.host or settings.server.host,
-                                       port=args.port or settings.server.port)
-            if not 0 < settings.server.port < 65536:
+                                       port=settings.server.port if args.port is None else args.port)
+            if not 0 <= settings.server.port < 65536:
                 raise SettingsError("setting server.port: expected 1..65535")
         TrustedProxies(settings.server.trusted_proxies)
     except (SettingsError, ValueError) as error:
@@ -191,9 +193,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.check:
         print(f"settings OK; {describe(settings)}")
         return
+    listener = None
+    if settings.server.port == 0:
+        # `--port 0` (tests): bind here so the log line below names the port the OS picked; nobody can
+        # take it between choosing and binding, as with a port picked first and bound later.
+        host = settings.server.host
+        listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        settings = replace_section(settings, "server", port=listener.getsockname()[1])
     log.info("chatgpt-api starting on http://%s:%s; %s", settings.server.host, settings.server.port,
              describe(settings))
-    web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
+    web.run_app(create_app(settings), host=None if listener else settings.server.host,
+                port=None if listener else settings.server.port, sock=listener,
                 print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
 
 

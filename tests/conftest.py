@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from app import create_app
 from chatgpt.settings import Settings, load_settings
-from tests.fake_openai import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
 
 SERVER_KEY = "sk-server-key-0001"
 USER_KEY = "sk-user-own-key-9999"

@@ -17,8 +17,8 @@ from chatgpt.appkeys import pipeline_key, upstream_key
 from chatgpt.keypool import probe_forever
 from chatgpt.render import to_html
 from tests.conftest import CLIENT_TOKEN, USER_KEY, MakeClient, url, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI, Stream
-from tests.test_ws import question, receive_answer
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
 
 KEY_A = "sk-key-aaaa1111"
 KEY_B = "sk-key-bbbb2222"

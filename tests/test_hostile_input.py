@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
 
@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from chatgpt import messages
 from chatgpt.appkeys import sockets_key, state_key
 from tests.conftest import SERVER_KEY, MakeClient, url, ws_connect
-from tests.fake_openai import FakeOpenAI
-from tests.test_ws import question
+from tests.fakes.openai import FakeOpenAI
+from tests.helpers.frames import question, wait_until
 
 MAX_BYTES = 1048576  # ws.max_message_bytes, also the app's client_max_size (test settings keep the default)
 FAKE_TEXT = "Hello, **world**!"  # what the fake upstream answers by default
@@ -136,13 +136,6 @@ async def assert_contract_reply(ws: ClientWebSocketResponse, raw: str) -> None:
         assert assert_error_frame(await frames_until_done(ws), MISSING) == messages.FRAME_NOT_JSON
     await assert_heartbeat(ws)
 
-
-async def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    """Poll until `condition()` is true (the server finishes a closed socket's handler)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def http_request(method: str, path: str, *headers: str, body: bytes = b"") -> bytes:

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from chatgpt import messages
 from chatgpt.render import to_html
 from tests.conftest import USER_KEY, MakeClient, url
-from tests.fake_openai import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
 
 SLASHES = ["/", "//"]  # the mini-program builds `base + "/path"` with `base` ending in `/`
 API_PREFIXES = ["/api/", "//api/", "/api1/", "//api1/"]  # /api1/ is the Java backend's alias of /api/

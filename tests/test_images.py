@@ -27,7 +27,7 @@ from chatgpt.images import ImageStore, Pruner, folder_usage, prune, seconds_unti
 from chatgpt.providers import GeneratedImage
 from chatgpt.render import to_html
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, url, ws_connect
-from tests.test_ws import receive_answer
+from tests.helpers.frames import receive_answer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG = PNG_SIGNATURE + bytes(range(256)) * 4  # the server checks the signature, not the whole picture

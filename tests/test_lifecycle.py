@@ -21,7 +21,7 @@ import pytest
 
 from chatgpt import messages
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, SecretCapture
-from tests.fake_openai import FakeOpenAI, Stream
+from tests.fakes.openai import FakeOpenAI, Stream
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "adm-lifecycle-token-8642"

@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from chatgpt import messages
 from chatgpt.metrics import hashed
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI, Stream
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
 from tests.test_settings import free_port, serve_until_status
-from tests.test_ws import question, receive_answer
 
 ADMIN_TOKEN = "adm-ops-secret-777"
 TRUSTED = {"Authorization": f"Bearer {CLIENT_TOKEN}"}

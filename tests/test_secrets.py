@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import ADMIN_SECRET_SOURCE, SERVER_KEY, USER_KEY, MakeClient, SecretCapture, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI
+from tests.fakes.openai import Fail, FakeOpenAI
 
 
 def fake_secret() -> str:

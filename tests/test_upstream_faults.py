@@ -21,7 +21,7 @@ from chatgpt import messages
 from chatgpt.appkeys import pipeline_key, session_key
 from chatgpt.render import to_html
 from tests.conftest import CLIENT_TOKEN, MakeClient, ws_connect
-from tests.fake_openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
+from tests.fakes.openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
 
 ADMIN_TOKEN = "adm-upstream-faults-5150"
 IDENTITY = "127.0.0.1"  # the anonymous user's identity: the loopback peer, no proxy headers
