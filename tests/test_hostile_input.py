@@ -301,8 +301,8 @@ async def test_invalid_utf8_in_a_text_frame_closes_the_socket_with_1007(
         client: TestClient, caplog: pytest.LogCaptureFixture, data: bytes) -> None:
     app = client.server.app
     async with ws_connect(client) as ws:
-        # aiohttp's send_str cannot produce invalid UTF-8, so write the TEXT frame directly.
-        await ws._writer.send_frame(data, WSMsgType.TEXT)
+        # send_str cannot produce invalid UTF-8; send_frame sends these bytes as a TEXT frame as they are.
+        await ws.send_frame(data, WSMsgType.TEXT)
         message = await asyncio.wait_for(ws.receive(), 5)
         assert (message.type, message.data, ws.close_code) == (WSMsgType.CLOSE, 1007, 1007)
     async with ws_connect(client) as ws:  # the server goes on serving

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from chatgpt.appkeys import pipeline_key, session_key
 from chatgpt.render import to_html
 from tests.conftest import CLIENT_TOKEN, MakeClient, ws_connect
 from tests.fakes.openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
+from tests.helpers.servers import refusing_port
 
 ADMIN_TOKEN = "adm-upstream-faults-5150"
 IDENTITY = "127.0.0.1"  # the anonymous user's identity: the loopback peer, no proxy headers
@@ -39,13 +39,6 @@ async def fake(aiohttp_server: Callable[..., Any]) -> FakeOpenAI:
     server: TestServer = await aiohttp_server(upstream.app)
     upstream.base_url = str(server.make_url("/v1"))  # type: ignore[attr-defined]
     return upstream
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: connecting to it is refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -128,7 +121,7 @@ FAULTS: dict[str, Fault] = {
         lambda: Stream(pieces=["partial"], hang=True), FAILED, 504, text="partial", opened=True,
         upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
     "connection refused": Fault(None, UNREACHABLE, 502,
-                                upstream={"base_url": f"http://127.0.0.1:{closed_port()}/v1"}),
+                                upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"}),
     # .invalid never resolves (RFC 6761): the resolver fails, so no connection to anywhere is attempted.
     "dns failure": Fault(None, UNREACHABLE, 502, upstream={"base_url": "http://no-such-host.invalid/v1"}),
 }
