@@ -15,6 +15,7 @@ from app import create_app
 from chatgpt.settings import Settings, load_settings
 from tests.fakes.openai import FakeOpenAI
 from tests.helpers.capture import CAPTURED_LOGGERS, SecretCapture, secrets_in_test_sources
+from tests.helpers.servers import refusing_port
 
 SERVER_KEY = "sk-server-key-0001"
 USER_KEY = "sk-user-own-key-9999"
@@ -35,7 +36,7 @@ async def fake(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeOpen
 def build_settings(tmp_path: Path, fake: FakeOpenAI | None, overrides: dict[str, Any] | None = None) -> Settings:
     """Settings as an operator would write them (through the real loader), pointed at the fake."""
     raw: dict[str, Any] = {
-        "upstream": {"base_url": fake.base_url if fake else "http://127.0.0.1:9/v1",  # type: ignore[attr-defined]
+        "upstream": {"base_url": fake.base_url if fake else f"http://127.0.0.1:{refusing_port()}/v1",  # type: ignore[attr-defined]
                      "api_keys": [SERVER_KEY], "connect_timeout": 2, "read_timeout": 5},
         "ws": {"frame_interval_ms": 0},
         "images": {"folder": str(tmp_path / "images")},

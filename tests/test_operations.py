@@ -17,6 +17,7 @@ from chatgpt.metrics import hashed
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, ws_connect
 from tests.fakes.openai import Fail, FakeOpenAI, Stream
 from tests.helpers.frames import question, receive_answer
+from tests.helpers.servers import refusing_port
 from tests.test_settings import serve_until_status
 
 ADMIN_TOKEN = "adm-ops-secret-777"
@@ -194,7 +195,7 @@ async def test_healthz_says_reachable_after_an_answer(client: TestClient) -> Non
 
 
 async def test_healthz_says_unreachable_after_the_upstream_cannot_be_reached(make_client: MakeClient) -> None:
-    client = await make_client(upstream={"base_url": "http://127.0.0.1:9/v1"})
+    client = await make_client(upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"})
     response = await client.post("/v1/chat/completions", json=v1_body(), headers=TRUSTED)
     assert response.status == 502
     assert (await response.json())["error"]["message"] == messages.UPSTREAM_UNREACHABLE

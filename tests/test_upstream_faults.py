@@ -13,7 +13,6 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt import messages
@@ -21,6 +20,7 @@ from chatgpt.appkeys import pipeline_key, session_key
 from chatgpt.render import to_html
 from tests.conftest import CLIENT_TOKEN, MakeClient, ws_connect
 from tests.fakes.openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
+from tests.helpers.frames import receive_answer
 from tests.helpers.servers import refusing_port
 
 ADMIN_TOKEN = "adm-upstream-faults-5150"
@@ -139,22 +139,12 @@ def v1_body(stream: bool) -> dict[str, Any]:
     return {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
 
 
-async def ws_frames_until_done(ws: ClientWebSocketResponse, limit: float) -> list[dict[str, Any]]:
-    """Frames up to and including the first with isDone true."""
-    frames = []
-    while True:
-        frame = await asyncio.wait_for(ws.receive_json(), limit)
-        frames.append(frame)
-        if frame.get("isDone"):
-            return frames
-
-
 async def ask_on_the_websocket(client: TestClient, fault: Fault) -> float:
     """Ask once on a fresh socket; check the frames; return how long the question took."""
     async with ws_connect(client) as ws:
         started = time.monotonic()
         await ws.send_json(ws_question())
-        frames = await ws_frames_until_done(ws, fault.seconds + 3)
+        frames = await receive_answer(ws, fault.seconds + 3)
         elapsed = time.monotonic() - started
         # Nothing may follow the end frame: the next frame is the answer to a heartbeat.
         await ws.send_json({"heart": "ping"})
