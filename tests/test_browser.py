@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from chatgpt.appkeys import sockets_key
+from chatgpt.keys import sockets_key
 from tests.conftest import USER_KEY, MakeClient, url
 from tests.fakes.openai import Fail, FakeOpenAI, Stream
 from tests.helpers.frames import wait_until

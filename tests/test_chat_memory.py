@@ -11,8 +11,8 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from app import create_app
-from chatgpt import messages
-from chatgpt.memory import ConversationMemory
+from chatgpt.domain import texts
+from chatgpt.domain.memory import ConversationMemory
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, build_settings
 from tests.fakes.clock import FakeClock
 from tests.fakes.openai import Fail, FakeOpenAI, Stream
@@ -307,7 +307,7 @@ async def test_a_stream_broken_mid_answer_ends_with_an_error_line_and_is_not_rem
     fake.script.append(Stream(pieces=["partial ", "answer"], done=False))
     response = await post_chat(client, "lost question", "c-broken")
     assert response.status == 200
-    assert await response.text() == f"partial answer\n[error] {messages.UPSTREAM_FAILED}\n"
+    assert await response.text() == f"partial answer\n[error] {texts.UPSTREAM_FAILED}\n"
     await (await post_chat(client, "retry", "c-broken")).read()
     assert fake.chat_requests()[1].body["messages"] == [{"role": "user", "content": "retry"}]
     assert len(fake.chat_requests()) == 2  # the broken stream was not re-POSTed
@@ -319,7 +319,7 @@ async def test_a_stream_broken_mid_answer_ends_with_an_sse_error_event(client: T
                                  headers={"Accept": "text/event-stream"})
     assert sse_events(await response.text()) == [
         ("conversation", {"conversationId": "c-b"}), (None, {"content": "partial "}), (None, {"content": "answer"}),
-        ("error", {"message": messages.UPSTREAM_FAILED})]
+        ("error", {"message": texts.UPSTREAM_FAILED})]
 
 
 async def test_the_remembered_context_is_trimmed_to_the_budget_oldest_turns_first(
@@ -347,7 +347,7 @@ async def test_without_a_bearer_the_anonymous_daily_quota_applies(make_client: M
     assert (first.status, await first.text()) == (200, FAKE_TEXT + "\n")
     error = await openai_error(await post_chat(client, "two", headers={"Authorization": "Bearer "}), 429)
     assert (error["message"], error["type"], error["code"]) == (
-        messages.QUOTA_USED_UP, "insufficient_quota", "daily_quota_exceeded")
+        texts.QUOTA_USED_UP, "insufficient_quota", "daily_quota_exceeded")
     assert [r.authorization for r in fake.chat_requests()] == [f"Bearer {SERVER_KEY}"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from chatgpt.clientip import TrustedProxies, client_ip
+from chatgpt.server.clientip import TrustedProxies, client_ip
 
 LOCAL = TrustedProxies(["127.0.0.1", "::1"])
 

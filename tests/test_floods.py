@@ -15,8 +15,8 @@ from aiohttp import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Server
 
-from chatgpt import messages
-from chatgpt.appkeys import http_limits_key
+from chatgpt.domain import texts
+from chatgpt.keys import http_limits_key
 from tests.conftest import MakeClient, url, ws_connect
 from tests.helpers.frames import question, receive_answer, wait_until
 
@@ -140,7 +140,7 @@ async def test_five_thousand_open_connections_leave_a_websocket_client_served_wi
     assert set(codes) <= {"000000", "700001"}
     # 5/s per client IP, a leaky bucket: 5 at once, then one per 0.2 s of the window.
     assert 1 <= codes.count("000000") <= 5 + int(window * 5) + 1
-    assert all(body["msg"] == messages.HTTP_TOO_FAST for _, body in answers if body["status"] == "700001")
+    assert all(body["msg"] == texts.HTTP_TOO_FAST for _, body in answers if body["status"] == "700001")
     assert growth < 300 * 1024 * 1024, f"resident memory grew {growth / 1e6:.0f} MB"
     assert time.monotonic() - started < 30
 

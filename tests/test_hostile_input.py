@@ -26,8 +26,8 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatgpt import messages
-from chatgpt.appkeys import sockets_key, state_key
+from chatgpt.domain import texts
+from chatgpt.keys import sockets_key, state_key
 from tests.conftest import SERVER_KEY, MakeClient, url, ws_connect
 from tests.fakes.openai import FakeOpenAI
 from tests.helpers.frames import question, wait_until
@@ -107,10 +107,10 @@ def assert_error_frame(frames: list[dict[str, Any]], cid: Any) -> str:
 
 def assert_complete_answer(frames: list[dict[str, Any]], cid: Any) -> None:
     """Cumulative text frames of one answer id, then the one DONE frame."""
-    *texts, end = frames
-    assert texts, frames
-    assert all(f["isDone"] is False and f["isSuccess"] is True and f["role"] == "assistant" for f in texts)
-    assert len({f["id"] for f in texts}) == 1 and texts[-1]["content"] == FAKE_TEXT
+    *pieces, end = frames
+    assert pieces, frames
+    assert all(f["isDone"] is False and f["isSuccess"] is True and f["role"] == "assistant" for f in pieces)
+    assert len({f["id"] for f in pieces}) == 1 and pieces[-1]["content"] == FAKE_TEXT
     assert (end["content"], end["html"], end["isDone"], end["isSuccess"]) == ("DONE", "DONE", True, True)
     assert "id" not in end
     for frame in frames:
@@ -133,7 +133,7 @@ async def assert_contract_reply(ws: ClientWebSocketResponse, raw: str) -> None:
         else:
             assert_complete_answer(frames, echoed(value))
     else:
-        assert assert_error_frame(await frames_until_done(ws), MISSING) == messages.FRAME_NOT_JSON
+        assert assert_error_frame(await frames_until_done(ws), MISSING) == texts.FRAME_NOT_JSON
     await assert_heartbeat(ws)
 
 
@@ -234,7 +234,7 @@ async def test_a_question_with_wrongly_typed_fields_gets_one_error_frame_naming_
     frame, wrong = case
     await open_socket.send_str(json.dumps(frame))
     text = assert_error_frame(await frames_until_done(open_socket), echoed(frame))
-    assert text in {messages.FRAME_BAD_FIELD.format(field=name) for name in wrong}
+    assert text in {texts.FRAME_BAD_FIELD.format(field=name) for name in wrong}
     await assert_heartbeat(open_socket)
 
 
@@ -270,7 +270,7 @@ async def test_absurd_json_gets_the_not_json_error_frame_without_a_traceback(
         client: TestClient, caplog: pytest.LogCaptureFixture, raw: str) -> None:
     async with ws_connect(client) as ws:
         await ws.send_str(raw)
-        assert assert_error_frame(await frames_until_done(ws), MISSING) == messages.FRAME_NOT_JSON
+        assert assert_error_frame(await frames_until_done(ws), MISSING) == texts.FRAME_NOT_JSON
         await assert_heartbeat(ws)
     assert tracebacks(caplog) == []
 
@@ -280,7 +280,7 @@ async def test_a_900_kilobyte_prompt_is_refused_as_too_long_with_one_error_frame
     async with ws_connect(client) as ws:
         prompt = "问" * 300_000  # 900 KB of UTF-8
         await ws.send_str(json.dumps(question(messages=[{"role": "user", "content": prompt}]), ensure_ascii=False))
-        assert assert_error_frame(await frames_until_done(ws), "c-1") == messages.PROMPT_TOO_LONG
+        assert assert_error_frame(await frames_until_done(ws), "c-1") == texts.PROMPT_TOO_LONG
         await assert_heartbeat(ws)
     assert fake.chat_requests() == []
 
@@ -290,7 +290,7 @@ async def test_binary_frames_get_the_not_json_error_frame_and_the_socket_stays_o
         client: TestClient, caplog: pytest.LogCaptureFixture, payload: bytes) -> None:
     async with ws_connect(client) as ws:
         await ws.send_bytes(payload)
-        assert assert_error_frame(await frames_until_done(ws), MISSING) == messages.FRAME_NOT_JSON
+        assert assert_error_frame(await frames_until_done(ws), MISSING) == texts.FRAME_NOT_JSON
         await assert_heartbeat(ws)
     assert tracebacks(caplog) == []
 
@@ -332,7 +332,7 @@ async def test_a_frame_of_exactly_max_message_bytes_is_accepted(client: TestClie
         await ws.send_str("x" * MAX_BYTES)
         message = await asyncio.wait_for(ws.receive(), 5)
         assert message.type == WSMsgType.TEXT, (message, ws.close_code)
-        assert assert_error_frame([strict_json(message.data)], MISSING) == messages.FRAME_NOT_JSON
+        assert assert_error_frame([strict_json(message.data)], MISSING) == texts.FRAME_NOT_JSON
 
 
 @pytest.mark.parametrize("raw", ['{"conversationId": NaN}', '{"conversationId": Infinity}',
@@ -383,7 +383,7 @@ async def test_two_thousand_frames_as_fast_as_possible_each_get_one_end_frame_an
     elapsed = time.monotonic() - started
     assert sorted(ends) == list(range(total)) and all(len(v) == 1 for v in ends.values())
     answered = [cid for cid, (end,) in ends.items() if end["isSuccess"]]
-    refused = [cid for cid, (end,) in ends.items() if end["content"] == messages.WS_TOO_FAST]
+    refused = [cid for cid, (end,) in ends.items() if end["content"] == texts.WS_TOO_FAST]
     assert len(answered) + len(refused) == total
     # ws_per_minute 20 (a leaky bucket: 20 at once, then one every 3 s while this runs)
     assert 1 <= len(answered) <= 20 + math.ceil(elapsed / 3)
@@ -451,7 +451,7 @@ async def test_an_empty_body_on_a_mini_program_route_is_envelope_200001(
         http_client: TestClient, caplog: pytest.LogCaptureFixture, path: str, body: bytes) -> None:
     response = await http_client.session.post(url(http_client, path), data=body)
     assert response.status == 200
-    assert envelope_of(await response.read()) == {"status": "200001", "msg": messages.BODY_EMPTY}
+    assert envelope_of(await response.read()) == {"status": "200001", "msg": texts.BODY_EMPTY}
     assert tracebacks(caplog) == []
 
 
@@ -462,7 +462,7 @@ async def test_a_body_that_is_not_a_json_object_on_a_mini_program_route_is_envel
         http_client: TestClient, caplog: pytest.LogCaptureFixture, path: str, body: bytes) -> None:
     response = await http_client.session.post(url(http_client, path), data=body)
     assert response.status == 200
-    assert envelope_of(await response.read()) == {"status": "200002", "msg": messages.BODY_NOT_JSON}
+    assert envelope_of(await response.read()) == {"status": "200002", "msg": texts.BODY_NOT_JSON}
     assert tracebacks(caplog) == []
 
 
@@ -535,7 +535,7 @@ async def test_a_multipart_or_form_body_is_not_json(http_client: TestClient, fak
     multipart.append_json({"apiKey": "sk-user-1234"})
     for data in (multipart, {"apiKey": "sk-user-1234"}):
         response = await http_client.session.post(url(http_client, "//api/auth/apikey/verify"), data=data)
-        assert envelope_of(await response.read()) == {"status": "200002", "msg": messages.BODY_NOT_JSON}
+        assert envelope_of(await response.read()) == {"status": "200002", "msg": texts.BODY_NOT_JSON}
     multipart = aiohttp.MultipartWriter("form-data")
     multipart.append_json({"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]})
     response = await http_client.session.post(url(http_client, "/v1/chat/completions"), data=multipart)
@@ -579,7 +579,7 @@ async def test_odd_authorization_on_the_backend_api_is_the_unsupported_envelope(
     status, _, body = await raw_http(http_client, http_request("GET", "//backend-api/conversations",
                                                                f"Authorization: {authorization}"))
     assert status == 200
-    assert envelope_of(body) == {"status": "500001", "msg": messages.TOKEN_UNSUPPORTED}
+    assert envelope_of(body) == {"status": "500001", "msg": texts.TOKEN_UNSUPPORTED}
 
 
 @pytest.mark.parametrize(("authorization", "upstream_sees"), [

@@ -21,11 +21,11 @@ import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from chatgpt import messages
-from chatgpt.errors import UpstreamBroken
-from chatgpt.images import ImageStore, Pruner, folder_usage, prune, seconds_until
-from chatgpt.providers import GeneratedImage
-from chatgpt.render import to_html
+from chatgpt.domain import texts
+from chatgpt.domain.errors import UpstreamBroken
+from chatgpt.domain.provider import GeneratedImage
+from chatgpt.faces.markdown import to_html
+from chatgpt.server.images import ImageStore, Pruner, folder_usage, prune, seconds_until
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, url, ws_connect
 from tests.helpers.frames import receive_answer
 
@@ -260,7 +260,7 @@ async def test_a_picture_that_is_not_an_image_is_an_upstream_failure_and_leaves_
     upstream.script.append(answer)
     client = await start(make_client, upstream)
     frames = await ask(client, draw())
-    assert frames == error_frames(frames, messages.UPSTREAM_FAILED)
+    assert frames == error_frames(frames, texts.UPSTREAM_FAILED)
     assert files_in(folder) == []  # no picture and no `.part` temp file
 
 
@@ -296,7 +296,7 @@ async def test_a_download_over_the_time_cap_fails_and_leaves_no_file(
     started = time.monotonic()
     frames = await ask(client, draw())
     assert time.monotonic() - started < 1.5
-    assert frames == error_frames(frames, messages.UPSTREAM_FAILED)
+    assert frames == error_frames(frames, texts.UPSTREAM_FAILED)
     assert files_in(folder) == []
 
 
@@ -323,7 +323,7 @@ async def test_the_anonymous_quota_is_given_back_when_the_picture_failed(make_cl
     used_up = await ask(client, draw())
     assert [f["content"] for f in failed] == [SAFETY]
     assert [f["content"] for f in succeeded] == ["[图片]", "DONE"]
-    assert used_up == error_frames(used_up, messages.QUOTA_USED_UP)
+    assert used_up == error_frames(used_up, texts.QUOTA_USED_UP)
     assert len(upstream.requests) == 2
 
 
@@ -331,7 +331,7 @@ async def test_a_blank_image_prompt_is_refused_without_asking_upstream(make_clie
                                                                        upstream: FakeImages) -> None:
     client = await start(make_client, upstream)
     frames = await ask(client, draw("   "))
-    assert frames == error_frames(frames, messages.PROMPT_EMPTY)
+    assert frames == error_frames(frames, texts.PROMPT_EMPTY)
     assert upstream.requests == []
 
 
@@ -425,7 +425,7 @@ async def test_v1_a_download_that_is_not_an_image_is_a_502_and_leaves_no_file(
     client = await start(make_client, upstream)
     response = await client.post("/v1/images/generations", json={"prompt": "a cat"})
     assert response.status == 502
-    assert await response.json() == {"error": {"message": messages.UPSTREAM_FAILED, "type": "api_error",
+    assert await response.json() == {"error": {"message": texts.UPSTREAM_FAILED, "type": "api_error",
                                                "param": None, "code": None}}
     assert files_in(folder) == []
 
@@ -556,12 +556,12 @@ async def test_pruner_survives_a_failing_pass_and_logs_it(tmp_path: Path, caplog
     not_a_folder = tmp_path / "images"
     not_a_folder.write_bytes(b"a file where the folder should be")
     pruner = Pruner(not_a_folder, 3600, 10, far_prune_at(), check_every=0.01)
-    with caplog.at_level(logging.ERROR, logger="chatgpt.images"):
+    with caplog.at_level(logging.ERROR, logger="chatgpt.server.images"):
         task = asyncio.create_task(pruner.run_forever())
         await asyncio.sleep(0.2)
         try:
             assert not task.done()
-            failures = [r for r in caplog.records if r.name == "chatgpt.images" and r.levelno == logging.ERROR]
+            failures = [r for r in caplog.records if r.name == "chatgpt.server.images" and r.levelno == logging.ERROR]
             assert len(failures) >= 2  # it went on trying after the first failure
         finally:
             task.cancel()

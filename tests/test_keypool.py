@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chatgpt import keypool
-from chatgpt.keypool import (
+from chatgpt.domain import keypool
+from chatgpt.domain.keypool import (
     KeyPool,
     fingerprint,
     mask,

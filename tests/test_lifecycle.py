@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from chatgpt import messages
+from chatgpt.domain import texts
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY
 from tests.fakes.openai import FakeOpenAI, Stream
 from tests.helpers.capture import SecretCapture
@@ -320,7 +320,7 @@ async def test_sigkill_during_frequent_saves_never_corrupts_the_state_and_a_rest
         async with http.get(f"{server.base}/admin/runtime", headers=ADMIN) as response:
             flags = await response.json()
         async with http.ws_connect(f"{server.base}//websocket") as ws:
-            await ws.send_json({**demo_question("q"), "messages": [{"role": "user", "content": messages.QUOTA_QUERY}]})
+            await ws.send_json({**demo_question("q"), "messages": [{"role": "user", "content": texts.QUOTA_QUERY}]})
             remaining = await asyncio.wait_for(ws.receive_json(), 5)
         async with http.post(f"{server.base}/chat", json={"content": "and the second?", "conversationId": cid}) as r:
             assert r.status == 200

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from chatgpt.limits import LimiterTable
+from chatgpt.domain.limits import LimiterTable
 from tests.fakes.clock import FakeClock
 
 

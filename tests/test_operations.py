@@ -12,8 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatgpt import messages
-from chatgpt.metrics import hashed
+from chatgpt.domain import texts
+from chatgpt.server.metrics import hashed
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, ws_connect
 from tests.fakes.openai import Fail, FakeOpenAI, Stream
 from tests.helpers.frames import question, receive_answer
@@ -103,7 +103,7 @@ async def test_metrics_count_questions_refusals_errors_images_and_sockets(
         await ws.send_json(question())  # anonymous: uses the one daily question of 127.0.0.1
         assert (await receive_answer(ws))[-1]["content"] == "DONE"
         await ws.send_json(question())  # over ws_per_minute 1
-        assert [f["content"] for f in await receive_answer(ws)] == [messages.WS_TOO_FAST]
+        assert [f["content"] for f in await receive_answer(ws)] == [texts.WS_TOO_FAST]
         _, during = await scrape(client)
     response = await client.post("/v1/chat/completions", json=v1_body(), headers=TRUSTED)
     assert response.status == 200
@@ -125,7 +125,7 @@ async def test_metrics_count_questions_refusals_errors_images_and_sockets(
     assert value(after, "chatgpt_time_to_first_token_seconds_count", entry="ws") == 1.0
     assert value(after, "chatgpt_time_to_first_token_seconds_count", entry="v1") == 1.0
     assert value(after, "chatgpt_answer_duration_seconds_count", entry="v1") == 3.0
-    assert series(after, "chatgpt_upstream_errors_total") == {labels(status="500", key="…0001"): 1.0}
+    assert series(after, "chatgpt_upstream_errors_total") == {labels(upstream="default", status="500", key="…0001"): 1.0}
     assert series(after, "chatgpt_quota_refusals_total") == {labels(entry="v1"): 1.0}
     assert series(after, "chatgpt_limiter_refusals_total") == {labels(entry="ws"): 1.0}
     assert value(after, "chatgpt_images_on_disk") == 1.0
@@ -198,7 +198,7 @@ async def test_healthz_says_unreachable_after_the_upstream_cannot_be_reached(mak
     client = await make_client(upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"})
     response = await client.post("/v1/chat/completions", json=v1_body(), headers=TRUSTED)
     assert response.status == 502
-    assert (await response.json())["error"]["message"] == messages.UPSTREAM_UNREACHABLE
+    assert (await response.json())["error"]["message"] == texts.UPSTREAM_UNREACHABLE
     body = await healthz(client)
     assert (body["upstream_reachable"], body["keys"]) == (False, {"configured": 1, "healthy": 1})
 
@@ -220,7 +220,7 @@ async def test_healthz_reports_the_offline_provider_without_keys(make_client: Ma
 async def test_an_offline_answer_says_nothing_about_the_upstream(make_client: MakeClient) -> None:
     client = await make_client(upstream={"api_keys": []})
     response = await client.post("/chat", json={"content": "Hi"})
-    assert await response.text() == messages.OFFLINE_ANSWER + "\n"
+    assert await response.text() == texts.OFFLINE_ANSWER + "\n"
     assert (await healthz(client))["upstream_reachable"] is None  # the built-in provider never touched it
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from chatgpt import messages
+from chatgpt.domain import texts
 from tests.helpers.programs import require_program, unavailable
 from tests.helpers.servers import started_port
 
@@ -113,7 +113,7 @@ async def test_pyz_serves_offline_without_a_key_and_exits_cleanly_on_sigterm(tmp
     assert (status["status"], status["msg"], status["state"]) == ("000000", "SUCCESS", True)
     assert isinstance(status["timestamp"], int)
     assert "provider: offline" in output
-    assert answer["choices"][0]["message"]["content"] == messages.OFFLINE_ANSWER
+    assert answer["choices"][0]["message"]["content"] == texts.OFFLINE_ANSWER
     assert "<html" in page.lower()  # package data travels inside the file
     assert code == 0, output
     assert "Traceback" not in output

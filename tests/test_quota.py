@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from chatgpt.quota import DailyQuota
+from chatgpt.domain.quota import DailyQuota
 from tests.fakes.clock import FakeClock
 
 

@@ -15,9 +15,9 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from chatgpt import messages
-from chatgpt.appkeys import pipeline_key, session_key
-from chatgpt.render import to_html
+from chatgpt.domain import texts
+from chatgpt.faces.markdown import to_html
+from chatgpt.keys import pipeline_key, session_key
 from tests.conftest import CLIENT_TOKEN, MakeClient, ws_connect
 from tests.fakes.openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
 from tests.helpers.frames import receive_answer
@@ -69,7 +69,7 @@ NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r
 IN_STREAM_ERROR = b'data: {"error": {"message": "The server had an error while processing your request.", ' \
                   b'"type": "server_error", "param": null, "code": null}}\n\n'
 TWO_MB_LINE = b"data: " + b"x" * (2 * 1024 * 1024) + b"\n\n"
-FAILED, UNREACHABLE = messages.UPSTREAM_FAILED, messages.UPSTREAM_UNREACHABLE
+FAILED, UNREACHABLE = texts.UPSTREAM_FAILED, texts.UPSTREAM_UNREACHABLE
 
 FAULTS: dict[str, Fault] = {
     # A refusal of the server's own key is the operator's business: the client gets the generic text.
@@ -150,12 +150,12 @@ async def ask_on_the_websocket(client: TestClient, fault: Fault) -> float:
         await ws.send_json({"heart": "ping"})
         assert (await asyncio.wait_for(ws.receive_json(), 3))["heart"] == "pong"
         assert not ws.closed  # the socket outlives a failed answer
-    *texts, end = frames
+    *pieces, end = frames
     assert end == {"conversationId": "c-fault", "role": "assistant", "content": fault.message,
                    "html": to_html(fault.message), "createTime": end["createTime"], "isDone": True,
                    "isSuccess": False}
-    assert all(f["isDone"] is False and f["isSuccess"] is True for f in texts)
-    assert (texts[-1]["content"] if texts else "") == fault.text
+    assert all(f["isDone"] is False and f["isSuccess"] is True for f in pieces)
+    assert (pieces[-1]["content"] if pieces else "") == fault.text
     return elapsed
 
 

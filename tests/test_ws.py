@@ -9,8 +9,8 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
-from chatgpt import messages
-from chatgpt.render import to_html
+from chatgpt.domain import texts
+from chatgpt.faces.markdown import to_html
 from tests.conftest import USER_KEY, MakeClient, ws_connect
 from tests.fakes.openai import Fail, FakeOpenAI, Stream
 from tests.helpers.frames import question, receive_answer
@@ -22,14 +22,14 @@ async def test_streamed_answer_is_cumulative_with_one_id_and_one_end_frame(clien
     async with ws_connect(client) as ws:
         await ws.send_json(question())
         frames = await receive_answer(ws)
-    texts, end = frames[:-1], frames[-1]
-    assert [f["content"] for f in texts] == ["Hello", "Hello, ", "Hello, **world**", "Hello, **world**!"]
-    assert {f["id"] for f in texts} == {"chatcmpl-fake-1"}
-    for f in texts:
+    pieces, end = frames[:-1], frames[-1]
+    assert [f["content"] for f in pieces] == ["Hello", "Hello, ", "Hello, **world**", "Hello, **world**!"]
+    assert {f["id"] for f in pieces} == {"chatcmpl-fake-1"}
+    for f in pieces:
         assert f["html"] == to_html(f["content"])
         assert (f["conversationId"], f["role"], f["isDone"], f["isSuccess"]) == ("c-1", "assistant", False, True)
         assert set(f) == {"conversationId", "id", "role", "content", "html", "createTime", "isDone", "isSuccess"}
-    assert "<strong>world</strong>" in texts[-1]["html"]
+    assert "<strong>world</strong>" in pieces[-1]["html"]
     assert set(end) == {"conversationId", "role", "content", "html", "createTime", "isDone", "isSuccess"}
     assert (end["content"], end["html"], end["isDone"], end["isSuccess"]) == ("DONE", "DONE", True, True)
 
@@ -80,7 +80,7 @@ async def test_upstream_without_a_message_gives_the_generic_failure_text(client:
     async with ws_connect(client) as ws:
         await ws.send_json(question())
         frames = await receive_answer(ws)
-    assert [f["content"] for f in frames] == [messages.UPSTREAM_FAILED]
+    assert [f["content"] for f in frames] == [texts.UPSTREAM_FAILED]
 
 
 async def test_stream_dropped_before_done_ends_in_an_error_and_is_never_posted_twice(
@@ -90,7 +90,7 @@ async def test_stream_dropped_before_done_ends_in_an_error_and_is_never_posted_t
         await ws.send_json(question())
         frames = await receive_answer(ws)
         await asyncio.sleep(0.3)  # a reconnecting SSE client would re-POST here
-    assert frames[-1]["isSuccess"] is False and frames[-1]["content"] == messages.UPSTREAM_FAILED
+    assert frames[-1]["isSuccess"] is False and frames[-1]["content"] == texts.UPSTREAM_FAILED
     assert [f["content"] for f in frames[:-1]][-1] == "partial answer"
     assert len(fake.chat_requests()) == 1
 
@@ -147,7 +147,7 @@ async def test_binary_frame_gets_an_error_frame(client: TestClient) -> None:
     async with ws_connect(client) as ws:
         await ws.send_bytes(b"\x00\x01")
         frame = await ws.receive_json()
-        assert frame["content"] == messages.FRAME_NOT_JSON and "conversationId" not in frame
+        assert frame["content"] == texts.FRAME_NOT_JSON and "conversationId" not in frame
 
 
 async def test_token_mode_is_refused_clearly(client: TestClient, fake: FakeOpenAI) -> None:
@@ -156,7 +156,7 @@ async def test_token_mode_is_refused_clearly(client: TestClient, fake: FakeOpenA
         del frame_in["authType"]
         await ws.send_json(frame_in)
         frames = await receive_answer(ws)
-    assert [f["content"] for f in frames] == [messages.TOKEN_MODE_GONE]
+    assert [f["content"] for f in frames] == [texts.TOKEN_MODE_GONE]
     assert fake.chat_requests() == []
 
 
@@ -164,14 +164,14 @@ async def test_blank_api_key_is_refused(client: TestClient) -> None:
     async with ws_connect(client) as ws:
         await ws.send_json(question(isDemo=False, authValue="Bearer "))
         frames = await receive_answer(ws)
-    assert [f["content"] for f in frames] == [messages.API_KEY_BLANK]
+    assert [f["content"] for f in frames] == [texts.API_KEY_BLANK]
 
 
 async def test_empty_context_is_refused(client: TestClient) -> None:
     async with ws_connect(client) as ws:
         await ws.send_json(question(messages=[{"role": "user", "content": "   "}]))
         frames = await receive_answer(ws)
-    assert [f["content"] for f in frames] == [messages.MESSAGES_EMPTY]
+    assert [f["content"] for f in frames] == [texts.MESSAGES_EMPTY]
 
 
 async def test_inbound_frames_of_one_mebibyte_are_accepted(client: TestClient, fake: FakeOpenAI) -> None:
@@ -202,7 +202,7 @@ async def test_offline_provider_answers_without_a_key(make_client: MakeClient, f
     async with ws_connect(client) as ws:
         await ws.send_json(question())
         frames = await receive_answer(ws)
-    assert frames[-2]["content"] == messages.OFFLINE_ANSWER and frames[-1]["content"] == "DONE"
+    assert frames[-2]["content"] == texts.OFFLINE_ANSWER and frames[-1]["content"] == "DONE"
     assert len(frames) > 3  # streamed token by token
     assert fake.requests == []
 
@@ -214,7 +214,7 @@ async def test_frames_are_coalesced_to_the_interval_but_the_first_is_immediate(
     async with ws_connect(client) as ws:
         await ws.send_json(question())
         frames = await receive_answer(ws)
-    texts = frames[:-1]
-    assert texts[0]["content"] == "0"
-    assert texts[-1]["content"] == "".join(str(n) for n in range(20))
-    assert len(texts) < 6  # ~0.2 s of pieces at one frame per 200 ms
+    pieces = frames[:-1]
+    assert pieces[0]["content"] == "0"
+    assert pieces[-1]["content"] == "".join(str(n) for n in range(20))
+    assert len(pieces) < 6  # ~0.2 s of pieces at one frame per 200 ms
