@@ -237,7 +237,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="chatgpt-api", description=__doc__)
     parser.add_argument("--config", help="settings file (default: ./settings.yaml when present)")
     parser.add_argument("--host", help="address to listen on (overrides server.host)")
-    parser.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    parser.add_argument("--port", type=int,
+                        help="port to listen on (overrides server.port; 0: any free port, named in the log)")
     parser.add_argument("--check", action="store_true", help="validate the settings and exit")
     parser.add_argument("--log-format", choices=("text", "json"), help="overrides logging.format")
     return parser.parse_args(argv)
@@ -248,10 +249,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         settings = load_settings(args.config)
-        if args.host or args.port:
+        if args.host or args.port is not None:
             settings = replace_section(settings, "server", host=args.host or settings.server.host,
-                                       port=args.port or settings.server.port)
-            if not 0 < settings.server.port < 65536:
+                                       port=settings.server.port if args.port is None else args.port)
+            if not 0 <= settings.server.port < 65536:
                 raise SettingsError("setting server.port: expected 1..65535")
         TrustedProxies(settings.server.trusted_proxies)
     except (SettingsError, ValueError) as error:
@@ -265,13 +266,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         for line in notes(settings):
             print(f"  warning: {line}")
         return
+    listener = None
     try:
         # Before anything is logged or the state file touched: a second instance, a busy port or a bad
         # host ends in one line naming what to change (run_app would fail the same way, later).
         probe = StateLock(settings.state.file)  # first: the same instance started twice says so
         probe.acquire()
         probe.release()
-        check_listen(settings.server.host, settings.server.port)
+        if settings.server.port == 0:
+            # `--port 0` (tests): bind here so the log line below names the port the OS picked; nobody can
+            # take it between choosing and binding, as with a port picked first and bound later.
+            host = settings.server.host
+            listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            settings = replace_section(settings, "server", port=listener.getsockname()[1])
+        else:
+            check_listen(settings.server.host, settings.server.port)
     except StateLocked as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -285,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for line in notes(settings):
         log.warning("%s", line)
     try:
-        web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
-                    print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
+        web.run_app(create_app(settings), host=None if listener else settings.server.host,
+                    port=None if listener else settings.server.port, sock=listener, print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
     except StateLocked as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,12 +13,12 @@ from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
-from chatgpt.keys import pipeline_key, upstream_key
 from chatgpt.domain.keypool import probe_forever
 from chatgpt.faces.markdown import to_html
+from chatgpt.keys import pipeline_key, upstream_key
 from tests.conftest import CLIENT_TOKEN, USER_KEY, MakeClient, url, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI, Stream
-from tests.test_ws import question, receive_answer
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
 
 KEY_A = "sk-key-aaaa1111"
 KEY_B = "sk-key-bbbb2222"

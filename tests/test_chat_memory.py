@@ -15,22 +15,13 @@ from chatgpt.domain import texts
 from chatgpt.domain.memory import ConversationMemory, owner_of
 from chatgpt.domain.question import Payer
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, build_settings
-from tests.fake_openai import Fail, FakeOpenAI, Stream
+from tests.fakes.clock import FakeClock
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
 
 FAKE_TEXT = "Hello, **world**!"  # the fake upstream's default pieces, joined
 FRESH_ID = re.compile(r"^[0-9a-f]{32}$")
 ERROR_KEYS = {"message", "type", "param", "code"}
 FAST = {"http_per_second": 100}  # tests that send many requests must not meet the per-IP HTTP limiter
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def turn(question: str, answer: str) -> list[dict[str, str]]:

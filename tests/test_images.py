@@ -23,11 +23,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
 from chatgpt.domain.errors import UpstreamBroken
-from chatgpt.server.images import ImageStore, Pruner, folder_usage, prune, seconds_until
 from chatgpt.domain.provider import GeneratedImage
 from chatgpt.faces.markdown import to_html
+from chatgpt.server.images import ImageStore, Pruner, folder_usage, prune, seconds_until
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, url, ws_connect
-from tests.test_ws import receive_answer
+from tests.helpers.frames import receive_answer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG = PNG_SIGNATURE + bytes(range(256)) * 4  # the server checks the signature, not the whole picture

@@ -6,16 +6,7 @@ import asyncio
 import pytest
 
 from chatgpt.domain.limits import LimiterTable
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes.clock import FakeClock
 
 
 async def test_requests_within_the_rate_are_allowed() -> None:

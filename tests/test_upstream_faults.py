@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,14 +13,15 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
-from chatgpt.keys import pipeline_key, session_key
 from chatgpt.faces.markdown import to_html
+from chatgpt.keys import pipeline_key, session_key
 from tests.conftest import CLIENT_TOKEN, MakeClient, ws_connect
-from tests.fake_openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
+from tests.fakes.openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
+from tests.helpers.frames import receive_answer
+from tests.helpers.servers import refusing_port
 
 ADMIN_TOKEN = "adm-upstream-faults-5150"
 IDENTITY = "127.0.0.1"  # the anonymous user's identity: the loopback peer, no proxy headers
@@ -39,13 +39,6 @@ async def fake(aiohttp_server: Callable[..., Any]) -> FakeOpenAI:
     server: TestServer = await aiohttp_server(upstream.app)
     upstream.base_url = str(server.make_url("/v1"))  # type: ignore[attr-defined]
     return upstream
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: connecting to it is refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -128,7 +121,7 @@ FAULTS: dict[str, Fault] = {
         lambda: Stream(pieces=["partial"], hang=True), FAILED, 504, text="partial", opened=True,
         upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
     "connection refused": Fault(None, UNREACHABLE, 502,
-                                upstream={"base_url": f"http://127.0.0.1:{closed_port()}/v1"}),
+                                upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"}),
     # .invalid never resolves (RFC 6761): the resolver fails, so no connection to anywhere is attempted.
     "dns failure": Fault(None, UNREACHABLE, 502, upstream={"base_url": "http://no-such-host.invalid/v1"}),
 }
@@ -146,22 +139,12 @@ def v1_body(stream: bool) -> dict[str, Any]:
     return {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
 
 
-async def ws_frames_until_done(ws: ClientWebSocketResponse, limit: float) -> list[dict[str, Any]]:
-    """Frames up to and including the first with isDone true."""
-    frames = []
-    while True:
-        frame = await asyncio.wait_for(ws.receive_json(), limit)
-        frames.append(frame)
-        if frame.get("isDone"):
-            return frames
-
-
 async def ask_on_the_websocket(client: TestClient, fault: Fault) -> float:
     """Ask once on a fresh socket; check the frames; return how long the question took."""
     async with ws_connect(client) as ws:
         started = time.monotonic()
         await ws.send_json(ws_question())
-        frames = await ws_frames_until_done(ws, fault.seconds + 3)
+        frames = await receive_answer(ws, fault.seconds + 3)
         elapsed = time.monotonic() - started
         # Nothing may follow the end frame: the next frame is the answer to a heartbeat.
         await ws.send_json({"heart": "ping"})

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from chatgpt.domain import texts
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient
-from tests.fake_openai import Fail, FakeOpenAI, Stream
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
 
 FAKE_TEXT = "Hello, **world**!"
 ERROR_KEYS = {"message", "type", "param", "code"}

@@ -7,35 +7,13 @@ from typing import Any
 
 import pytest
 from aiohttp import WSMsgType
-from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient
 
 from chatgpt.domain import texts
 from chatgpt.faces.markdown import to_html
 from tests.conftest import USER_KEY, MakeClient, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI, Stream
-
-
-def question(prompt: str = "你好", **fields: Any) -> dict[str, Any]:
-    """A chat question as the mini-program sends it (anonymous user unless overridden)."""
-    frame: dict[str, Any] = {
-        "conversationId": "c-1", "id": "u-1", "parentId": 1, "authType": "api", "authValue": "Bearer ",
-        "isDemo": True, "content": "", "isGenImg": False, "isSender": False,
-        "messages": [{"role": "user", "content": prompt, "html": f"<p>{prompt}</p>", "isSend": True,
-                      "createTime": "2026-11-24 08:00:00", "id": "u-1"}],
-    }
-    frame.update(fields)
-    return frame
-
-
-async def receive_answer(ws: ClientWebSocketResponse) -> list[dict[str, Any]]:
-    """Frames up to and including the one with isDone true."""
-    frames = []
-    while True:
-        frame = await asyncio.wait_for(ws.receive_json(), 5)
-        frames.append(frame)
-        if frame.get("isDone"):
-            return frames
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
 
 
 async def test_streamed_answer_is_cumulative_with_one_id_and_one_end_frame(client: TestClient,
