@@ -10,17 +10,18 @@ import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from importlib import resources
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from chatgpt.faces import admin
-from chatgpt.faces import v1 as openai_api
-from chatgpt.faces import ops
+from chatgpt.faces import admin, curl, ops
 from chatgpt.faces import miniprogram as views
+from chatgpt.faces import v1 as openai_api
+from chatgpt.faces.envelope import error_middleware
 from chatgpt.keys import (
     flags_key,
-    http_limits_key,
     inflight_key,
+    keypool_key,
     memory_key,
     metrics_key,
     page_key,
@@ -34,10 +35,11 @@ from chatgpt.keys import (
     trusted_key,
     upstream_key,
 )
+from chatgpt.domain.accounts import Accounts
+from chatgpt.domain.gate import Gate
 from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.domain.upstreams import Upstreams
 from chatgpt.server.clientip import TrustedProxies
-from chatgpt.server.errors import error_middleware
-from chatgpt.server.guards import rate_limit_middleware
 from chatgpt.server.images import ImageStore, Pruner
 from chatgpt.server.inflight import InFlight
 from chatgpt.domain.keypool import KeyPool, mask, probe_forever
@@ -72,13 +74,18 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     keys = KeyPool(upstream.api_keys)
     images = ImageStore(settings.images.folder, settings.public_url, session,
                         int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds)
+    flags, meter, limits = app[flags_key], app[metrics_key], settings.limits
+    gate = Gate(flags, {"ws": LimiterTable(limits.ws_per_minute, 60.0),
+                        **{door: LimiterTable(limits.http_per_second, 1.0) for door in ("http", "v1", "chat")}},
+                meter)
+    accounts = Accounts(flags, DailyQuota(settings.quota.daily_questions),
+                        DailyQuota(settings.quota.baixing_daily_questions), meter)
+    hosts = {"openai": host_of(upstream.base_url), "baixing": host_of(upstream.baixing_url)}
+    upstreams = Upstreams(pool_provider, openai, baixing, keys, meter, hosts)
     app[session_key] = session
     app[upstream_key] = openai
-    app[pipeline_key] = ChatPipeline(
-        settings, app[flags_key], keys, DailyQuota(settings.quota.daily_questions),
-        DailyQuota(settings.quota.baixing_daily_questions),
-        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing, images,
-        app[metrics_key])
+    app[keypool_key] = keys
+    app[pipeline_key] = ChatPipeline(settings, gate, accounts, upstreams, images, meter)
     probes = asyncio.create_task(probe_forever(keys, openai.key_works, every=60.0))
     yield
     probes.cancel()
@@ -102,10 +109,8 @@ async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     """Restore quotas, flags and key health at start; save periodically and at shutdown."""
-    pipeline = app[pipeline_key]
     state = StateFile(app[settings_key].state.file, {
-        "flags": app[flags_key], "quota": pipeline.quota, "debug_quota": pipeline.debug_quota,
-        "keys": pipeline.keys, "chat": app[memory_key]})
+        "flags": app[flags_key], **app[pipeline_key].stores(), "chat": app[memory_key]})
     state.load()
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
@@ -125,6 +130,11 @@ async def end_http_streams(app: web.Application) -> None:
         log.info("shutdown: ended %d streamed HTTP answer(s)", stopped)
 
 
+def host_of(url: str) -> str:
+    """The host an upstream URL points at, for "could not reach <host>" (never a credential)."""
+    return urlsplit(url).hostname or ""
+
+
 def describe(settings: Settings) -> str:
     """One line saying where answers come from, without revealing any key."""
     upstream = settings.upstream
@@ -138,8 +148,7 @@ def describe(settings: Settings) -> str:
 def create_app(settings: Settings) -> web.Application:
     """Build the application; used alike by production, tests and `adev runserver`."""
     quiet_bad_requests()
-    app = web.Application(middlewares=[error_middleware, rate_limit_middleware],
-                          client_max_size=settings.ws.max_message_bytes)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.ws.max_message_bytes)
     app[settings_key] = settings
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions)
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
@@ -150,13 +159,12 @@ def create_app(settings: Settings) -> web.Application:
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
     chat = settings.chat
     app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600)
-    app[http_limits_key] = {"http": LimiterTable(settings.limits.http_per_second, 1.0),
-                            "v1": LimiterTable(settings.limits.http_per_second, 1.0)}
     merge_slashes(app, aliases={"/api1/": "/api/"})
     views.add_routes(app)
+    curl.add_routes(app)
     app.router.add_get("/websocket", websocket_handler)
-    openai_api.add_routes(app)
-    admin.add_routes(app)
+    app.add_subapp("/v1", openai_api.make_app())
+    app.add_subapp("/admin", admin.make_app())
     ops.add_routes(app)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(state_ctx)

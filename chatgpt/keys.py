@@ -10,7 +10,7 @@ from chatgpt.domain.pipeline import ChatPipeline
 from chatgpt.server.clientip import TrustedProxies
 from chatgpt.server.images import Pruner
 from chatgpt.server.inflight import InFlight
-from chatgpt.domain.limits import LimiterTable
+from chatgpt.domain.keypool import KeyPool
 from chatgpt.domain.memory import ConversationMemory
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
@@ -25,7 +25,7 @@ upstream_key = web.AppKey("upstream", OpenAIProvider)
 pipeline_key = web.AppKey("pipeline", ChatPipeline)
 sockets_key = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
 trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
-http_limits_key = web.AppKey("http_limits", dict[str, LimiterTable])
+keypool_key = web.AppKey("keypool", KeyPool)
 state_key = web.AppKey("state", StateFile)
 pruner_key = web.AppKey("pruner", Pruner)
 memory_key = web.AppKey("memory", ConversationMemory)

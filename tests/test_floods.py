@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from aiohttp.web import Server
 
 from chatgpt.domain import texts
-from chatgpt.keys import http_limits_key
+from chatgpt.keys import pipeline_key
 from tests.conftest import MakeClient, url, ws_connect
 from tests.test_ws import question, receive_answer
 
@@ -64,7 +64,7 @@ async def wait_until(condition: Callable[[], bool], seconds: float) -> None:
 async def test_ten_thousand_spoofed_addresses_keep_the_http_limiter_table_at_its_cap_and_others_are_served(
         make_client: MakeClient) -> None:
     client = await make_client()  # default limits: 5 requests/s per client IP
-    table = client.server.app[http_limits_key]["http"]
+    table = client.server.app[pipeline_key].limiter("http")
     assert table.max_entries == LIMITER_CAP
     rss_before = resident_bytes()
     started = time.monotonic()

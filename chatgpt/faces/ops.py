@@ -14,14 +14,11 @@ from chatgpt.server.images import folder_usage
 async def healthz(request: web.Request) -> web.Response:
     """200 while the process serves: uptime, where answers come from, key health, upstream reachability."""
     app = request.app
-    pipeline = app[pipeline_key]
     return web.json_response({
         "status": "ok",
         "uptime_s": round(time.monotonic() - app[started_key], 1),
         "provider": app[settings_key].pool_provider,
-        "serving": pipeline.flags.serving,
-        "keys": {"configured": len(pipeline.keys), "healthy": pipeline.keys.usable()},
-        "upstream_reachable": pipeline.upstream_ok,
+        **app[pipeline_key].health(),  # serving, keys, upstream_reachable
     })
 
 

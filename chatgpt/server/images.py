@@ -9,13 +9,13 @@ import os
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 
 from chatgpt.domain.errors import UpstreamBroken
+from chatgpt.domain.pictures import StoredImage
 from chatgpt.domain.provider import GeneratedImage
 from chatgpt.upstream.network import upstream_call
 
@@ -42,16 +42,9 @@ def image_kind(head: bytes) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class StoredImage:
-    """A saved picture: its file name under the folder and its public URL."""
-
-    name: str
-    url: str
-
-
 class ImageStore:
-    """Downloads or decodes upstream pictures into the folder; a file appears only when complete."""
+    """The domain's `PictureStore`: downloads or decodes upstream pictures into the folder; a file
+    appears only when complete."""
 
     def __init__(self, folder: str | Path, public_url: str, session: aiohttp.ClientSession,
                  limit: int = DOWNLOAD_LIMIT, download_seconds: float = DOWNLOAD_SECONDS) -> None:
