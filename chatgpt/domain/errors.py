@@ -88,7 +88,8 @@ class UpstreamFailed(Exception):
     `message` is the upstream's own message, set only when the client may see it."""
 
     def __init__(self, kind: FailureKind, *, status: int | None = None, message: str | None = None,
-                 code: str | None = None, retry_after: float | None = None, host: str = "") -> None:
+                 code: str | None = None, retry_after: float | None = None, host: str = "",
+                 subject: Literal["answer", "picture"] = "answer") -> None:
         super().__init__(f"upstream {kind}" + (f" (HTTP {status})" if status else ""))
         self.kind: FailureKind = kind
         self.status = status
@@ -96,6 +97,7 @@ class UpstreamFailed(Exception):
         self.code = code
         self.retry_after = retry_after
         self.host = host
+        self.subject = subject  # what could not be had: an answer, or the picture the upstream linked
 
 
 # --- what providers raise (PROTOCOL.md's "upstream failures"), mapped by the pipeline -------------

@@ -188,6 +188,6 @@ class ChatPipeline:
             try:
                 stored = await self._pictures.store(generated)
             except UPSTREAM_FAILURES as exc:
-                raise self._upstreams.failed("images", exc) from exc
+                raise self._upstreams.failed("images", exc, subject="picture") from exc
             record.token()
             return stored

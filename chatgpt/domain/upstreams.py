@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from chatgpt.domain.accounting import Meter
 from chatgpt.domain.errors import (
@@ -66,20 +66,23 @@ class Route:
         return self.provider.name == "offline"
 
 
-def failure_of(exc: BaseException, pooled: bool, host: str) -> UpstreamFailed:
+def failure_of(exc: BaseException, pooled: bool, host: str,
+               subject: Literal["answer", "picture"] = "answer") -> UpstreamFailed:
     """What the client may learn of an upstream failure. A refusal of one of the server's keys is the
     operator's business (its message names the key or the organisation): no upstream message then."""
     if isinstance(exc, UpstreamError):
         if pooled and (exc.status in KEY_REFUSALS or exc.code == "insufficient_quota"):
             return UpstreamFailed("pool_refused", status=exc.status, code=exc.code, host=host)
+        if exc.status < 400:  # a 2xx that is not the stream that was asked for
+            return UpstreamFailed("broken", status=exc.status, host=host, subject=subject)
         retry_after = retry_after_from_headers(exc.headers) if exc.status == 429 else None
         return UpstreamFailed("error" if exc.status >= 500 else "refused", status=exc.status,
                               message=exc.message, code=exc.code, retry_after=retry_after, host=host)
     if isinstance(exc, UpstreamUnreachable):
-        return UpstreamFailed("unreachable", host=host)
+        return UpstreamFailed("unreachable", host=host, subject=subject)
     if isinstance(exc, (UpstreamTimeout, asyncio.TimeoutError)):
-        return UpstreamFailed("timeout", host=host)
-    return UpstreamFailed("broken", host=host)
+        return UpstreamFailed("timeout", host=host, subject=subject)
+    return UpstreamFailed("broken", host=host, subject=subject)
 
 
 class Upstreams:
@@ -171,7 +174,8 @@ class Upstreams:
                 return Busy(wait)
         return failure
 
-    def failed(self, provider: str, exc: BaseException, pool_key: str | None = None) -> UpstreamFailed:
+    def failed(self, provider: str, exc: BaseException, pool_key: str | None = None,
+               subject: Literal["answer", "picture"] = "answer") -> UpstreamFailed:
         """Account one upstream failure (key health, reachability, metrics, one log line) and say what
         the client may learn of it."""
         status = str(exc.status) if isinstance(exc, UpstreamError) else type(exc).__name__
@@ -183,7 +187,7 @@ class Upstreams:
         self._meter.upstream_failed(status, mask(pool_key) if pool_key else provider)
         log.warning("upstream %s failed (%s, key %s): %s", provider, status,
                     mask(pool_key) if pool_key else "caller's own", exc)
-        return failure_of(exc, pool_key is not None, self._hosts.get(provider, ""))
+        return failure_of(exc, pool_key is not None, self._hosts.get(provider, ""), subject)
 
     def _report(self, key: str, exc: BaseException) -> None:
         """Key health from an upstream failure: cool on 429, disable on 401 / insufficient_quota."""

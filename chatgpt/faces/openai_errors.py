@@ -63,6 +63,8 @@ def _upstream(failure: UpstreamFailed) -> OpenAIError:
     """An upstream failure: its own message when the client may see it, else what failed in English."""
     where = f" at {failure.host}" if failure.host else ""
     status = failure.status
+    if failure.subject == "picture":
+        return OpenAIError(502, "The upstream's picture could not be downloaded or is not an image.", "api_error")
     if failure.kind == "refused" and status is not None:
         shown = status if status in (400, 401, 403, 404, 429) else 502
         kind = "rate_limit_exceeded" if status == 429 else "invalid_request_error"
