@@ -58,7 +58,9 @@ class Fault:
     v1_message: str  # the English text an SDK user gets (PROTOCOL.md E.2)
     key_state: str = "healthy"  # the server key's health afterwards: healthy | cooling | disabled
     text: str = ""  # answer text relayed before the fault; "" means the quota is given back
-    opened: bool = False  # the upstream sent an event before failing, so a /v1 stream has begun (HTTP 200)
+    # The upstream sent something of an answer before failing, so a /v1 stream has begun (HTTP 200). Events
+    # with nothing in them (the opening role chunk) are held back: a failure after them still has its status.
+    opened: bool = False
     upstream: dict[str, Any] = field(default_factory=dict)  # settings overrides
     retry_after: str | None = None  # Retry-After the /v1 error must carry
     cooling: float | None = None  # seconds the key cools for (429)
@@ -122,9 +124,8 @@ FAULTS: dict[str, Fault] = {
     "error event inside the stream": Fault(
         lambda: RawStream([sse_chunk(None), IN_STREAM_ERROR], delay=0.02),
         "The server had an error while processing your request.", 502,
-        "The server had an error while processing your request.", opened=True),
-    "2 MB sse line": Fault(lambda: RawStream([sse_chunk(None), TWO_MB_LINE], delay=0.02), FAILED, 502, BROKE,
-                           opened=True),
+        "The server had an error while processing your request."),
+    "2 MB sse line": Fault(lambda: RawStream([sse_chunk(None), TWO_MB_LINE], delay=0.02), FAILED, 502, BROKE),
     "stream ends without done": Fault(lambda: Stream(pieces=["partial ", "answer"], delay=0.02, done=False),
                                       FAILED, 502, BROKE, text="partial answer", opened=True),
     "connection reset mid-answer": Fault(
@@ -132,7 +133,7 @@ FAULTS: dict[str, Fault] = {
         FAILED, 502, BROKE, text="partial", opened=True),
     "connection reset before any event": Fault(lambda: RawStream([], end="reset"), FAILED, 502, BROKE),
     "stream hangs before any text": Fault(
-        lambda: Stream(pieces=[], hang=True), FAILED, 504, SILENT, opened=True,  # a read timeout is a gateway timeout
+        lambda: Stream(pieces=[], hang=True), FAILED, 504, SILENT,  # a read timeout is a gateway timeout
         upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
     "stream hangs after some text": Fault(
         lambda: Stream(pieces=["partial"], hang=True), FAILED, 504, SILENT, text="partial", opened=True,

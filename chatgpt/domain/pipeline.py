@@ -161,11 +161,19 @@ class ChatPipeline:
     async def _stream(self, question: Question, request: ChatRequest, route: Route) -> AsyncGenerator[Delta, None]:
         async with self._accounted(question, "chat", route) as (progress, record):
             deltas = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
+            held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
             async with opened(deltas):
                 async for delta in deltas:
                     if produced(delta):
-                        progress.produced = True
                         record.token()
+                        if not progress.produced:
+                            progress.produced = True
+                            for early in held:
+                                yield early
+                            held.clear()
+                    elif not progress.produced:
+                        held.append(delta)  # so that an empty answer fails before any door has sent a byte
+                        continue
                     yield delta
             if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
                 raise UpstreamFailed("empty")

@@ -9,8 +9,10 @@ import os
 import re
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
@@ -97,7 +99,7 @@ class ImageStore:
                 return await self._write_stream(response, temp)
 
     async def _write_stream(self, response: aiohttp.ClientResponse, temp: Path) -> str:
-        handle = await asyncio.to_thread(open, temp, "wb")
+        handle = await _open_for_writing(temp)
         try:
             size, head, kind = 0, b"", None
             async for chunk in response.content.iter_chunked(64 * 1024):
@@ -117,6 +119,18 @@ class ImageStore:
             return kind
         finally:
             await asyncio.to_thread(handle.close)
+
+
+async def _open_for_writing(path: Path) -> BinaryIO:
+    """`open(path, "wb")` off the event loop. A cancel (the client left) waits for the open to finish
+    and closes the file, so nothing leaks and the caller's clean-up finds the file to remove."""
+    opening = asyncio.ensure_future(asyncio.to_thread(open, path, "wb"))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with suppress(OSError):
+            (await opening).close()
+        raise
 
 
 def safe_image_path(folder: str | Path, name: str) -> Path | None:
