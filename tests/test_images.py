@@ -49,6 +49,7 @@ class UrlAnswer:
     content_type: str = "image/png"
     pieces: int = 1  # >1: the body is written in this many parts, `delay` seconds apart
     delay: float = 0.0
+    drawing: float = 0.0  # seconds the upstream takes to draw before it answers the generation request
 
 
 @dataclass
@@ -96,6 +97,8 @@ class FakeImages:
     async def generations(self, request: web.Request) -> web.Response:
         self.requests.append(Seen(request.headers.get("Authorization"), await request.json()))
         answer = self.script.popleft() if self.script else self.default
+        if isinstance(answer, UrlAnswer) and answer.drawing:
+            await asyncio.sleep(answer.drawing)
         if isinstance(answer, ErrorAnswer):
             return web.json_response({"error": {"message": answer.message}}, status=answer.status)
         if isinstance(answer, B64Answer):

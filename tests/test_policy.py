@@ -136,13 +136,18 @@ async def test_a_client_that_leaves_after_the_question_went_upstream_is_charged(
         assert await remaining(ws) == "2"
 
 
-async def test_a_client_that_leaves_while_its_picture_is_fetched_is_charged(
-        make_client: MakeClient, upstream: FakeImages, folder_path: Path) -> None:  # noqa: F811
-    upstream.script.append(UrlAnswer(pieces=4, delay=0.3))
+@pytest.mark.parametrize("while_", ["drawing", "downloading"])
+async def test_a_client_that_leaves_after_its_picture_was_asked_for_is_charged(
+        make_client: MakeClient, upstream: FakeImages, folder_path: Path, while_: str) -> None:  # noqa: F811
+    slow = UrlAnswer(drawing=2.0) if while_ == "drawing" else UrlAnswer(pieces=4, delay=0.3)
+    upstream.script.append(slow)
     client = await start(make_client, upstream, quota={"daily_questions": 3})
     async with ws_connect(client) as ws:
         await ws.send_json(draw())
-        await until(lambda: upstream.downloads == 1)  # the upstream drew (and billed) the picture
+        if while_ == "drawing":
+            await until(lambda: len(upstream.requests) == 1)  # the upstream is drawing (and will bill it)
+        else:
+            await until(lambda: upstream.downloads == 1)  # the upstream drew the picture
     await asyncio.sleep(0.1)
     async with ws_connect(client) as ws:
         assert await remaining(ws) == "2"
