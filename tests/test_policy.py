@@ -168,7 +168,7 @@ async def test_a_picture_the_upstream_refused_is_given_back(make_client: MakeCli
 async def test_offline_answers_cost_no_quota(make_client: MakeClient) -> None:
     client = await make_client(upstream={"api_keys": []}, quota={"daily_questions": 1})
     async with ws_connect(client) as ws:
-        for _ in range(3):
+        for _ in range(2):  # the second would be refused if the first had been charged
             frames = await ask(ws)
             assert frames[-2]["content"] == texts.OFFLINE_ANSWER and frames[-1]["content"] == "DONE"
         picture = await ask(ws, **{"isGenImg": True, "content": "a cat", "messages": []})

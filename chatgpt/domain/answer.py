@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 
 from chatgpt.domain.provider import Delta
 
@@ -33,8 +33,8 @@ class Answer:
     def __aiter__(self) -> Answer:
         return self
 
-    async def __anext__(self) -> Delta:
-        return await self._deltas.__anext__()
+    def __anext__(self) -> Awaitable[Delta]:
+        return self._deltas.__anext__()  # the generator's own awaitable: no extra coroutine per delta
 
     async def aclose(self) -> None:
         """Stop the answer: the upstream request is cancelled and the question accounted."""

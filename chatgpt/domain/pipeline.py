@@ -13,6 +13,7 @@ from chatgpt.domain.accounts import Accounts, Charge
 from chatgpt.domain.answer import Answer, produced
 from chatgpt.domain.errors import ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
 from chatgpt.domain.gate import Gate
+from chatgpt.domain.limits import LimiterTable
 from chatgpt.domain.pictures import PictureStore, StoredImage
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 from chatgpt.domain.question import Payer, Question, fit_context
@@ -89,7 +90,7 @@ class ChatPipeline:
         """What the state file keeps of the pipeline: quotas and key health."""
         return {**self._accounts.stores(), **self._upstreams.stores()}
 
-    def limiter(self, door: str) -> Any:
+    def limiter(self, door: str) -> LimiterTable:
         """The limiter table of `door`."""
         return self._gate.table(door)
 

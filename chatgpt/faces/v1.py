@@ -30,21 +30,17 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
                "X-Accel-Buffering": "no"}
 
 
-def _invalid(message: str, param: str | None = None) -> BadQuestion:
-    return BadQuestion(message, param)
-
-
 def parse_messages(value: Any) -> list[dict[str, Any]]:
     """`messages`: a non-empty list of {role, content}; content a string or a list of parts."""
     if not isinstance(value, list) or not value:
-        raise _invalid("'messages' must be a non-empty array.", "messages")
+        raise BadQuestion("'messages' must be a non-empty array.", "messages")
     cleaned = []
     for i, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("role"), str):
-            raise _invalid(f"'messages.{i}' must be an object with a string 'role'.", "messages")
+            raise BadQuestion(f"'messages.{i}' must be an object with a string 'role'.", "messages")
         content = item.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise _invalid(f"'messages.{i}.content' must be a string or an array.", "messages")
+            raise BadQuestion(f"'messages.{i}.content' must be a string or an array.", "messages")
         message = {"role": item["role"], "content": content if content is not None else ""}
         if isinstance(item.get("name"), str):
             message["name"] = item["name"]
@@ -61,18 +57,18 @@ def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question
     """Validate a chat completion request into the pipeline's Question and the `stream` flag."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _invalid("'stream' must be a boolean.", "stream")
+        raise BadQuestion("'stream' must be a boolean.", "stream")
     if body.get("n", 1) != 1:
-        raise _invalid("Only n=1 is supported.", "n")
+        raise BadQuestion("Only n=1 is supported.", "n")
     temperature, max_tokens = body.get("temperature"), body.get("max_tokens", body.get("max_completion_tokens"))
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0 <= temperature <= 2):
-        raise _invalid("'temperature' must be a number between 0 and 2.", "temperature")
+        raise BadQuestion("'temperature' must be a number between 0 and 2.", "temperature")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise _invalid("'max_tokens' must be a positive integer.", "max_tokens")
+        raise BadQuestion("'max_tokens' must be a positive integer.", "max_tokens")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _invalid("'model' must be a string.", "model")
+        raise BadQuestion("'model' must be a string.", "model")
     extra = {k: v for k, v in body.items() if k in PASSED_THROUGH and isinstance(v, PASSED_THROUGH[k])}
     question = Question("v1", identity_of(request), payer_of(request), parse_messages(body.get("messages")), model,
                         max_tokens=max_tokens, temperature=temperature, extra=extra)
@@ -151,13 +147,13 @@ async def image_generations(request: web.Request) -> web.Response:
     body = await read_object(request)
     prompt, size, response_format = body.get("prompt"), body.get("size"), body.get("response_format", "url")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _invalid("'prompt' must be a non-empty string.", "prompt")
+        raise BadQuestion("'prompt' must be a non-empty string.", "prompt")
     if body.get("n", 1) != 1:
-        raise _invalid("Only n=1 is supported.", "n")
+        raise BadQuestion("Only n=1 is supported.", "n")
     if response_format not in ("url", "b64_json"):
-        raise _invalid("'response_format' must be 'url' or 'b64_json'.", "response_format")
+        raise BadQuestion("'response_format' must be 'url' or 'b64_json'.", "response_format")
     if size is not None and (not isinstance(size, str) or not IMAGE_SIZE.match(size)):
-        raise _invalid("'size' must look like 1024x1024.", "size")
+        raise BadQuestion("'size' must look like 1024x1024.", "size")
     question = Question("v1", identity_of(request), payer_of(request), [])
     stored = await pipeline.draw(question, prompt.strip(), size)
     item: dict[str, Any] = {"url": stored.url}
