@@ -13,7 +13,7 @@ from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
-from chatgpt.keys import keypool_key, upstream_key
+from chatgpt.keys import routes_key, upstream_key
 from chatgpt.domain.keypool import probe_forever
 from chatgpt.faces.markdown import to_html
 from tests.conftest import CLIENT_TOKEN, USER_KEY, MakeClient, url, ws_connect
@@ -426,7 +426,7 @@ async def test_the_baixing_quota_refuses_the_second_anonymous_question(
 async def test_a_disabled_server_key_is_reprobed_with_get_models_and_comes_back_when_it_works(
         make_client: MakeClient, fake: FakeOpenAI) -> None:
     client = await make_client(upstream={"api_keys": [KEY_A]})
-    keys = client.app[keypool_key]
+    keys = client.app[routes_key].upstreams[0].keys
     fake.script.append(Fail(401, "Incorrect API key provided.", code="invalid_api_key"))
     async with ws_connect(client) as ws:
         assert (await ask(ws))[-1]["isSuccess"] is False

@@ -18,7 +18,7 @@ from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
-from chatgpt.keys import keypool_key, pipeline_key, session_key
+from chatgpt.keys import pipeline_key, routes_key, session_key
 from chatgpt.faces.markdown import to_html
 from tests.conftest import CLIENT_TOKEN, MakeClient, ws_connect
 from tests.fake_openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
@@ -309,7 +309,7 @@ async def test_an_upstream_fault_ends_the_question_with_one_clear_error_and_leav
     if fault.cooling is not None:
         assert fault.cooling - 1 < health["until"] <= fault.cooling, health
     if fault.key_state == "disabled":
-        assert client.app[keypool_key].usable() == 0
+        assert client.app[routes_key].upstreams[0].keys.usable() == 0
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one read", "a read per event"])

@@ -46,7 +46,7 @@ class Meter(Protocol):
         """A daily quota refused a question at `door`."""
         ...
 
-    def upstream_failed(self, status: str, who: str) -> None:
-        """An upstream call failed with `status` (an HTTP status or the failure's name); `who` is the
-        masked pool key or the provider's name."""
+    def upstream_failed(self, upstream: str, status: str, key: str) -> None:
+        """A call to `upstream` failed with `status` (an HTTP status or the failure's name); `key` is the
+        masked pool key, or "own" for the caller's key or none."""
         ...

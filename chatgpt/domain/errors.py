@@ -51,6 +51,10 @@ class NoServerKey(Refused):
     """The server's pool has no key at all, and the question would be paid by it."""
 
 
+class PicturesNotOffered(Refused):
+    """No upstream of this server draws pictures."""
+
+
 class BadQuestion(Refused):
     """A question that fails validation; `text` is what the face that found it wants said."""
 

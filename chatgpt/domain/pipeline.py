@@ -87,8 +87,8 @@ class ChatPipeline:
         return {"serving": self._gate.serving, **self._upstreams.health()}
 
     def stores(self) -> dict[str, Any]:
-        """What the state file keeps of the pipeline: quotas and key health."""
-        return {**self._accounts.stores(), **self._upstreams.stores()}
+        """What the state file keeps of the pipeline's own: the quotas (key pools live with their upstreams)."""
+        return self._accounts.stores()
 
     def limiter(self, door: str) -> LimiterTable:
         """The limiter table of `door`."""
@@ -103,10 +103,9 @@ class ChatPipeline:
     def model_for(self, requested: str | None, payer: Payer) -> str:
         """Blank or absent → the default; the caller's own key → any model; else only a model offered on
         the server's keys (PROTOCOL.md E.1)."""
-        upstream = self._settings.upstream
         if requested is None or not requested.strip():
-            return upstream.model
-        if payer.kind == "own" or requested in upstream.models:
+            return self._upstreams.default_model
+        if payer.kind == "own" or self._upstreams.offers(requested):
             return requested
         raise ModelNotFound(requested)
 
@@ -122,6 +121,7 @@ class ChatPipeline:
         if not own:
             max_tokens = min(max_tokens, upstream.max_tokens)  # the operator pays: cap it
         temperature = upstream.temperature if question.temperature is None else question.temperature
+        model = self._upstreams.resolve(model)  # what clients say -> what upstreams are asked
         return ChatRequest(history, model, temperature, max_tokens, question.extra)
 
     def _record(self, question: Question, kind: str) -> QuestionRecord:
@@ -138,7 +138,7 @@ class ChatPipeline:
         the upstream and the accounting happen as the answer is read."""
         model = self.model_for(question.model, question.payer)
         request = self._request(question, model)
-        route = self._upstreams.route(question.payer, debug=self._accounts.debug)
+        route = self._upstreams.route(question.payer, request.model, debug=self._accounts.debug)
         return Answer(model, self._stream(question, request, route))
 
     @asynccontextmanager
@@ -184,11 +184,12 @@ class ChatPipeline:
         caller's own key: on the pool the operator pays for the configured size."""
         if question.payer.kind != "own" or not size:
             size = self._settings.images.size
-        route = self._upstreams.route(question.payer)
+        route = self._upstreams.drawing(question.payer)
+        model = self._upstreams.image_model()
         async with self._accounted(question, "image", route) as (progress, record):
             generated: GeneratedImage | None = None
             pictures = self._upstreams.call(
-                route, lambda provider, key: _one(provider.generate_image(prompt, size, key)), progress)
+                route, lambda provider, key: _one(provider.generate_image(prompt, size, key, model)), progress)
             async with opened(pictures):
                 async for generated in pictures:
                     progress.produced = True  # the upstream drew (and billed) it
@@ -197,6 +198,6 @@ class ChatPipeline:
             try:
                 stored = await self._pictures.store(generated)
             except UPSTREAM_FAILURES as exc:
-                raise self._upstreams.failed("images", exc, subject="picture") from exc
+                raise self._upstreams.failed("picture download", exc, subject="picture") from exc
             record.token()
             return stored

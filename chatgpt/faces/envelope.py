@@ -17,6 +17,7 @@ from chatgpt.domain.errors import (
     Maintenance,
     ModelNotFound,
     NoServerKey,
+    PicturesNotOffered,
     QuotaExceeded,
     RateLimited,
     ShuttingDown,
@@ -75,6 +76,8 @@ def known_error(exc: BaseException) -> tuple[str, str] | None:
         return "500001", texts.SERVER_BUSY
     if isinstance(exc, NoServerKey):
         return "500001", texts.NO_SERVER_KEY
+    if isinstance(exc, PicturesNotOffered):
+        return "500001", texts.NO_IMAGES
     if isinstance(exc, EmptyContext):
         return "300003", exc.text
     if isinstance(exc, BadQuestion):

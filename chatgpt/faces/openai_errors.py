@@ -18,6 +18,7 @@ from chatgpt.domain.errors import (
     Maintenance,
     ModelNotFound,
     NoServerKey,
+    PicturesNotOffered,
     PromptTooLong,
     QuotaExceeded,
     RateLimited,
@@ -112,6 +113,8 @@ def _known(exc: BaseException) -> OpenAIError | None:
     if isinstance(exc, NoServerKey):
         return OpenAIError(503, "This server has no upstream API key; send your own key as the bearer token.",
                            "server_error")
+    if isinstance(exc, PicturesNotOffered):
+        return OpenAIError(400, "This server does not draw pictures.", code="images_not_offered")
     if isinstance(exc, PromptTooLong):
         return OpenAIError(400, f"The newest message is longer than this server accepts ({exc.budget} characters).",
                            code="context_length_exceeded", param="messages")

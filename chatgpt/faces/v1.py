@@ -18,7 +18,7 @@ from chatgpt.domain.errors import BadQuestion
 from chatgpt.domain.provider import Delta
 from chatgpt.domain.question import Payer, Question
 from chatgpt.faces.openai_errors import error_event, error_middleware
-from chatgpt.keys import pipeline_key, settings_key
+from chatgpt.keys import pipeline_key, routes_key, settings_key
 from chatgpt.server.bodies import read_object
 from chatgpt.server.guards import identity_of
 from chatgpt.server.streaming import Piece, StreamingAnswer, send_stream
@@ -164,9 +164,9 @@ async def image_generations(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """`GET /v1/models`: the models this server allows on its own keys."""
+    """`GET /v1/models`: every model and alias this server offers on its own keys."""
     await request.config_dict[pipeline_key].limit("v1", identity_of(request))
-    models = request.config_dict[settings_key].upstream.models
+    models = request.config_dict[routes_key].offered()
     return web.json_response({"object": "list", "data": [
         {"id": m, "object": "model", "created": 0, "owned_by": "chatgpt-api"} for m in models]})
 

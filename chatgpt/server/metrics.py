@@ -39,8 +39,8 @@ class Metrics:
         self.duration = Histogram("chatgpt_answer_duration_seconds", "Time to the end of an answer",
                                   ["entry"], buckets=_DURATION, registry=r)
         self.tokens = Counter("chatgpt_relayed_deltas", "Answer pieces relayed to clients", ["entry"], registry=r)
-        self.upstream_errors = Counter("chatgpt_upstream_errors", "Upstream failures by status and masked key",
-                                       ["status", "key"], registry=r)
+        self.upstream_errors = Counter("chatgpt_upstream_errors", "Upstream failures by upstream, status and masked key",
+                                       ["upstream", "status", "key"], registry=r)
         self.limiter_refusals = Counter("chatgpt_limiter_refusals", "Requests refused by a per-IP limiter",
                                         ["entry"], registry=r)
         self.quota_refusals = Counter("chatgpt_quota_refusals", "Questions refused by a daily quota",
@@ -65,9 +65,9 @@ class Metrics:
         """A daily quota refused a question at `door`."""
         self._child(self.quota_refusals, door).inc()
 
-    def upstream_failed(self, status: str, who: str) -> None:
-        """An upstream call failed with `status`; `who` is the masked pool key or the provider's name."""
-        self._child(self.upstream_errors, status, who).inc()
+    def upstream_failed(self, upstream: str, status: str, key: str) -> None:
+        """A call to `upstream` failed with `status`; `key` is the masked pool key or "own"."""
+        self._child(self.upstream_errors, upstream, status, key).inc()
 
     def start(self, entry: str, identity: str, kind: str = "chat") -> QuestionRecord:
         """A question is going upstream."""
