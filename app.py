@@ -14,15 +14,13 @@ from importlib import resources
 
 from aiohttp import web
 
-from chatgpt.faces import admin
-from chatgpt.faces import v1 as openai_api
-from chatgpt.faces import ops
-from chatgpt.faces import wxlogin
+from chatgpt.faces import admin, curl, ops, wxlogin
 from chatgpt.faces import miniprogram as views
+from chatgpt.faces import v1 as openai_api
+from chatgpt.faces.envelope import error_middleware
 from chatgpt.keys import (
     admin_failures_key,
     flags_key,
-    http_limits_key,
     image_usage_key,
     inflight_key,
     memory_key,
@@ -42,10 +40,11 @@ from chatgpt.keys import (
     upstream_key,
     wechat_login_key,
 )
+from chatgpt.domain.accounts import Accounts
+from chatgpt.domain.gate import Gate
 from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.domain.upstreams import Upstreams
 from chatgpt.server.clientip import TrustedProxies
-from chatgpt.server.errors import error_middleware
-from chatgpt.server.guards import rate_limit_middleware
 from chatgpt.server.images import ImageStore, ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
 from chatgpt.domain.failover import Upstream, host_of
@@ -83,23 +82,27 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     upstream = settings.upstream
     session = make_session(upstream.connect_timeout, upstream.read_timeout)
     providers = {e.name: OpenAIProvider(session, e.base_url) for e in settings.upstream_entries}
-    upstreams = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name], KeyPool(e.api_keys))
-                 for e in settings.upstream_entries]
-    routes = RouteTable(upstreams, settings.default_model, settings.models.aliases, settings.models.image)
+    live = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name], KeyPool(e.api_keys))
+            for e in settings.upstream_entries]
+    routes = RouteTable(live, settings.default_model, settings.models.aliases, settings.models.image)
     offline = OfflineProvider() if settings.pool_provider == "offline" else None
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
     images = ImageStore(settings.images.folder, settings.public_url, session,
                         int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds,
                         app[image_usage_key])
+    flags, meter, limits = app[flags_key], app[metrics_key], settings.limits
+    gate = Gate(flags, {"ws": LimiterTable(limits.ws_per_minute, 60.0),
+                        **{door: LimiterTable(limits.http_per_second, 1.0) for door in ("http", "v1", "chat")}},
+                meter)
+    accounts = Accounts(flags, DailyQuota(settings.quota.daily_questions),
+                        DailyQuota(settings.quota.baixing_daily_questions), meter)
+    upstreams = Upstreams(routes, offline, baixing, meter)
     app[session_key] = session
     app[routes_key] = routes
     app[upstream_key] = providers[routes.for_own_key(settings.default_model).name]
-    app[pipeline_key] = ChatPipeline(
-        settings, app[flags_key], routes, DailyQuota(settings.quota.daily_questions),
-        DailyQuota(settings.quota.baixing_daily_questions),
-        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, offline, baixing, images, app[metrics_key])
+    app[pipeline_key] = ChatPipeline(settings, gate, accounts, upstreams, images, meter)
     probes = [asyncio.create_task(probe_forever(u.keys, providers[u.name].key_works, every=60.0))
-              for u in upstreams if u.keys]
+              for u in routes.upstreams if u.keys]
     yield
     for probe in probes:
         probe.cancel()
@@ -145,12 +148,10 @@ async def state_lock_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     """Restore quotas, flags and key health at start; save periodically and at shutdown."""
-    pipeline = app[pipeline_key]
     # Key health per upstream: "keys" for the one of the `upstream:` shorthand (as before), "keys.<name>" else.
     pools = {"keys" if u.name == "default" else f"keys.{u.name}": u.keys for u in app[routes_key].upstreams}
     state = StateFile(app[settings_key].state.file, {
-        "flags": app[flags_key], "quota": pipeline.quota, "debug_quota": pipeline.debug_quota,
-        **pools, "chat": app[memory_key]})
+        "flags": app[flags_key], **app[pipeline_key].stores(), **pools, "chat": app[memory_key]})
     state.load(app[state_lock_key])
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
@@ -198,8 +199,7 @@ def describe_routes(settings: Settings) -> list[str]:
 def create_app(settings: Settings) -> web.Application:
     """Build the application; used alike by production, tests and `adev runserver`."""
     quiet_bad_requests()
-    app = web.Application(middlewares=[error_middleware, rate_limit_middleware],
-                          client_max_size=settings.ws.max_message_bytes)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.ws.max_message_bytes)
     app[settings_key] = settings
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions)
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
@@ -214,13 +214,12 @@ def create_app(settings: Settings) -> web.Application:
     chat = settings.chat
     app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600,
                                          settings.upstream.context_chars)
-    app[http_limits_key] = {"http": LimiterTable(settings.limits.http_per_second, 1.0),
-                            "v1": LimiterTable(settings.limits.http_per_second, 1.0)}
     merge_slashes(app, aliases={"/api1/": "/api/"})
     views.add_routes(app)
+    curl.add_routes(app)
     app.router.add_get("/websocket", websocket_handler)
-    openai_api.add_routes(app)
-    admin.add_routes(app)
+    app.add_subapp("/v1", openai_api.make_app())
+    app.add_subapp("/admin", admin.make_app())
     ops.add_routes(app)
     wxlogin.add_routes(app)
     app.cleanup_ctx.append(state_lock_ctx)

@@ -11,7 +11,7 @@ from chatgpt.domain.routes import RouteTable
 from chatgpt.server.clientip import TrustedProxies
 from chatgpt.server.images import ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
-from chatgpt.domain.limits import FailureLimit, LimiterTable
+from chatgpt.domain.limits import FailureLimit
 from chatgpt.domain.memory import ConversationMemory
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
@@ -30,7 +30,6 @@ sockets_key = web.AppKey("sockets", SocketRegistry)
 trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
 metrics_allow_key = web.AppKey("metrics_allow", TrustedProxies)  # peers that may read /metrics
 image_usage_key = web.AppKey("image_usage", ImageUsage)
-http_limits_key = web.AppKey("http_limits", dict[str, LimiterTable])
 state_key = web.AppKey("state", StateFile)
 state_lock_key = web.AppKey("state_lock", StateLock)
 pruner_key = web.AppKey("pruner", Pruner)

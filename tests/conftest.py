@@ -1,6 +1,7 @@
 """Shared fixtures: the real app on loopback in front of a fake OpenAI upstream."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from chatgpt.settings import Settings, load_settings
 from tests.fakes.openai import FakeOpenAI
 from tests.helpers.capture import CAPTURED_LOGGERS, SecretCapture, secrets_in_test_sources
 from tests.helpers.servers import refusing_port
+from tests.helpers.timewarp import WarpLoop
 
 SERVER_KEY = "sk-server-key-0001"
 USER_KEY = "sk-user-own-key-9999"
@@ -72,6 +74,16 @@ async def make_client(aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_
 async def client(make_client: MakeClient) -> TestClient:
     """The app on its test defaults, paying with SERVER_KEY at the fake upstream."""
     return await make_client()
+
+
+@pytest.hookimpl(specname="pytest_asyncio_loop_factories")
+def pytest_asyncio_loop_factories_warp(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """The event loop of each async test: a module that sets `EVENT_LOOP = "warp"` gets a loop whose clock
+    its tests move forward instead of sleeping (tests/timewarp.py); every other test the stock loop."""
+    module = getattr(item, "module", None)
+    if getattr(module, "EVENT_LOOP", None) == "warp":
+        return {"warp": WarpLoop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def url(client: TestClient, path: str) -> str:

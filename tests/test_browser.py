@@ -165,7 +165,9 @@ async def test_context_carries_the_last_four_items_on_screen(make_client: MakeCl
     frames = demo.questions()
     assert frames[2]["messages"] == [{"role": "assistant", "content": "one"}, {"role": "user", "content": "q2"},
                                      {"role": "assistant", "content": "two"}, {"role": "user", "content": "q3"}]
-    assert frames[2]["parentId"] == "a-2"
+    # The parent is the last answer's id: the server's own, one per answer (PROTOCOL.md E.1), not the upstream's.
+    parents = [f.get("parentId") for f in frames]
+    assert all(re.fullmatch(r"chatcmpl-[0-9a-f]{20}", str(p)) for p in parents[1:]) and parents[1] != parents[2]
     assert len({f["id"] for f in frames}) == 3 and len({f["conversationId"] for f in frames}) == 1
 
 

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from aiohttp.web import Server
 
 from chatgpt.domain import texts
-from chatgpt.keys import http_limits_key
+from chatgpt.keys import pipeline_key
 from tests.conftest import MakeClient, url, ws_connect
 from tests.helpers.frames import question, receive_answer, wait_until
 
@@ -57,7 +57,7 @@ async def status_of(client: TestClient, address: str) -> str:
 async def test_ten_thousand_spoofed_addresses_keep_the_http_limiter_table_at_its_cap_and_others_are_served(
         make_client: MakeClient) -> None:
     client = await make_client()  # default limits: 5 requests/s per client IP
-    table = client.server.app[http_limits_key]["http"]
+    table = client.server.app[pipeline_key].limiter("http")
     assert table.max_entries == LIMITER_CAP
     rss_before = resident_bytes()
     started = time.monotonic()

@@ -198,7 +198,7 @@ async def test_healthz_says_unreachable_after_the_upstream_cannot_be_reached(mak
     client = await make_client(upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"})
     response = await client.post("/v1/chat/completions", json=v1_body(), headers=TRUSTED)
     assert response.status == 502
-    assert (await response.json())["error"]["message"] == texts.UPSTREAM_UNREACHABLE
+    assert (await response.json())["error"]["message"] == "Could not reach the upstream at 127.0.0.1."
     body = await healthz(client)
     assert (body["upstream_reachable"], body["keys"]) == (False, {"configured": 1, "healthy": 1})
 

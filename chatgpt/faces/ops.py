@@ -13,16 +13,11 @@ from chatgpt.keys import (metrics_allow_key, metrics_key, pipeline_key, routes_k
 async def healthz(request: web.Request) -> web.Response:
     """200 while the process serves: uptime, where answers come from, key health, upstream reachability."""
     app = request.app
-    pipeline = app[pipeline_key]
-    upstreams = app[routes_key].upstreams
     return web.json_response({
         "status": "ok",
         "uptime_s": round(time.monotonic() - app[started_key], 1),
         "provider": app[settings_key].pool_provider,
-        "serving": pipeline.flags.serving,
-        "keys": {"configured": sum(len(u.keys) for u in upstreams),
-                 "healthy": sum(u.keys.usable() for u in upstreams)},
-        "upstream_reachable": pipeline.upstream_ok,
+        **app[pipeline_key].health(),  # serving, keys, upstream_reachable
     })
 
 
