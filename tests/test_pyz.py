@@ -117,9 +117,10 @@ async def test_pyz_serves_offline_without_a_key_and_exits_cleanly_on_sigterm(tmp
     assert "<html" in page.lower()  # package data travels inside the file
     assert code == 0, output
     assert "Traceback" not in output
-    # The question was counted, and the count written to the working directory at shutdown.
+    # The state file was written to the working directory at shutdown; the offline answer cost no
+    # quota (PROTOCOL.md E.1: the built-in provider is free).
     state = json.loads((tmp_path / "state.json").read_text(encoding="utf-8"))
-    assert state["quota"]["used"] == {"127.0.0.1": 1}
+    assert state["quota"]["used"] == {}
 
 
 def test_the_unit_lets_the_process_hold_many_sockets() -> None:
