@@ -12,17 +12,23 @@ from aiohttp import web
 from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from chatgpt import messages
-from chatgpt.appkeys import pipeline_key, upstream_key
-from chatgpt.keypool import probe_forever
-from chatgpt.render import to_html
+from chatgpt.domain import texts
+from chatgpt.domain.keypool import probe_forever
+from chatgpt.faces.markdown import to_html
+from chatgpt.keys import pipeline_key, routes_key, upstream_key
 from tests.conftest import CLIENT_TOKEN, USER_KEY, MakeClient, url, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI, Stream
-from tests.test_ws import question, receive_answer
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
+from tests.helpers.timewarp import skip
+
+EVENT_LOOP = "warp"  # the HTTP limit's recovery is shown by moving the loop's clock, not by waiting
 
 KEY_A = "sk-key-aaaa1111"
 KEY_B = "sk-key-bbbb2222"
 FAKE_TEXT = "Hello, **world**!"  # what the fake upstream answers by default
+# What an SDK or curl user reads when the daily quota is used up (English on /v1 and /chat, PROTOCOL.md E.2).
+QUOTA_USED_UP = ("Today's free questions from your address are used up; they come back at midnight "
+                 "(or send your own API key as the bearer token).")
 
 
 def chat_body(**fields: Any) -> dict[str, Any]:
@@ -46,7 +52,7 @@ async def ask(ws: ClientWebSocketResponse, prompt: str = "你好", **fields: Any
 
 async def remaining(ws: ClientWebSocketResponse) -> str:
     """Ask `查询次数` and return the quota frame's content (checking the frame's exact shape)."""
-    frames = await ask(ws, messages.QUOTA_QUERY)
+    frames = await ask(ws, texts.QUOTA_QUERY)
     assert len(frames) == 1
     frame = frames[0]
     assert frame == {"conversationId": "c-1", "content": frame["content"], "html": frame["content"],
@@ -76,10 +82,10 @@ async def test_http_limit_refuses_the_third_rapid_request_with_envelope_700001_t
         assert response.status == 200
         bodies.append(await response.json())
     assert [b["status"] for b in bodies] == ["000000", "000000", "700001"]
-    assert bodies[2] == {"status": "700001", "msg": messages.HTTP_TOO_FAST, "timestamp": bodies[2]["timestamp"]}
+    assert bodies[2] == {"status": "700001", "msg": texts.HTTP_TOO_FAST, "timestamp": bodies[2]["timestamp"]}
     other = await (await client.session.get(url(client, "//status"), headers=ip("10.0.0.2"))).json()
     assert (other["status"], other["state"]) == ("000000", True)
-    await asyncio.sleep(0.6)  # 2/s drains one request's worth every 0.5 s
+    skip(0.6)  # 2/s drains one request's worth every 0.5 s
     again = await (await client.session.get(url(client, "//status"), headers=ip("10.0.0.1"))).json()
     assert (again["status"], again["state"]) == ("000000", True)
 
@@ -92,8 +98,9 @@ async def test_v1_limit_refusal_is_429_with_retry_after_and_openai_error_json(ma
         statuses.append(response.status)
     assert statuses == [200, 200, 429]
     assert response.headers["Retry-After"] == "1"
-    assert await response.json() == {"error": {"message": messages.HTTP_TOO_FAST, "type": "rate_limit_exceeded",
-                                               "param": None, "code": "rate_limit_exceeded"}}
+    assert await response.json() == {"error": {"message": "Too many requests from your address; retry in 1 s.",
+                                               "type": "rate_limit_exceeded", "param": None,
+                                               "code": "rate_limit_exceeded"}}
 
 
 async def test_spoofed_forwarding_headers_from_an_untrusted_peer_do_not_dodge_the_http_limit(
@@ -125,7 +132,7 @@ async def test_websocket_limit_refuses_the_third_question_and_keeps_the_socket_a
         assert answered(await ask(ws))
         assert answered(await ask(ws))
         third = await ask(ws)
-        assert third == [refusal(messages.WS_TOO_FAST, third[0]["createTime"])]
+        assert third == [refusal(texts.WS_TOO_FAST, third[0]["createTime"])]
         for _ in range(20):
             await ws.send_json({"heart": "ping"})
         pongs = [await asyncio.wait_for(ws.receive_json(), 5) for _ in range(20)]
@@ -147,7 +154,7 @@ async def test_forwarding_headers_set_the_websocket_identity_only_from_a_trusted
     if second_is_answered:
         assert answered(frames)
     else:
-        assert frames == [refusal(messages.WS_TOO_FAST, frames[0]["createTime"])]
+        assert frames == [refusal(texts.WS_TOO_FAST, frames[0]["createTime"])]
 
 
 # --- daily quota -----------------------------------------------------------------------------------------
@@ -162,7 +169,7 @@ async def test_daily_quota_counts_both_sender_modes_and_refuses_the_third_questi
         assert answered(await ask(ws, isSender=True))
         assert await remaining(ws) == "0"
         third = await ask(ws)
-        assert third == [refusal(messages.QUOTA_USED_UP, third[0]["createTime"])]
+        assert third == [refusal(texts.QUOTA_USED_UP, third[0]["createTime"])]
         assert await remaining(ws) == "0"
     assert len(fake.chat_requests()) == 2
 
@@ -173,7 +180,7 @@ async def test_a_question_on_the_users_own_key_is_not_limited_by_the_daily_quota
     async with ws_connect(client) as ws:
         assert answered(await ask(ws))
         refused = await ask(ws)
-        assert refused == [refusal(messages.QUOTA_USED_UP, refused[0]["createTime"])]
+        assert refused == [refusal(texts.QUOTA_USED_UP, refused[0]["createTime"])]
         for _ in range(2):
             assert answered(await ask(ws, isDemo=False, authValue=f"Bearer {USER_KEY}"))
         assert await remaining(ws) == "0"
@@ -197,7 +204,7 @@ async def test_a_stream_that_broke_after_some_text_is_charged(make_client: MakeC
     async with ws_connect(client) as ws:
         frames = await ask(ws)
         assert frames[0]["content"] == "partial"
-        assert frames[-1] == refusal(messages.UPSTREAM_FAILED, frames[-1]["createTime"])
+        assert frames[-1] == refusal(texts.UPSTREAM_FAILED, frames[-1]["createTime"])
         assert await remaining(ws) == "1"
 
 
@@ -212,11 +219,11 @@ async def test_anonymous_v1_requests_share_the_websocket_quota_and_client_tokens
         assert (await first.json())["choices"][0]["message"]["content"] == FAKE_TEXT
         assert await remaining(ws) == "0"
         refused = await ask(ws)
-        assert refused == [refusal(messages.QUOTA_USED_UP, refused[0]["createTime"])]
+        assert refused == [refusal(texts.QUOTA_USED_UP, refused[0]["createTime"])]
     for headers in (who, {**who, "Authorization": "Bearer "}):
         over = await client.post("/v1/chat/completions", json=chat_body(), headers=headers)
         assert over.status == 429
-        assert await over.json() == {"error": {"message": messages.QUOTA_USED_UP, "type": "insufficient_quota",
+        assert await over.json() == {"error": {"message": QUOTA_USED_UP, "type": "insufficient_quota",
                                                "param": None, "code": "daily_quota_exceeded"}}
     trusted = await client.post("/v1/chat/completions", json=chat_body(),
                                 headers={**who, "Authorization": f"Bearer {CLIENT_TOKEN}"})
@@ -268,7 +275,7 @@ async def test_when_every_key_is_refused_the_user_gets_an_error_frame_after_at_m
         frames = await ask(ws)
         # A refusal of the server's own key is the operator's business: the user gets the generic
         # failure, never the upstream's message (it names the key or the organisation).
-        assert frames == [refusal(messages.UPSTREAM_FAILED, frames[0]["createTime"])]
+        assert frames == [refusal(texts.UPSTREAM_FAILED, frames[0]["createTime"])]
         assert [r.authorization for r in fake.chat_requests()] == [f"Bearer {KEY_A}", f"Bearer {KEY_B}"]
         again = await ask(ws)  # both keys are disabled now: nothing is sent upstream
         assert len(again) == 1 and again[0]["isSuccess"] is False and again[0]["content"]
@@ -334,14 +341,14 @@ async def test_maintenance_flag_turns_status_false_and_refuses_questions_everywh
     assert (body["status"], body["state"]) == ("000000", False)
     async with ws_connect(client) as ws:
         frames = await ask(ws)
-    assert frames == [refusal(messages.MAINTENANCE, frames[0]["createTime"])]
+    assert frames == [refusal(texts.MAINTENANCE, frames[0]["createTime"])]
     response = await client.post("/v1/chat/completions", json=chat_body())
     assert response.status == 503
     error = (await response.json())["error"]
-    assert (error["message"], error["type"]) == (messages.MAINTENANCE, "server_error")
+    assert (error["message"], error["type"]) == ("The service is under maintenance; try again later.", "server_error")
     verify = await (await client.session.post(url(client, "//api/auth/apikey/verify"),
                                               json={"apiKey": USER_KEY})).json()
-    assert (verify["status"], verify["msg"]) == ("700001", messages.MAINTENANCE)
+    assert (verify["status"], verify["msg"]) == ("700001", texts.MAINTENANCE)
     assert fake.requests == []
 
 
@@ -411,7 +418,7 @@ async def test_the_baixing_quota_refuses_the_second_anonymous_question(
     async with ws_connect(client) as ws:
         assert answered(await ask(ws))
         refused = await ask(ws)
-    assert refused == [refusal(messages.QUOTA_USED_UP, refused[0]["createTime"])]
+    assert refused == [refusal(texts.QUOTA_USED_UP, refused[0]["createTime"])]
     assert len(baixing.received) == 1
 
 
@@ -419,21 +426,21 @@ async def test_the_baixing_quota_refuses_the_second_anonymous_question(
 async def test_a_disabled_server_key_is_reprobed_with_get_models_and_comes_back_when_it_works(
         make_client: MakeClient, fake: FakeOpenAI) -> None:
     client = await make_client(upstream={"api_keys": [KEY_A]})
-    pipeline = client.app[pipeline_key]
+    keys = client.app[routes_key].upstreams[0].keys
     fake.script.append(Fail(401, "Incorrect API key provided.", code="invalid_api_key"))
     async with ws_connect(client) as ws:
         assert (await ask(ws))[-1]["isSuccess"] is False
-    assert [row["state"] for row in pipeline.keys.health()] == ["disabled"]
+    assert [row["state"] for row in keys.health()] == ["disabled"]
     upstream = client.app[upstream_key]
     fake.valid_keys = {"sk-some-other-key"}  # the upstream still refuses KEY_A
-    probe = asyncio.create_task(probe_forever(pipeline.keys, upstream.key_works, every=0.02))
+    probe = asyncio.create_task(probe_forever(keys, upstream.key_works, every=0.02))
     try:
-        pipeline.keys.probe_interval = 0  # due at once instead of after 10 minutes
+        keys.probe_interval = 0  # due at once instead of after 10 minutes
         await asyncio.sleep(0.1)
-        assert [row["state"] for row in pipeline.keys.health()] == ["disabled"]
+        assert [row["state"] for row in keys.health()] == ["disabled"]
         fake.valid_keys = {KEY_A}  # the operator topped the account up
         await asyncio.sleep(0.1)
-        assert [row["state"] for row in pipeline.keys.health()] == ["healthy"]
+        assert [row["state"] for row in keys.health()] == ["healthy"]
     finally:
         probe.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -10,15 +10,15 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from app import create_app
-from chatgpt import messages
-from chatgpt.keypool import fingerprint
-from chatgpt.render import to_html
+from chatgpt.domain import texts
+from chatgpt.domain.keypool import fingerprint
+from chatgpt.faces.markdown import to_html
 from chatgpt.settings import Settings
 from tests.conftest import MakeClient, build_settings, url, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI
-from tests.test_ws import question, receive_answer
+from tests.fakes.openai import Fail, FakeOpenAI
+from tests.helpers.frames import question, receive_answer
 
-ADMIN_TOKEN = "adm-secret-123"
+ADMIN_TOKEN = "adm-secret-123-state"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 KEY_A = "sk-key-aaaa1111"
 KEY_B = "sk-key-bbbb2222"
@@ -37,7 +37,7 @@ async def ask(client: TestClient, prompt: str = "你好", who: str | None = None
 
 async def remaining(client: TestClient, who: str | None = None) -> str:
     """The answer to `查询次数` for `who`."""
-    frames = await ask(client, messages.QUOTA_QUERY, who)
+    frames = await ask(client, texts.QUOTA_QUERY, who)
     assert len(frames) == 1 and frames[0]["isDone"] is True and frames[0]["isSuccess"] is False
     return frames[0]["content"]
 
@@ -114,8 +114,8 @@ async def test_patching_status_false_starts_maintenance_at_once_and_true_ends_it
     status = await (await client.session.get(url(client, "//status"))).json()
     assert (status["status"], status["state"]) == ("000000", False)
     frames = await ask(client)
-    assert frames == [{"conversationId": "c-1", "role": "assistant", "content": messages.MAINTENANCE,
-                       "html": to_html(messages.MAINTENANCE), "createTime": frames[0]["createTime"],
+    assert frames == [{"conversationId": "c-1", "role": "assistant", "content": texts.MAINTENANCE,
+                       "html": to_html(texts.MAINTENANCE), "createTime": frames[0]["createTime"],
                        "isDone": True, "isSuccess": False}]
     assert fake.requests == []
     assert (await client.patch("/admin/runtime", json={"status": "TRUE"}, headers=ADMIN)).status == 200
@@ -138,7 +138,7 @@ async def test_patching_demo_limit_changes_the_daily_quota_at_once(make_client: 
     assert (await client.patch("/admin/runtime", json={"demoLimit": 1}, headers=ADMIN)).status == 200
     assert await remaining(client) == "1"
     assert answered(await ask(client))
-    assert [f["content"] for f in await ask(client)] == [messages.QUOTA_USED_UP]
+    assert [f["content"] for f in await ask(client)] == [texts.QUOTA_USED_UP]
 
 
 @pytest.mark.parametrize("body", [b'{"status": 5}', b'{"nope": 1}', b'{"status": "FALSE", "nope": 1}',
@@ -168,8 +168,9 @@ async def test_admin_keys_lists_each_key_masked_with_its_health_and_never_the_fu
     text = await response.text()
     assert json.loads(text) == {"usable": 1, "keys": [
         {"key": "…1111", "state": "disabled", "until": None, "reason": "invalid_api_key",
-         "requests": 1, "failures": 1},
-        {"key": "…2222", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 0},
+         "requests": 1, "failures": 1, "upstream": "default"},
+        {"key": "…2222", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 0,
+         "upstream": "default"},
     ]}
     for secret in (KEY_A, KEY_B, "sk-key", "aaaa", "bbbb"):
         assert secret not in text

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
 
@@ -26,11 +26,11 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatgpt import messages
-from chatgpt.appkeys import sockets_key, state_key
+from chatgpt.domain import texts
+from chatgpt.keys import sockets_key, state_key
 from tests.conftest import SERVER_KEY, MakeClient, url, ws_connect
-from tests.fake_openai import FakeOpenAI
-from tests.test_ws import question
+from tests.fakes.openai import FakeOpenAI
+from tests.helpers.frames import question, wait_until
 
 MAX_BYTES = 1048576  # ws.max_message_bytes, also the app's client_max_size (test settings keep the default)
 FAKE_TEXT = "Hello, **world**!"  # what the fake upstream answers by default
@@ -107,10 +107,10 @@ def assert_error_frame(frames: list[dict[str, Any]], cid: Any) -> str:
 
 def assert_complete_answer(frames: list[dict[str, Any]], cid: Any) -> None:
     """Cumulative text frames of one answer id, then the one DONE frame."""
-    *texts, end = frames
-    assert texts, frames
-    assert all(f["isDone"] is False and f["isSuccess"] is True and f["role"] == "assistant" for f in texts)
-    assert len({f["id"] for f in texts}) == 1 and texts[-1]["content"] == FAKE_TEXT
+    *pieces, end = frames
+    assert pieces, frames
+    assert all(f["isDone"] is False and f["isSuccess"] is True and f["role"] == "assistant" for f in pieces)
+    assert len({f["id"] for f in pieces}) == 1 and pieces[-1]["content"] == FAKE_TEXT
     assert (end["content"], end["html"], end["isDone"], end["isSuccess"]) == ("DONE", "DONE", True, True)
     assert "id" not in end
     for frame in frames:
@@ -133,16 +133,9 @@ async def assert_contract_reply(ws: ClientWebSocketResponse, raw: str) -> None:
         else:
             assert_complete_answer(frames, echoed(value))
     else:
-        assert assert_error_frame(await frames_until_done(ws), MISSING) == messages.FRAME_NOT_JSON
+        assert assert_error_frame(await frames_until_done(ws), MISSING) == texts.FRAME_NOT_JSON
     await assert_heartbeat(ws)
 
-
-async def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    """Poll until `condition()` is true (the server finishes a closed socket's handler)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def http_request(method: str, path: str, *headers: str, body: bytes = b"") -> bytes:
@@ -241,7 +234,7 @@ async def test_a_question_with_wrongly_typed_fields_gets_one_error_frame_naming_
     frame, wrong = case
     await open_socket.send_str(json.dumps(frame))
     text = assert_error_frame(await frames_until_done(open_socket), echoed(frame))
-    assert text in {messages.FRAME_BAD_FIELD.format(field=name) for name in wrong}
+    assert text in {texts.FRAME_BAD_FIELD.format(field=name) for name in wrong}
     await assert_heartbeat(open_socket)
 
 
@@ -277,7 +270,7 @@ async def test_absurd_json_gets_the_not_json_error_frame_without_a_traceback(
         client: TestClient, caplog: pytest.LogCaptureFixture, raw: str) -> None:
     async with ws_connect(client) as ws:
         await ws.send_str(raw)
-        assert assert_error_frame(await frames_until_done(ws), MISSING) == messages.FRAME_NOT_JSON
+        assert assert_error_frame(await frames_until_done(ws), MISSING) == texts.FRAME_NOT_JSON
         await assert_heartbeat(ws)
     assert tracebacks(caplog) == []
 
@@ -287,7 +280,7 @@ async def test_a_900_kilobyte_prompt_is_refused_as_too_long_with_one_error_frame
     async with ws_connect(client) as ws:
         prompt = "问" * 300_000  # 900 KB of UTF-8
         await ws.send_str(json.dumps(question(messages=[{"role": "user", "content": prompt}]), ensure_ascii=False))
-        assert assert_error_frame(await frames_until_done(ws), "c-1") == messages.PROMPT_TOO_LONG
+        assert assert_error_frame(await frames_until_done(ws), "c-1") == texts.PROMPT_TOO_LONG
         await assert_heartbeat(ws)
     assert fake.chat_requests() == []
 
@@ -297,7 +290,7 @@ async def test_binary_frames_get_the_not_json_error_frame_and_the_socket_stays_o
         client: TestClient, caplog: pytest.LogCaptureFixture, payload: bytes) -> None:
     async with ws_connect(client) as ws:
         await ws.send_bytes(payload)
-        assert assert_error_frame(await frames_until_done(ws), MISSING) == messages.FRAME_NOT_JSON
+        assert assert_error_frame(await frames_until_done(ws), MISSING) == texts.FRAME_NOT_JSON
         await assert_heartbeat(ws)
     assert tracebacks(caplog) == []
 
@@ -308,8 +301,8 @@ async def test_invalid_utf8_in_a_text_frame_closes_the_socket_with_1007(
         client: TestClient, caplog: pytest.LogCaptureFixture, data: bytes) -> None:
     app = client.server.app
     async with ws_connect(client) as ws:
-        # aiohttp's send_str cannot produce invalid UTF-8, so write the TEXT frame directly.
-        await ws._writer.send_frame(data, WSMsgType.TEXT)
+        # send_str cannot produce invalid UTF-8; send_frame sends these bytes as a TEXT frame as they are.
+        await ws.send_frame(data, WSMsgType.TEXT)
         message = await asyncio.wait_for(ws.receive(), 5)
         assert (message.type, message.data, ws.close_code) == (WSMsgType.CLOSE, 1007, 1007)
     async with ws_connect(client) as ws:  # the server goes on serving
@@ -339,7 +332,7 @@ async def test_a_frame_of_exactly_max_message_bytes_is_accepted(client: TestClie
         await ws.send_str("x" * MAX_BYTES)
         message = await asyncio.wait_for(ws.receive(), 5)
         assert message.type == WSMsgType.TEXT, (message, ws.close_code)
-        assert assert_error_frame([strict_json(message.data)], MISSING) == messages.FRAME_NOT_JSON
+        assert assert_error_frame([strict_json(message.data)], MISSING) == texts.FRAME_NOT_JSON
 
 
 @pytest.mark.parametrize("raw", ['{"conversationId": NaN}', '{"conversationId": Infinity}',
@@ -390,7 +383,7 @@ async def test_two_thousand_frames_as_fast_as_possible_each_get_one_end_frame_an
     elapsed = time.monotonic() - started
     assert sorted(ends) == list(range(total)) and all(len(v) == 1 for v in ends.values())
     answered = [cid for cid, (end,) in ends.items() if end["isSuccess"]]
-    refused = [cid for cid, (end,) in ends.items() if end["content"] == messages.WS_TOO_FAST]
+    refused = [cid for cid, (end,) in ends.items() if end["content"] == texts.WS_TOO_FAST]
     assert len(answered) + len(refused) == total
     # ws_per_minute 20 (a leaky bucket: 20 at once, then one every 3 s while this runs)
     assert 1 <= len(answered) <= 20 + math.ceil(elapsed / 3)
@@ -458,7 +451,7 @@ async def test_an_empty_body_on_a_mini_program_route_is_envelope_200001(
         http_client: TestClient, caplog: pytest.LogCaptureFixture, path: str, body: bytes) -> None:
     response = await http_client.session.post(url(http_client, path), data=body)
     assert response.status == 200
-    assert envelope_of(await response.read()) == {"status": "200001", "msg": messages.BODY_EMPTY}
+    assert envelope_of(await response.read()) == {"status": "200001", "msg": texts.BODY_EMPTY}
     assert tracebacks(caplog) == []
 
 
@@ -469,7 +462,7 @@ async def test_a_body_that_is_not_a_json_object_on_a_mini_program_route_is_envel
         http_client: TestClient, caplog: pytest.LogCaptureFixture, path: str, body: bytes) -> None:
     response = await http_client.session.post(url(http_client, path), data=body)
     assert response.status == 200
-    assert envelope_of(await response.read()) == {"status": "200002", "msg": messages.BODY_NOT_JSON}
+    assert envelope_of(await response.read()) == {"status": "200002", "msg": texts.BODY_NOT_JSON}
     assert tracebacks(caplog) == []
 
 
@@ -542,7 +535,7 @@ async def test_a_multipart_or_form_body_is_not_json(http_client: TestClient, fak
     multipart.append_json({"apiKey": "sk-user-1234"})
     for data in (multipart, {"apiKey": "sk-user-1234"}):
         response = await http_client.session.post(url(http_client, "//api/auth/apikey/verify"), data=data)
-        assert envelope_of(await response.read()) == {"status": "200002", "msg": messages.BODY_NOT_JSON}
+        assert envelope_of(await response.read()) == {"status": "200002", "msg": texts.BODY_NOT_JSON}
     multipart = aiohttp.MultipartWriter("form-data")
     multipart.append_json({"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]})
     response = await http_client.session.post(url(http_client, "/v1/chat/completions"), data=multipart)
@@ -586,7 +579,7 @@ async def test_odd_authorization_on_the_backend_api_is_the_unsupported_envelope(
     status, _, body = await raw_http(http_client, http_request("GET", "//backend-api/conversations",
                                                                f"Authorization: {authorization}"))
     assert status == 200
-    assert envelope_of(body) == {"status": "500001", "msg": messages.TOKEN_UNSUPPORTED}
+    assert envelope_of(body) == {"status": "500001", "msg": texts.TOKEN_UNSUPPORTED}
 
 
 @pytest.mark.parametrize(("authorization", "upstream_sees"), [
@@ -700,7 +693,7 @@ async def test_a_lone_surrogate_in_a_chat_prompt_does_not_stop_the_state_file_be
     state = http_client.server.app[state_key]
     assert await state.save() is True  # raises UnicodeEncodeError when the snapshot cannot be encoded
     saved = json.loads(state.path.read_text(encoding="utf-8"))
-    assert "c-s" in json.dumps(saved)
+    assert saved["chat"][response.headers["X-Conversation-Id"]]["turns"] == [["\ud800 hi", FAKE_TEXT]]
 
 
 async def test_malformed_http_requests_are_refused_without_a_traceback_in_the_log(

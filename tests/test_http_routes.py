@@ -12,14 +12,15 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from chatgpt import messages
-from chatgpt.render import to_html
+from chatgpt.domain import texts
+from chatgpt.faces.markdown import to_html
 from tests.conftest import USER_KEY, MakeClient, url
-from tests.fake_openai import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
+from tests.helpers.servers import refusing_port
 
 SLASHES = ["/", "//"]  # the mini-program builds `base + "/path"` with `base` ending in `/`
 API_PREFIXES = ["/api/", "//api/", "/api1/", "//api1/"]  # /api1/ is the Java backend's alias of /api/
-CLOSED_UPSTREAM = "http://127.0.0.1:9/v1"  # the discard port: nothing listens, the connect is refused
+CLOSED_UPSTREAM = f"http://127.0.0.1:{refusing_port()}/v1"  # nothing listens there: the connect is refused
 ENVELOPE_KEYS = {"status", "msg", "timestamp"}
 VERIFY = "auth/apikey/verify"
 
@@ -51,7 +52,7 @@ def fields(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "timestamp"}
 
 
-SUCCESS = {"status": "000000", "msg": messages.SUCCESS}
+SUCCESS = {"status": "000000", "msg": texts.SUCCESS}
 
 
 @pytest.mark.parametrize("path", SLASHES)
@@ -96,7 +97,7 @@ async def test_demo_chat_list_has_one_finished_assistant_bubble_per_segment(make
     body = await envelope(client, "GET", f"{slash}demoChatList")
     after = datetime.now()
     assert set(body) == ENVELOPE_KEYS | {"messageList"}
-    assert fields(body)["status"] == "000000" and body["msg"] == messages.SUCCESS
+    assert fields(body)["status"] == "000000" and body["msg"] == texts.SUCCESS
     items = body["messageList"]
     assert [item["content"] for item in items] == ["a", "b", "c"]
     for item in items:
@@ -157,14 +158,14 @@ async def test_verify_reports_a_service_error_when_the_upstream_is_unreachable(m
                                                                                prefix: str) -> None:
     client = await make_client(upstream={"base_url": CLOSED_UPSTREAM})
     body = await envelope(client, "POST", prefix + VERIFY, json={"apiKey": USER_KEY})
-    assert fields(body) == {"status": "500001", "msg": messages.SERVICE_ERROR}
+    assert fields(body) == {"status": "500001", "msg": texts.SERVICE_ERROR}
 
 
 @pytest.mark.parametrize("prefix", API_PREFIXES)
 async def test_verify_with_an_empty_body_is_a_json_empty_error(client: TestClient, prefix: str) -> None:
     body = await envelope(client, "POST", prefix + VERIFY, data=b"",
                           headers={"Content-Type": "application/json"})
-    assert fields(body) == {"status": "200001", "msg": messages.BODY_EMPTY}
+    assert fields(body) == {"status": "200001", "msg": texts.BODY_EMPTY}
 
 
 @pytest.mark.parametrize("raw", [b"not json", b'{"apiKey": "sk-', b"[1, 2]", b'["sk-abc"]', b'"sk-abc"', b"null"])
@@ -173,7 +174,7 @@ async def test_verify_with_a_body_that_is_not_a_json_object_is_a_json_error(clie
                                                                             prefix: str, raw: bytes) -> None:
     body = await envelope(client, "POST", prefix + VERIFY, data=raw,
                           headers={"Content-Type": "application/json"})
-    assert fields(body) == {"status": "200002", "msg": messages.BODY_NOT_JSON}
+    assert fields(body) == {"status": "200002", "msg": texts.BODY_NOT_JSON}
     assert fake.requests == []
 
 
@@ -184,7 +185,7 @@ async def test_obsolete_login_routes_answer_a_clear_error_envelope(client: TestC
                                                                    payload: dict[str, Any]) -> None:
     body = await envelope(client, "POST", prefix + route, json=payload)
     assert set(body) == ENVELOPE_KEYS
-    assert fields(body) == {"status": "400001", "msg": messages.LOGIN_GONE}
+    assert fields(body) == {"status": "400001", "msg": texts.LOGIN_GONE}
     assert "API Key" in body["msg"]
 
 
@@ -206,7 +207,7 @@ async def test_backend_api_with_authorization_says_token_mode_is_unsupported(
         client: TestClient, fake: FakeOpenAI, slash: str, method: str, route: str) -> None:
     body = await envelope(client, method, slash + route, json={"conversation_id": "c-1"},
                           headers={"Authorization": "Bearer eyJhbGciOi.access.token"})
-    assert fields(body) == {"status": "500001", "msg": messages.TOKEN_UNSUPPORTED}
+    assert fields(body) == {"status": "500001", "msg": texts.TOKEN_UNSUPPORTED}
     assert fake.requests == []
 
 

@@ -12,12 +12,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatgpt import messages
-from chatgpt.metrics import hashed
+from chatgpt.domain import texts
+from chatgpt.server.metrics import hashed
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI, Stream
-from tests.test_settings import free_port, serve_until_status
-from tests.test_ws import question, receive_answer
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
+from tests.helpers.servers import refusing_port
+from tests.test_settings import serve_until_status
 
 ADMIN_TOKEN = "adm-ops-secret-777"
 TRUSTED = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
@@ -94,15 +95,15 @@ async def test_metrics_is_prometheus_text_in_the_classic_format(client: TestClie
 
 async def test_metrics_count_questions_refusals_errors_images_and_sockets(
         make_client: MakeClient, fake: FakeOpenAI, tmp_path: Path) -> None:
-    client = await make_client(quota={"daily_questions": 1}, limits={"ws_per_minute": 1}, admin={"token": ADMIN_TOKEN})
     (tmp_path / "images").mkdir(exist_ok=True)
-    (tmp_path / "images" / IMAGE_NAME).write_bytes(IMAGE_BYTES)
+    (tmp_path / "images" / IMAGE_NAME).write_bytes(IMAGE_BYTES)  # found by the one scan at start
     (tmp_path / "images" / "not-ours.png").write_bytes(b"x" * 50)  # not a name this server saves: not counted
+    client = await make_client(quota={"daily_questions": 1}, limits={"ws_per_minute": 1}, admin={"token": ADMIN_TOKEN})
     async with ws_connect(client) as ws:
         await ws.send_json(question())  # anonymous: uses the one daily question of 127.0.0.1
         assert (await receive_answer(ws))[-1]["content"] == "DONE"
         await ws.send_json(question())  # over ws_per_minute 1
-        assert [f["content"] for f in await receive_answer(ws)] == [messages.WS_TOO_FAST]
+        assert [f["content"] for f in await receive_answer(ws)] == [texts.WS_TOO_FAST]
         _, during = await scrape(client)
     response = await client.post("/v1/chat/completions", json=v1_body(), headers=TRUSTED)
     assert response.status == 200
@@ -124,7 +125,7 @@ async def test_metrics_count_questions_refusals_errors_images_and_sockets(
     assert value(after, "chatgpt_time_to_first_token_seconds_count", entry="ws") == 1.0
     assert value(after, "chatgpt_time_to_first_token_seconds_count", entry="v1") == 1.0
     assert value(after, "chatgpt_answer_duration_seconds_count", entry="v1") == 3.0
-    assert series(after, "chatgpt_upstream_errors_total") == {labels(status="500", key="…0001"): 1.0}
+    assert series(after, "chatgpt_upstream_errors_total") == {labels(upstream="default", status="500", key="…0001"): 1.0}
     assert series(after, "chatgpt_quota_refusals_total") == {labels(entry="v1"): 1.0}
     assert series(after, "chatgpt_limiter_refusals_total") == {labels(entry="ws"): 1.0}
     assert value(after, "chatgpt_images_on_disk") == 1.0
@@ -194,10 +195,10 @@ async def test_healthz_says_reachable_after_an_answer(client: TestClient) -> Non
 
 
 async def test_healthz_says_unreachable_after_the_upstream_cannot_be_reached(make_client: MakeClient) -> None:
-    client = await make_client(upstream={"base_url": "http://127.0.0.1:9/v1"})
+    client = await make_client(upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"})
     response = await client.post("/v1/chat/completions", json=v1_body(), headers=TRUSTED)
     assert response.status == 502
-    assert (await response.json())["error"]["message"] == messages.UPSTREAM_UNREACHABLE
+    assert (await response.json())["error"]["message"] == "Could not reach the upstream at 127.0.0.1."
     body = await healthz(client)
     assert (body["upstream_reachable"], body["keys"]) == (False, {"configured": 1, "healthy": 1})
 
@@ -219,7 +220,7 @@ async def test_healthz_reports_the_offline_provider_without_keys(make_client: Ma
 async def test_an_offline_answer_says_nothing_about_the_upstream(make_client: MakeClient) -> None:
     client = await make_client(upstream={"api_keys": []})
     response = await client.post("/chat", json={"content": "Hi"})
-    assert await response.text() == messages.OFFLINE_ANSWER + "\n"
+    assert await response.text() == texts.OFFLINE_ANSWER + "\n"
     assert (await healthz(client))["upstream_reachable"] is None  # the built-in provider never touched it
 
 
@@ -315,7 +316,6 @@ async def test_no_key_or_token_is_logged_across_a_run_with_failures(
 
 
 async def test_log_format_json_prints_one_json_object_per_line(tmp_path: Path) -> None:
-    port = free_port()
     config = tmp_path / "settings.yaml"
     config.write_text(json.dumps({
         "server": {"host": "127.0.0.1"},
@@ -323,7 +323,7 @@ async def test_log_format_json_prints_one_json_object_per_line(tmp_path: Path) -
         "state": {"file": str(tmp_path / "state.json")},
     }), encoding="utf-8")
     log_path = tmp_path / "server.log"
-    body, returncode = await serve_until_status(port, ["--config", str(config), "--log-format", "json"], log_path)
+    body, returncode, port = await serve_until_status(["--config", str(config), "--log-format", "json"], log_path)
     assert (body["status"], body["state"], returncode) == ("000000", True, 0)
     lines = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]  # every line is one JSON object

@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatgpt.render import IncrementalRenderer, to_html
+from chatgpt.faces.markdown import IncrementalRenderer, to_html
 
 BLOCKS = ["# Heading", "Plain *words* here", "- a\n- b", "1. one\n2. two", "> quoted", "```py\nx = 1\n\ny = 2\n```",
           "~~~\n```\n~~~", "    indented code", "| a | b |\n|---|---|\n| 1 | 2 |", "***", "text\n===", "`code` and "

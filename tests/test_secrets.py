@@ -12,8 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import ADMIN_SECRET_SOURCE, SERVER_KEY, USER_KEY, MakeClient, SecretCapture, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI
+from tests.conftest import SERVER_KEY, USER_KEY, MakeClient, ws_connect
+from tests.fakes.openai import Fail, FakeOpenAI
+from tests.helpers.capture import ADMIN_SECRET_SOURCE, SecretCapture
 
 
 def fake_secret() -> str:
@@ -103,7 +104,7 @@ async def test_the_session_capture_sees_app_logs_responses_and_the_secrets_of_ev
     keys = await response.read()
     assert frame["content"] == "upstream exploded"
     new_lines = secret_capture.lines[lines_before:]
-    assert any("upstream openai failed" in line for line in new_lines)  # the app's WARNING, through the root logger
+    assert any("upstream default failed" in line for line in new_lines)  # the app's WARNING, through the root logger
     new_bodies = secret_capture.bodies[responses_before:]
     assert any(b"upstream exploded" in body for body in new_bodies)  # a websocket frame
     assert any(bytes(body) == keys for body in new_bodies)  # an HTTP body

@@ -5,7 +5,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,18 @@ import pytest
 import yaml
 
 from chatgpt.settings import (
+    SHORTHAND_KEYS,
     AdminSettings,
+    ImagesSettings,
+    ModelsSettings,
     ServerSettings,
     Settings,
     SettingsError,
+    UpstreamEntry,
     UpstreamSettings,
     load_settings,
 )
+from tests.helpers.servers import started_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,13 +57,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`python app.py ARGS` from the repository, as an operator would type it."""
     return subprocess.run([sys.executable, "app.py", *args], cwd=REPO, env=clean_env(), capture_output=True,
                           text=True, encoding="utf-8", timeout=20, check=False)
-
-
-def free_port() -> int:
-    """A port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_with_no_file_and_no_env_every_setting_has_its_default(tmp_path: Path,
@@ -155,49 +152,70 @@ def test_openai_api_key_with_commas_forms_the_server_pool(tmp_path: Path) -> Non
 def test_secrets_from_the_environment_override_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, json.dumps({
         "upstream": {"base_url": "https://file.example/v1", "baixing_key": "bx-file", "model": "gpt-4o"},
-        "admin": {"token": "admin-file"},
+        "admin": {"token": "admin-file-0123456789"},
     }))
     settings = load_settings(path, env={"OPENAI_BASE_URL": "http://env.example:8000/v1",
-                                        "CHATGPT_ADMIN_TOKEN": "admin-env", "BAIXING_API_KEY": "bx-env"})
+                                        "CHATGPT_ADMIN_TOKEN": "admin-env-0123456789", "BAIXING_API_KEY": "bx-env"})
     assert settings.upstream == UpstreamSettings(base_url="http://env.example:8000/v1", baixing_key="bx-env",
                                                  model="gpt-4o")
-    assert settings.admin == AdminSettings(token="admin-env")
+    assert settings.admin == AdminSettings(token="admin-env-0123456789")
 
 
 def test_blank_environment_variables_leave_the_file_alone(tmp_path: Path) -> None:
-    path = write(tmp_path, "upstream:\n  api_keys: [sk-file]\nadmin:\n  token: admin-file\n")
+    path = write(tmp_path, "upstream:\n  api_keys: [sk-file]\nadmin:\n  token: admin-file-0123456789\n")
     settings = load_settings(path, env={"OPENAI_API_KEY": " ", "CHATGPT_ADMIN_TOKEN": "", "OPENAI_BASE_URL": ""})
-    assert (settings.upstream.api_keys, settings.admin.token) == (("sk-file",), "admin-file")
+    assert (settings.upstream.api_keys, settings.admin.token) == (("sk-file",), "admin-file-0123456789")
     assert settings.upstream.base_url == "https://api.openai.com/v1"
 
 
 def test_secrets_from_the_environment_apply_when_the_file_has_empty_sections(tmp_path: Path) -> None:
     # An operator who comments out every line under `upstream:` and `admin:` leaves them null in YAML.
     path = write(tmp_path, "upstream:\n  # api_keys: []\nadmin:\n  # token: ''\n")
-    settings = load_settings(path, env={"OPENAI_API_KEY": "sk-env", "CHATGPT_ADMIN_TOKEN": "admin-env"})
+    settings = load_settings(path, env={"OPENAI_API_KEY": "sk-env", "CHATGPT_ADMIN_TOKEN": "admin-env-0123456789"})
     assert settings.upstream.api_keys == ("sk-env",)
-    assert settings.admin.token == "admin-env"
+    assert settings.admin.token == "admin-env-0123456789"
 
 
-def test_the_repository_settings_file_is_exactly_the_defaults() -> None:
+def test_the_repository_settings_file_is_the_defaults_but_for_its_upstreams_and_models() -> None:
     path = REPO / "settings.yaml"
     assert path.is_file(), "settings.yaml is part of the repository (DESIGN.md layout)"
-    assert load_settings(path, env={}) == Settings()
+    settings = load_settings(path, env={})
+    assert dataclasses.replace(settings, upstreams=(), models=ModelsSettings(),
+                               images=ImagesSettings()) == Settings()
+    assert dataclasses.replace(settings.images, size="256x256") == ImagesSettings()  # gpt-image-1 draws 1024 and up
+    assert [(e.name, e.api_keys_env, e.api_keys, e.images) for e in settings.upstreams] == [
+        ("deepseek", "DEEPSEEK_API_KEY", (), False), ("pictures", "OPENAI_API_KEY", (), True)]
+    assert settings.models == ModelsSettings("deepseek-chat", {"gpt-3.5-turbo": "deepseek-chat"}, "gpt-image-1")
+    assert settings.pool_provider == "offline"  # no key set: the server still starts, answering offline
 
 
 def test_the_repository_settings_file_lists_every_key() -> None:
     raw = yaml.safe_load((REPO / "settings.yaml").read_text(encoding="utf-8"))
     expected = {section.name: sorted(f.name for f in dataclasses.fields(getattr(Settings(), section.name)))
-                for section in dataclasses.fields(Settings)}
-    assert {name: sorted(values) for name, values in raw.items()} == expected
+                for section in dataclasses.fields(Settings) if section.name != "upstreams"}
+    # The shorthand's keys are documented in comments: the file uses `upstreams:`, which excludes them.
+    expected["upstream"] = sorted(set(expected["upstream"]) - set(SHORTHAND_KEYS))
+    entry_keys = sorted(f.name for f in dataclasses.fields(UpstreamEntry) if f.name != "api_keys")
+    assert {name: sorted(values) for name, values in raw.items() if name != "upstreams"} == expected
+    assert [sorted(entry) for entry in raw["upstreams"]] == [entry_keys, entry_keys]
 
 
-def test_check_with_defaults_exits_zero_and_names_the_offline_provider() -> None:
+def test_check_with_the_repository_settings_exits_zero_and_says_which_upstream_serves_what() -> None:
     result = run_cli("--check")
     assert (result.returncode, result.stderr) == (0, "")
     lines = result.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("settings OK; ")
-    assert "offline" in lines[0]
+    assert lines[0].startswith("settings OK; provider: offline")
+    assert lines[1:] == [
+        "  upstream deepseek at api.deepseek.com serves deepseek-chat, deepseek-reasoner; keys: none "
+        "(DEEPSEEK_API_KEY unset)",
+        "  upstream pictures at api.openai.com serves gpt-4o-mini, gpt-image-1; draws pictures; keys: none "
+        "(OPENAI_API_KEY unset)",
+        "  models: default deepseek-chat, pictures gpt-image-1, aliases gpt-3.5-turbo -> deepseek-chat",
+        "  warning: upstream deepseek: DEEPSEEK_API_KEY is not set, so its key pool is empty "
+        "(callers' own keys still reach it)",
+        "  warning: upstream pictures: OPENAI_API_KEY is not set, so its key pool is empty "
+        "(callers' own keys still reach it)",
+    ]
 
 
 def test_check_with_an_unknown_key_exits_two_with_one_line_naming_it(tmp_path: Path) -> None:
@@ -239,13 +257,14 @@ async def status_envelope(port: int, process: subprocess.Popen[bytes]) -> dict[s
                 await asyncio.sleep(0.1)
 
 
-async def serve_until_status(port: int, args: list[str], log_path: Path) -> tuple[dict[str, Any], int]:
-    """Start `python app.py --port PORT *args` (stderr to `log_path`), read `//status` once, stop it
-    with SIGTERM; the envelope and the exit code."""
+async def serve_until_status(args: list[str], log_path: Path) -> tuple[dict[str, Any], int, int]:
+    """Start `python app.py --port 0 *args` (stderr to `log_path`), read `//status` once, stop it
+    with SIGTERM; the envelope, the exit code and the port the server bound."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args],
+        process = subprocess.Popen([sys.executable, "app.py", "--port", "0", *args],
                                    cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=log)
         try:
+            port = await started_port(process, log_path)
             body = await status_envelope(port, process)
         finally:
             process.terminate()
@@ -255,21 +274,21 @@ async def serve_until_status(port: int, args: list[str], log_path: Path) -> tupl
                 process.kill()
                 process.wait()
                 raise
-    return body, returncode
+    return body, returncode, port
 
 
 async def test_the_server_starts_without_an_api_key_answers_and_stops_on_terminate(tmp_path: Path) -> None:
-    port = free_port()
     config = write(tmp_path, json.dumps({
         "server": {"host": "127.0.0.1"},
         "images": {"folder": str(tmp_path / "images")},
         "state": {"file": str(tmp_path / "state.json")},
     }))
     log_path = tmp_path / "server.log"
-    body, returncode = await serve_until_status(port, ["--config", str(config)], log_path)
+    body, returncode, port = await serve_until_status(["--config", str(config)], log_path)
     assert set(body) == {"status", "msg", "timestamp", "state"}
     assert (body["status"], body["msg"], body["state"]) == ("000000", "SUCCESS", True)
     assert returncode == 0
     log_text = log_path.read_text(encoding="utf-8")
     assert f"chatgpt-api starting on http://127.0.0.1:{port}; provider: offline" in log_text
+    assert "upstream default at api.openai.com serves gpt-3.5-turbo; draws pictures; keys: none" in log_text
     assert "Traceback" not in log_text

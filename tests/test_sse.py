@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatgpt.sse import SSEDecoder
+from chatgpt.upstream.sse import SSEDecoder
 
 STREAM = (b'data: {"a": 1}\n\n: a comment\n\nevent: ping\ndata: {"b": 2}\n\n'
           b'data: first line\ndata: second line\n\nid: 7\nretry: 10\n\ndata:no-space\r\n\r\ndata: [DONE]\n\n')

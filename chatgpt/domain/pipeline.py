@@ -1,0 +1,203 @@
+"""The one pipeline every door shares (PROTOCOL.md E.1): maintenance → per-IP limit → model → trim
+context → charge quota → provider and key (one retry on a key refusal) → stream → account."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from chatgpt.domain.accounting import Meter, QuestionRecord
+from chatgpt.domain.accounts import Accounts, Charge
+from chatgpt.domain.answer import Answer, produced
+from chatgpt.domain.errors import ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
+from chatgpt.domain.gate import Gate
+from chatgpt.domain.limits import LimiterTable
+from chatgpt.domain.pictures import PictureStore, StoredImage
+from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
+from chatgpt.domain.question import Payer, Question, fit_context
+from chatgpt.domain.upstreams import UPSTREAM_FAILURES, Progress, Route, Upstreams, opened
+from chatgpt.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def outcome_of(exc: BaseException) -> str:
+    """A short outcome label for metrics and the question log line."""
+    if isinstance(exc, QuotaExceeded):
+        return "quota"
+    if isinstance(exc, UpstreamFailed):
+        return "upstream_error"
+    if isinstance(exc, Refused):
+        return "refused"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "client_left"
+    return "error"
+
+
+def refundable(exc: BaseException, progress: Progress) -> bool:
+    """PROTOCOL.md E.1: given back only when the upstream was never asked, or gave nothing of an answer
+    before it failed. A client that leaves after the request went upstream is charged: the operator
+    is billed either way."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return not progress.asked
+    return not progress.produced
+
+
+async def _one(call: Awaitable[T]) -> AsyncGenerator[T, None]:
+    """A single awaited result as a stream of one, so pictures share the chat's key-retry loop."""
+    yield await call
+
+
+class ChatPipeline:
+    """Every rule, once, for every door; faces hand it questions and turn what it gives into wire."""
+
+    def __init__(self, settings: Settings, gate: Gate, accounts: Accounts, upstreams: Upstreams,
+                 pictures: PictureStore, meter: Meter) -> None:
+        self._settings = settings
+        self._gate = gate
+        self._accounts = accounts
+        self._upstreams = upstreams
+        self._pictures = pictures
+        self._meter = meter
+
+    # --- admission and what the doors may ask about ---------------------------------------------------
+
+    async def admit(self, door: str, identity: str) -> None:
+        """First step of every question: maintenance, then the door's per-IP limit."""
+        await self._gate.admit(door, identity)
+
+    async def limit(self, door: str, identity: str) -> None:
+        """A request that is not a question (e.g. `/v1/models`, the mini-program's routes): the limit only."""
+        await self._gate.limit(door, identity)
+
+    def remaining(self, identity: str) -> int:
+        """Questions an anonymous identity has left today (`查询次数`)."""
+        return self._accounts.remaining(identity)
+
+    def reset_quota(self, identity: str | None) -> int:
+        """Clear one identity's counters, or everyone's."""
+        return self._accounts.reset(identity)
+
+    def health(self) -> dict[str, Any]:
+        """Serving flag, key counts and upstream reachability, for `/healthz`."""
+        return {"serving": self._gate.serving, **self._upstreams.health()}
+
+    def stores(self) -> dict[str, Any]:
+        """What the state file keeps of the pipeline's own: the quotas (key pools live with their upstreams)."""
+        return self._accounts.stores()
+
+    def limiter(self, door: str) -> LimiterTable:
+        """The limiter table of `door`."""
+        return self._gate.table(door)
+
+    def picture_bytes(self, stored: StoredImage) -> bytes:
+        """A saved picture's bytes (blocking: call it in a thread)."""
+        return self._pictures.read(stored)
+
+    # --- the rules ------------------------------------------------------------------------------------
+
+    def model_for(self, requested: str | None, payer: Payer) -> str:
+        """Blank or absent → the default; the caller's own key → any model; else only a model offered on
+        the server's keys (PROTOCOL.md E.1)."""
+        if requested is None or not requested.strip():
+            return self._upstreams.default_model
+        if payer.kind == "own" or self._upstreams.offers(requested):
+            return requested
+        raise ModelNotFound(requested)
+
+    def _request(self, question: Question, model: str) -> ChatRequest:
+        upstream = self._settings.upstream
+        own = question.payer.kind == "own"
+        # An SDK caller on its own key sends the context it wants; everyone else is held to the budget.
+        history = question.messages if own and question.entry == "v1" else fit_context(
+            question.messages, upstream.context_chars)
+        if upstream.system_prompt and not own:
+            history = [{"role": "system", "content": upstream.system_prompt}, *history]
+        max_tokens = question.max_tokens or upstream.max_tokens
+        if not own:
+            max_tokens = min(max_tokens, upstream.max_tokens)  # the operator pays: cap it
+        temperature = upstream.temperature if question.temperature is None else question.temperature
+        model = self._upstreams.resolve(model)  # what clients say -> what upstreams are asked
+        return ChatRequest(history, model, temperature, max_tokens, question.extra)
+
+    def _record(self, question: Question, kind: str) -> QuestionRecord:
+        record = self._meter.start(question.entry, question.identity, kind)
+        if self._settings.logging.prompts:
+            users = [m.get("content") for m in question.messages if m.get("role") == "user"]
+            record.prompt = str(users[-1])[:2000] if users else ""
+        return record
+
+    # --- answering ------------------------------------------------------------------------------------
+
+    def answer(self, question: Question) -> Answer:
+        """The answer to an admitted question. The model rule and trimming refuse at once; charging,
+        the upstream and the accounting happen as the answer is read."""
+        model = self.model_for(question.model, question.payer)
+        request = self._request(question, model)
+        route = self._upstreams.route(question.payer, request.model, debug=self._accounts.debug)
+        return Answer(model, self._stream(question, request, route))
+
+    @asynccontextmanager
+    async def _accounted(self, question: Question, kind: str,
+                         route: Route) -> AsyncGenerator[tuple[Progress, QuestionRecord], None]:
+        """Charge the question, then account it however it ends: metrics, log line, refund rule."""
+        record = self._record(question, kind)
+        progress = Progress()
+        charge: Charge | None = None
+        try:
+            charge = self._accounts.charge(question, debug=route.debug, free=route.free)
+            yield progress, record
+        except BaseException as exc:
+            record.outcome = outcome_of(exc)
+            if charge is not None and refundable(exc, progress):
+                charge.refund()
+            raise
+        finally:
+            self._meter.finish(record)
+
+    async def _stream(self, question: Question, request: ChatRequest, route: Route) -> AsyncGenerator[Delta, None]:
+        async with self._accounted(question, "chat", route) as (progress, record):
+            deltas = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
+            held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
+            async with opened(deltas):
+                async for delta in deltas:
+                    if produced(delta):
+                        record.token()
+                        if not progress.produced:
+                            progress.produced = True
+                            for early in held:
+                                yield early
+                            held.clear()
+                    elif not progress.produced:
+                        held.append(delta)  # so that an empty answer fails before any door has sent a byte
+                        continue
+                    yield delta
+            if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
+                raise UpstreamFailed("empty")
+
+    async def draw(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
+        """One picture for `prompt`, saved; charged like a chat question. `size` is honoured only on the
+        caller's own key: on the pool the operator pays for the configured size."""
+        if question.payer.kind != "own" or not size:
+            size = self._settings.images.size
+        route = self._upstreams.drawing(question.payer)
+        model = self._upstreams.image_model()
+        async with self._accounted(question, "image", route) as (progress, record):
+            generated: GeneratedImage | None = None
+            pictures = self._upstreams.call(
+                route, lambda provider, key: _one(provider.generate_image(prompt, size, key, model)), progress)
+            async with opened(pictures):
+                async for generated in pictures:
+                    progress.produced = True  # the upstream drew (and billed) it
+            if generated is None:
+                raise UpstreamFailed("empty")
+            try:
+                stored = await self._pictures.store(generated)
+            except UPSTREAM_FAILURES as exc:
+                raise self._upstreams.failed("picture download", exc, subject="picture") from exc
+            record.token()
+            return stored

@@ -1,0 +1,47 @@
+"""Every user-facing text in one table, so an operator can change them in one place."""
+from __future__ import annotations
+
+# Texts the mini-program shows as they are (PROTOCOL.md A.1, A.3); keep the wording.
+SUCCESS = "SUCCESS"
+BODY_EMPTY = "Parameter conversion failed, JSON is empty."
+BODY_NOT_JSON = "Parameter conversion failed, JSON is not valid."
+API_KEY_BLANK = "apiKey不能为空!"
+MESSAGES_EMPTY = "message列表不能为空!"
+API_KEY_WRONG = "API Key不正确!"
+ACCOUNT_BANNED = "账号已被封禁!"
+SERVICE_ERROR = "服务异常!"
+HTTP_TOO_FAST = "访问频繁, 请稍后再试!"
+MAINTENANCE = "服务正在维护~"
+AUTHORIZATION_NULL = "Authorization is null!"
+
+# Websocket refusals and failures.
+WS_TOO_FAST = "请求频繁!"
+QUOTA_USED_UP = "今天请求已达最大限制数。"
+UPSTREAM_FAILED = "服务出错, 请稍后再试!"
+UPSTREAM_UNREACHABLE = "服务器网络开小差了, 请稍后再试~"
+FRAME_NOT_JSON = "消息格式不正确: 需要一个JSON对象。"
+FRAME_BAD_FIELD = "消息格式不正确: 字段 {field} 的类型错误。"
+TOKEN_MODE_GONE = "Token登录方式已停用, 请使用API Key。"
+PROMPT_TOO_LONG = "问题太长了, 请缩短后再试。"
+BUSY = "上一个问题还在回答中, 请稍后再试。"
+SHUTTING_DOWN = "服务器正在重启, 请稍后再试~"  # PROTOCOL.md E.3
+ANSWER_TOO_LONG = "回答超出长度限制, 已停止。"
+PROMPT_EMPTY = "请输入图片描述。"
+NO_SERVER_KEY = "服务器未配置API Key, 请使用自己的API Key。"
+SERVER_BUSY = "服务繁忙, 请稍后再试~"  # every key of the server's pool is cooling down (PROTOCOL.md E.1)
+MODEL_NOT_FOUND = "模型 {model} 不可用, 请换一个模型。"
+NO_IMAGES = "这台服务器不提供图片生成。"
+
+# Obsolete ChatGPT web login (PROTOCOL.md C.1).
+LOGIN_GONE = "账号密码和Token登录已停用, 请使用API Key登录。"
+TOKEN_UNSUPPORTED = "Token模式已停用, 该接口不再支持, 请使用API Key。"
+
+# The built-in offline provider's answer (no upstream key configured).
+OFFLINE_ANSWER = (
+    "**离线模式 / Offline mode.** 这台服务器还没有配置 OpenAI API Key, 所以这不是模型的回答。"
+    "This server has no upstream API key configured, so this is a canned answer, not a model's. "
+    "The operator can set `OPENAI_API_KEY` (and optionally `OPENAI_BASE_URL`) and restart."
+)
+
+# Prompt that asks for the remaining daily quota instead of an answer (PROTOCOL.md A.5).
+QUOTA_QUERY = "查询次数"

@@ -1,0 +1,227 @@
+"""Websocket frames of PROTOCOL.md A.3 and the one writer per socket that sends them in order."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from contextlib import suppress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from chatgpt import jsontext
+from chatgpt.faces.markdown import IncrementalRenderer, to_html
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 256  # frames waiting for a client that does not read; past this the socket is closed
+LOW_WATER = 32  # the reader stops taking frames from a client while more than this wait to go out
+
+
+def now_text() -> str:
+    """`createTime` as the client shows it: server local time."""
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _frame(cid: Any, **fields: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {} if cid is None else {"conversationId": cid}
+    frame.update((k, v) for k, v in fields.items() if v is not None)
+    return frame
+
+
+def text_frame(cid: Any, answer_id: str, content: str, html: str | None = None) -> dict[str, Any]:
+    """The whole answer so far (cumulative) with its Markdown rendered."""
+    return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content) if html is None else html,
+                  createTime=now_text(), isDone=False, isSuccess=True)
+
+
+def done_frame(cid: Any) -> dict[str, Any]:
+    """Exactly one per question, after all of its text."""
+    return _frame(cid, role="assistant", content="DONE", html="DONE", createTime=now_text(),
+                  isDone=True, isSuccess=True)
+
+
+def error_frame(cid: Any, message: str) -> dict[str, Any]:
+    """Ends a question with a refusal or failure; `content` is never empty."""
+    message = message or "error"
+    return _frame(cid, role="assistant", content=message, html=to_html(message), createTime=now_text(),
+                  isDone=True, isSuccess=False)
+
+
+def image_frame(cid: Any, answer_id: str, url: str) -> dict[str, Any]:
+    """A saved picture, followed by the end frame."""
+    return _frame(cid, id=answer_id, role="assistant", content="[图片]", html="[图片]", url=url, isImg=True,
+                  createTime=now_text(), isDone=False, isSuccess=True)
+
+
+def quota_frame(cid: Any, remaining: int) -> dict[str, Any]:
+    """The answer to `查询次数`: the number of questions left today."""
+    return _frame(cid, content=str(remaining), html=str(remaining), createTime=now_text(),
+                  isDone=True, isSuccess=False)
+
+
+def pong_frame() -> dict[str, Any]:
+    """The heartbeat answer."""
+    return {"heart": "pong", "time": int(time.time() * 1000)}
+
+
+@dataclass
+class _PendingText:
+    cid: Any
+    answer_id: str
+    content: str
+
+
+class FrameWriter:
+    """The only task that writes to one socket. Text frames of an answer are coalesced: a newer
+    cumulative text replaces a queued one, and at most one is sent per interval (the first at once).
+    HTML is rendered only for frames actually sent. The task exists only while frames wait, so an
+    idle socket costs no task.
+
+    While frames wait, a watchdog checks the socket's send buffer: when bytes sit there without
+    shrinking for `stall_seconds`, the client has stopped reading; the writer stops and calls
+    `on_stall` (which closes the socket), instead of waiting on the full buffer for ever."""
+
+    def __init__(self, ws: web.WebSocketResponse, interval: float, *, stall_seconds: float = 25.0,
+                 buffered: Callable[[], int] = lambda: 0, on_stall: Callable[[], None] = lambda: None) -> None:
+        self._ws = ws
+        self._interval = interval
+        self._queue: deque[dict[str, Any] | _PendingText] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
+        self._last_answer: str | None = None
+        self._last_text_at = 0.0
+        self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
+        self._stall_seconds = stall_seconds
+        self._buffered = buffered  # bytes the transport holds that the client has not taken yet
+        self._on_stall = on_stall
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._last_size = 0
+        self._last_progress = 0.0
+        self.stalled = False
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Queue a frame to be sent after everything queued before it."""
+        self._push(frame)
+
+    def send_text(self, cid: Any, answer_id: str, content: str) -> None:
+        """Queue the cumulative text of an answer, replacing its queued older text if any."""
+        tail = self._queue[-1] if self._queue else None
+        if isinstance(tail, _PendingText) and tail.answer_id == answer_id:
+            tail.content = content
+            return
+        self._push(_PendingText(cid, answer_id, content))
+
+    def _push(self, item: dict[str, Any] | _PendingText) -> None:
+        if self.stalled:
+            return
+        if len(self._queue) >= MAX_QUEUED:
+            # The client is not reading: stop feeding it rather than grow without bound.
+            self._stall("%d frames waiting", len(self._queue))
+            return
+        self._queue.append(item)
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+            if self._watchdog is None:
+                self._last_size, self._last_progress = 0, time.monotonic()
+                self._arm()
+
+    def _arm(self) -> None:
+        period = max(0.01, self._stall_seconds / 10)
+        self._watchdog = asyncio.get_running_loop().call_later(period, self._watch)
+
+    def _watch(self) -> None:
+        """Timer, while frames wait: a send buffer that holds bytes and has not shrunk for
+        stall_seconds means the client reads nothing."""
+        self._watchdog = None
+        if self._task is None or self.stalled:
+            return  # nothing waits: the watchdog sleeps until the next frame
+        now, size = time.monotonic(), self._buffered()
+        if size == 0 or size < self._last_size:
+            self._last_progress = now
+        self._last_size = size
+        if now - self._last_progress >= self._stall_seconds:
+            self._stall("%d bytes unread for %.0f s", size, now - self._last_progress)
+            return
+        self._arm()
+
+    def _stall(self, why: str, *args: object) -> None:
+        """Give up on a client that does not read: nothing more is queued, the socket is closed."""
+        self.stalled = True
+        self._queue.clear()
+        log.info("websocket client not reading (" + why + "): closing it", *args)
+        self._on_stall()
+
+    async def _wait_interval(self, item: _PendingText) -> None:
+        if item.answer_id != self._last_answer:
+            return  # the first text frame of an answer is never delayed
+        delay = self._last_text_at + self._interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def wait_for_room(self, timeout: float) -> bool:
+        """Wait until at most LOW_WATER frames wait; False if the client read nothing for `timeout`.
+        The reader calls this, so a client that sends fast but reads is slowed, not cut off."""
+        if len(self._queue) <= LOW_WATER:
+            return True
+        if self._room is None:
+            self._room = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._room.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _made_room(self) -> None:
+        if self._room is not None and len(self._queue) <= LOW_WATER:
+            self._room.set()
+            self._room = None
+
+    async def close(self) -> None:
+        """Stop sending (the client left or the socket is closing)."""
+        self._queue.clear()
+        self._made_room()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until every queued frame has been sent; True if it was."""
+        task = self._task
+        if task is None:
+            return True
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+        return bool(done)
+
+    async def _drain(self) -> None:
+        """Send queued frames in order until none is left, then end."""
+        try:
+            while self._queue and not self._ws.closed:
+                await self._send_head()
+        except ConnectionError:
+            self._queue.clear()  # the client is gone; the reader loop ends and cleans up
+        finally:
+            self._task = None
+            self._made_room()
+
+    async def _send_head(self) -> None:
+        head = self._queue[0]
+        if isinstance(head, _PendingText):
+            await self._wait_interval(head)  # head stays queued, so newer text can still replace it
+            if head.answer_id != self._last_answer:
+                self._renderer = IncrementalRenderer()
+            frame = text_frame(head.cid, head.answer_id, head.content, self._renderer.render(head.content))
+            self._last_answer, self._last_text_at = head.answer_id, time.monotonic()
+        else:
+            frame = head
+        self._queue.popleft()
+        self._made_room()
+        # Always valid UTF-8 (a lone surrogate echoed from the client goes out escaped).
+        await self._ws.send_frame(jsontext.dumpb(frame), WSMsgType.TEXT)

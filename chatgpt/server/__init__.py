@@ -1,0 +1,1 @@
+"""What every face shares: client IP, middlewares, routing, state, images, metrics, logging."""

@@ -1,0 +1,60 @@
+"""Log setup: readable text by default, one JSON object per line for log shippers."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from aiohttp.http_exceptions import HttpProcessingError
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"time", "level", "logger", "message"}` (plus `error` with the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    """Configure the root logger once, for `main()`."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs every malformed request (scanners, garbage) as an ERROR with a traceback; that is
+    the client's fault, not ours: keep one WARNING line without the traceback. A client that reset or
+    left mid-request (an aborted websocket handshake, say) is not even a warning: one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "bad request from a client: %s", (str(error).splitlines()[0][:200],)
+        elif isinstance(error, ConnectionError):
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "a client left mid-request: %s", (type(error).__name__,)
+        return True
+
+
+def quiet_bad_requests() -> None:
+    """Install BadRequestFilter on aiohttp's server logger, once per process."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(BadRequestFilter())

@@ -1,0 +1,62 @@
+"""Writing a streamed HTTP answer (`/v1`, `/chat`): how it ends when the answer fails, the client
+leaves, or the server stops — the same for every streamed route."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing, suppress
+
+from aiohttp import web
+
+from chatgpt.domain.errors import Refused, ShuttingDown, UpstreamFailed
+from chatgpt.keys import inflight_key
+
+log = logging.getLogger(__name__)
+
+# A body piece and whether it is the last one: the last goes out with the end of the chunked body.
+Piece = tuple[bytes, bool]
+
+
+class StreamingAnswer(web.StreamResponse):
+    """A StreamResponse whose headers wait for the first body bytes and leave in the same packet.
+
+    aiohttp sends a StreamResponse's headers on their own at prepare(); our routes prepare only
+    once the first piece of the answer is in hand, so the two can share one send. A short answer
+    that arrived in one upstream read goes out as headers, body and end in one write.
+    (`_send_headers_immediately` is the switch aiohttp's own `web.Response` turns off.)"""
+
+    _send_headers_immediately = False
+
+
+async def send_stream(request: web.Request, response: web.StreamResponse, body: AsyncGenerator[Piece, None],
+                      error_event: Callable[[BaseException], bytes]) -> web.StreamResponse:
+    """Write `body` to the prepared `response`. A failure once the headers are gone ends the body
+    with `error_event(failure)`; so does a shutdown (SIGTERM); a client that left gets nothing more."""
+    inflight = request.config_dict[inflight_key]
+    failure: BaseException | None = None
+    inflight.enter()
+    try:
+        async with aclosing(body) as pieces:
+            async for data, last in pieces:
+                if last:
+                    await response.write_eof(data)
+                else:
+                    await response.write(data)
+    except (Refused, UpstreamFailed) as error:
+        failure = error
+    except asyncio.CancelledError:
+        if not inflight.stopping:
+            raise  # the client left: nobody to tell
+        failure = ShuttingDown()
+    except ConnectionResetError:
+        return response  # the client left while we wrote: the upstream is closed on the way out
+    except Exception as error:
+        log.exception("unexpected error while streaming %s %s", request.method, request.path)
+        failure = error
+    finally:
+        inflight.leave()
+    with suppress(ConnectionResetError):  # the client may be gone by now: nothing to tell it
+        # write_eof() is a no-op once the last piece has ended the body.
+        await response.write_eof(error_event(failure) if failure is not None else b"")
+    return response

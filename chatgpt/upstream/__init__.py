@@ -1,0 +1,1 @@
+"""Implementations of the domain's provider interface: OpenAI-compatible, Baixing, offline."""
