@@ -18,9 +18,11 @@ and this process (the load) run on core 1. Paths:
 - `raw-ws` (not by default): the bare relay's websocket, a frame per upstream chunk.
 
 The project's settings (bench/procs.py) raise the rate limits and the daily quota so nothing is
-refused, and each client sends its own X-Forwarded-For address. For every path the clients grow
-rung by rung (new clients start spread over one answer's duration, so their tokens do not arrive
-in lock-step); after a settling pause one window is measured. Per rung one JSON line on stdout:
+refused, and each client sends its own X-Forwarded-For address. Each path has its own server
+process. The paths climb the ladder interleaved: at each rung each path in turn (the order
+rotating), so a machine whose other load drifts hurts them alike. A rung starts its clients
+spread over one answer's duration (so their tokens do not arrive in lock-step), waits a
+settling pause, measures one window and stops the clients. Per rung one JSON line on stdout:
 server CPU (% of one core, /proc/<pid>/task/*/schedstat) and RSS, answers/s, added delay per
 piece (receive time minus the send stamp of the newest token in it: a /v1 network read, a
 websocket frame) p50/p99, time to first token p50/p99, errors, bytes and frames per answer,
@@ -213,47 +215,71 @@ def set_session_nice(nice: int | None) -> int | None:
 
 # ---------------------------------------------------------------- one path up the ladder
 
-async def climb(ctx: Context, name: str, lag: LagMonitor) -> list[dict[str, Any]]:
-    """Start the path's server, add clients rung by rung, measure each rung; stop everything."""
+@dataclass
+class PathState:
+    """One path's server and how its climb goes."""
+
+    name: str
+    proc: Proc
+    port: int
+    failed: int = 0  # rungs failed in a row
+    done: bool = False  # past its knee: no higher rungs
+
+
+async def climb_all(ctx: Context, lag: LagMonitor) -> list[dict[str, Any]]:
+    """Every path up the ladder, interleaved: at each rung each path in turn (the order rotating),
+    so the paths are measured minutes apart at most and a machine whose other load drifts
+    hurts them alike. Each path has its own server process; only one is loaded at a time."""
     args = ctx.args
-    which, kind, url_path = PATHS[name]
-    proc, base = await ctx.start_server(which)
-    port = int(base.rsplit(":", 1)[1])
+    states: list[PathState] = []
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in args.paths:
+            proc, base = await ctx.start_server(PATHS[name][0])
+            states.append(PathState(name, proc, int(base.rsplit(":", 1)[1])))
+        for step, clients in enumerate(args.ladder):
+            for state in states[step % len(states):] + states[:step % len(states)]:
+                if state.done:
+                    continue
+                row = await rung(ctx, state, clients, lag)
+                emit(row)
+                rows.append(row)
+                state.failed = state.failed + 1 if not row["passes"] else 0
+                p99 = row["delay_ms_p99"]
+                if not args.full_ladder and (state.failed >= 2 or (p99 is not None and p99 > 10 * args.limit_ms)
+                                             or row["errors"] > max(10, row["answers"] // 5)):
+                    log(f"{state.name}: past its knee at {clients} clients; skipping its higher rungs")
+                    state.done = True
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(ctx.bench.stop, state.proc) for state in states))
+    order = {name: i for i, name in enumerate(args.paths)}
+    return sorted(rows, key=lambda row: (order[row["path"]], row["clients"]))
+
+
+async def rung(ctx: Context, state: PathState, clients: int, lag: LagMonitor) -> dict[str, Any]:
+    """Start `clients` closed-loop clients spread over the ramp, settle, measure, stop them."""
+    args = ctx.args
+    _, kind, url_path = PATHS[state.name]
     recorder = Recorder()
     stop = asyncio.Event()
-    tasks: list[asyncio.Task[None]] = []
-    rows: list[dict[str, Any]] = []
     answer_s = args.tokens / args.rate if args.rate > 0 else 1.0
-    failed = 0  # rungs failed in a row
+    log(f"{state.name}: {clients} clients (started over {args.ramp:.1f} s, settle {args.settle:.0f} s, "
+        f"measure {args.measure:.0f} s)")
+    tasks = [asyncio.create_task(client_loop(kind, n, HOST, state.port, url_path, recorder, args.ramp * n / clients,
+                                             answer_timeout=max(60.0, 4 * answer_s), stop=stop))
+             for n in range(clients)]
     try:
-        for clients in args.ladder:
-            new = clients - len(tasks)
-            log(f"{name}: {clients} clients (+{new} over {args.ramp:.1f} s, settle {args.settle:.0f} s, "
-                f"measure {args.measure:.0f} s)")
-            for i in range(new):
-                tasks.append(asyncio.create_task(client_loop(
-                    kind, len(tasks), HOST, port, url_path, recorder, args.ramp * i / max(new, 1),
-                    answer_timeout=max(60.0, 4 * answer_s), stop=stop)))
-            await asyncio.sleep(args.ramp + args.settle)
-            row = await measure(ctx, name, clients, proc, recorder, lag)
-            emit(row)
-            rows.append(row)
-            if not proc.alive():
-                raise RuntimeError(f"{name}: the server died: {proc.tail()}")
-            failed = failed + 1 if not row["passes"] else 0
-            p99 = row["delay_ms_p99"]
-            if not args.full_ladder and (failed >= 2 or (p99 is not None and p99 > 10 * args.limit_ms)
-                                         or row["errors"] > max(10, row["answers"] // 5)):
-                log(f"{name}: past its knee at {clients} clients; skipping the higher rungs")
-                break
+        await asyncio.sleep(args.ramp + args.settle)
+        row = await measure(ctx, state.name, clients, state.proc, recorder, lag)
+        if not state.proc.alive():
+            raise RuntimeError(f"{state.name}: the server died: {state.proc.tail()}")
+        return row
     finally:
         recorder.on = False
         stop.set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.to_thread(ctx.bench.stop, proc)
-    return rows
 
 
 async def measure(ctx: Context, name: str, clients: int, proc: Proc, recorder: Recorder,
@@ -484,8 +510,7 @@ async def run(ctx: Context) -> int:
     try:
         await ctx.start_upstream()
         if not args.only_long:
-            for name in args.paths:
-                rows += await climb(ctx, name, lag)
+            rows = await climb_all(ctx, lag)
             summary = summarize(rows, args.limit_ms)
             emit(summary)
         if args.long:
@@ -531,6 +556,9 @@ def parse_args() -> argparse.Namespace:
         args.settle = 2.0
     if args.measure is None:
         args.measure = 8.0 if args.quick else 12.0
+    if args.ramp + args.settle + args.measure <= answer_s:
+        parser.error(f"--ramp + --settle + --measure must exceed one answer's {answer_s:.1f} s, or no "
+                     "answer ends in the window")
     if args.long is None:
         args.long = not args.quick
     if args.only_long:
