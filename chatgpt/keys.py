@@ -13,6 +13,7 @@ from chatgpt.server.images import ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
 from chatgpt.domain.limits import FailureLimit
 from chatgpt.domain.memory import ConversationMemory
+from chatgpt.domain.moderation import Moderation
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
 from chatgpt.domain.runtime import RuntimeFlags
@@ -40,3 +41,4 @@ started_key = web.AppKey("started", float)
 inflight_key = web.AppKey("inflight", InFlight)
 admin_failures_key = web.AppKey("admin_failures", FailureLimit)  # wrong admin tokens per address
 wechat_login_key = web.AppKey("wechat_login", WeChatLogin)
+moderation_key = web.AppKey("moderation", Moderation)  # the word list (reloadable) and WeChat's content check

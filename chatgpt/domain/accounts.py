@@ -43,19 +43,20 @@ class Accounts:
         return self._debug_quota if debug else self._quota
 
     def charge(self, question: Question, *, debug: bool, free: bool) -> Charge | None:
-        """Count an anonymous question (nothing for other payers, or when the answer costs nothing);
-        raise QuotaExceeded when none is left today."""
+        """Count an anonymous question against its account (the WeChat user, else the address; nothing for
+        other payers, or when the answer costs nothing); raise QuotaExceeded when none is left today."""
         if question.payer.kind != "anonymous" or free:
             return None
         quota = self._current(debug)
-        if not quota.take(question.identity):
+        if not quota.take(question.account):
             self._meter.quota_refused(question.entry)
             raise QuotaExceeded("today's questions are used up")
-        return Charge(quota, question.identity)
+        return Charge(quota, question.account)
 
-    def remaining(self, identity: str) -> int:
-        """Questions `identity` has left today: of the Baixing limit while isDebug is on (PROTOCOL.md E.1)."""
-        return self._current(self._flags.debug).remaining(identity)
+    def remaining(self, account: str) -> int:
+        """Questions `account` (a `Question.account`) has left today: of the Baixing limit while isDebug is
+        on (PROTOCOL.md E.1)."""
+        return self._current(self._flags.debug).remaining(account)
 
     def reset(self, identity: str | None) -> int:
         """Clear one identity's counters (both quotas), or everyone's; how many entries were cleared."""

@@ -11,12 +11,14 @@ from typing import Any, TypeVar
 from chatgpt.domain.accounting import Meter, QuestionRecord
 from chatgpt.domain.accounts import Accounts, Charge
 from chatgpt.domain.answer import Answer, produced
-from chatgpt.domain.errors import ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
+from chatgpt.domain.errors import AnswerBlocked, ContentRefused, ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
 from chatgpt.domain.gate import Gate
 from chatgpt.domain.limits import LimiterTable
+from chatgpt.domain.moderation import AnswerWatch, Moderation
 from chatgpt.domain.pictures import PictureStore, StoredImage
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 from chatgpt.domain.question import Payer, Question, fit_context
+from chatgpt.domain.wordfilter import WordFilter
 from chatgpt.domain.upstreams import UPSTREAM_FAILURES, Progress, Route, Upstreams, opened
 from chatgpt.settings import Settings
 
@@ -29,6 +31,8 @@ def outcome_of(exc: BaseException) -> str:
     """A short outcome label for metrics and the question log line."""
     if isinstance(exc, QuotaExceeded):
         return "quota"
+    if isinstance(exc, (ContentRefused, AnswerBlocked)):
+        return "content"
     if isinstance(exc, UpstreamFailed):
         return "upstream_error"
     if isinstance(exc, Refused):
@@ -56,13 +60,14 @@ class ChatPipeline:
     """Every rule, once, for every door; faces hand it questions and turn what it gives into wire."""
 
     def __init__(self, settings: Settings, gate: Gate, accounts: Accounts, upstreams: Upstreams,
-                 pictures: PictureStore, meter: Meter) -> None:
+                 pictures: PictureStore, meter: Meter, moderation: Moderation | None = None) -> None:
         self._settings = settings
         self._gate = gate
         self._accounts = accounts
         self._upstreams = upstreams
         self._pictures = pictures
         self._meter = meter
+        self._moderation = moderation or Moderation(WordFilter(()))
 
     # --- admission and what the doors may ask about ---------------------------------------------------
 
@@ -74,9 +79,9 @@ class ChatPipeline:
         """A request that is not a question (e.g. `/v1/models`, the mini-program's routes): the limit only."""
         await self._gate.limit(door, identity)
 
-    def remaining(self, identity: str) -> int:
-        """Questions an anonymous identity has left today (`查询次数`)."""
-        return self._accounts.remaining(identity)
+    def remaining(self, account: str) -> int:
+        """Questions an anonymous account (`Question.account`) has left today (`查询次数`)."""
+        return self._accounts.remaining(account)
 
     def reset_quota(self, identity: str | None) -> int:
         """Clear one identity's counters, or everyone's."""
@@ -134,12 +139,15 @@ class ChatPipeline:
     # --- answering ------------------------------------------------------------------------------------
 
     def answer(self, question: Question) -> Answer:
-        """The answer to an admitted question. The model rule and trimming refuse at once; charging,
-        the upstream and the accounting happen as the answer is read."""
+        """The answer to an admitted question. The model rule, trimming and the word list refuse at once;
+        charging, WeChat's check, the upstream and the accounting happen as the answer is read."""
         model = self.model_for(question.model, question.payer)
         request = self._request(question, model)
+        # Only the newest prompt: a refused one stays in the mini-program's on-screen context, and must
+        # not refuse every question after it.
+        self._moderation.check_words(question.prompt)
         route = self._upstreams.route(question.payer, request.model, debug=self._accounts.debug)
-        return Answer(model, self._stream(question, request, route))
+        return Answer(model, self._stream(question, request, route), self._moderation.masking())
 
     @asynccontextmanager
     async def _accounted(self, question: Question, kind: str,
@@ -159,8 +167,22 @@ class ChatPipeline:
         finally:
             self._meter.finish(record)
 
+    @asynccontextmanager
+    async def _watched(self, question: Question, prompt: str) -> AsyncGenerator[AnswerWatch, None]:
+        """WeChat's check of the prompt, then what watches the answer's content until it ends. Entered
+        after the charge, so a user with nothing left today costs no WeChat call; a refused prompt is
+        refunded, since nothing went upstream."""
+        await self._moderation.check_prompt(prompt, question.user)
+        watch = self._moderation.watch(question.user)
+        try:
+            yield watch
+        finally:
+            await watch.close()
+
     async def _stream(self, question: Question, request: ChatRequest, route: Route) -> AsyncGenerator[Delta, None]:
-        async with self._accounted(question, "chat", route) as (progress, record):
+        async with self._accounted(question, "chat", route) as (progress, record), \
+                self._watched(question, question.prompt) as watch:
+            watched = watch.active
             deltas = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
             held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
             async with opened(deltas):
@@ -172,21 +194,26 @@ class ChatPipeline:
                             for early in held:
                                 yield early
                             held.clear()
+                        if watched and delta.text:
+                            watch.feed(delta.text)  # before anyone sees it: refuse mode stops a word here
                     elif not progress.produced:
                         held.append(delta)  # so that an empty answer fails before any door has sent a byte
                         continue
                     yield delta
             if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
                 raise UpstreamFailed("empty")
+            await watch.finish()  # the end of the answer waits for WeChat's verdict on its last segment
 
     async def draw(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
         """One picture for `prompt`, saved; charged like a chat question. `size` is honoured only on the
         caller's own key: on the pool the operator pays for the configured size."""
         if question.payer.kind != "own" or not size:
             size = self._settings.images.size
+        self._moderation.check_words(prompt)
         route = self._upstreams.drawing(question.payer)
         model = self._upstreams.image_model()
-        async with self._accounted(question, "image", route) as (progress, record):
+        async with self._accounted(question, "image", route) as (progress, record), \
+                self._watched(question, prompt):
             generated: GeneratedImage | None = None
             pictures = self._upstreams.call(
                 route, lambda provider, key: _one(provider.generate_image(prompt, size, key, model)), progress)

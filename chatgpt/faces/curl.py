@@ -64,16 +64,26 @@ async def _body(first: Delta | None, deltas: Answer, memory: ConversationMemory,
                 content: str, sse: bool) -> AsyncGenerator[Piece, None]:
     """The answer as plain text, or as SSE events (`conversation`, then data, then `done`)."""
     parts: list[str] = []
+    masker = deltas.words.stream() if deltas.words is not None else None  # holds back a possible word start
     if sse:
         yield _event("conversation", {"conversationId": cid}), False
     delta = first
     while delta is not None:
-        if delta.text:
-            parts.append(delta.text)
-            yield (_event(None, {"content": delta.text}) if sse else delta.text.encode(errors="replace")), False
+        text = delta.text if masker is None or not delta.text else masker.feed(delta.text)
+        if text:
+            parts.append(text)
+            yield _piece(text, sse), False
         delta = await anext(deltas, None)
-    memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered
-    yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True
+    end = _event("done", {"conversationId": cid}) if sse else b"\n"
+    if masker is not None and (rest := masker.flush()):
+        parts.append(rest)
+        end = _piece(rest, sse) + end
+    memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered, as sent
+    yield end, True
+
+
+def _piece(text: str, sse: bool) -> bytes:
+    return _event(None, {"content": text}) if sse else text.encode(errors="replace")
 
 
 def _error_event(sse: bool) -> Callable[[BaseException], bytes]:

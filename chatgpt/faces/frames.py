@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 
 from chatgpt import jsontext
 from chatgpt.faces.markdown import IncrementalRenderer, to_html
+from chatgpt.faces.masking import unhide
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class _PendingText:
     cid: Any
     answer_id: str
     content: str
+    markdown: str | None = None  # what the html is rendered from, when not `content` (masked words)
 
 
 class FrameWriter:
@@ -107,13 +109,14 @@ class FrameWriter:
         """Queue a frame to be sent after everything queued before it."""
         self._push(frame)
 
-    def send_text(self, cid: Any, answer_id: str, content: str) -> None:
-        """Queue the cumulative text of an answer, replacing its queued older text if any."""
+    def send_text(self, cid: Any, answer_id: str, content: str, markdown: str | None = None) -> None:
+        """Queue the cumulative text of an answer, replacing its queued older text if any. `markdown`:
+        the source of its html when that is not `content` (masked words, faces/masking.py)."""
         tail = self._queue[-1] if self._queue else None
         if isinstance(tail, _PendingText) and tail.answer_id == answer_id:
-            tail.content = content
+            tail.content, tail.markdown = content, markdown
             return
-        self._push(_PendingText(cid, answer_id, content))
+        self._push(_PendingText(cid, answer_id, content, markdown))
 
     def _push(self, item: dict[str, Any] | _PendingText) -> None:
         if self.stalled:
@@ -217,7 +220,11 @@ class FrameWriter:
             await self._wait_interval(head)  # head stays queued, so newer text can still replace it
             if head.answer_id != self._last_answer:
                 self._renderer = IncrementalRenderer()
-            frame = text_frame(head.cid, head.answer_id, head.content, self._renderer.render(head.content))
+            if head.markdown is None:
+                html = self._renderer.render(head.content)
+            else:
+                html = unhide(self._renderer.render(head.markdown))
+            frame = text_frame(head.cid, head.answer_id, head.content, html)
             self._last_answer, self._last_text_at = head.answer_id, time.monotonic()
         else:
             frame = head

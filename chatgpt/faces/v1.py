@@ -96,9 +96,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             answer_id = answer_id or delta.answer_id
             parts.append(delta.text)
             finish = delta.finish_reason or finish
+    content = "".join(parts)
+    if deltas.words is not None:
+        content = deltas.words.mask(content)  # listed words (PROTOCOL.md E.5)
     return web.json_response({
         "id": answer_id or new_answer_id(), "object": "chat.completion", "created": created, "model": deltas.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                      "finish_reason": finish}],
     }, dumps=jsontext.dumps)
 
@@ -113,21 +116,25 @@ async def _stream(request: web.Request, deltas: Answer, model: str, created: int
 
 
 async def _sse_body(first: Delta | None, deltas: Answer, model: str, created: int) -> AsyncGenerator[Piece, None]:
-    """The answer as OpenAI SSE: the upstream's own chunks when it sent some, else our encoding."""
+    """The answer as OpenAI SSE: the upstream's own chunks when it sent some, else our encoding. With
+    listed words to mask, always our encoding of the masked text: the upstream's bytes hold the words."""
     answer_id = (first.answer_id if first else "") or new_answer_id()
+    masker = deltas.words.stream() if deltas.words is not None else None  # holds back a possible word start
     relayed, encoded, finish = False, False, None
     held = b""
     delta = first
     while delta is not None:
         data = b""
-        if delta.raw:
+        if delta.raw and masker is None:
             # The upstream's own chunks, byte for byte: one write for all a network read brought.
             relayed = True
             data = delta.raw
-        elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
-            role = {} if encoded else {"role": "assistant"}
-            encoded = True
-            data = _chunk(answer_id, created, model, {**role, "content": delta.text}, None)
+        elif delta.text:  # a provider without OpenAI chunks (offline, Baixing), or masked text: our own
+            text = delta.text if masker is None else masker.feed(delta.text)
+            if text:
+                role = {} if encoded else {"role": "assistant"}
+                encoded = True
+                data = _chunk(answer_id, created, model, {**role, "content": text}, None)
         if delta.finish_reason:
             finish = delta.finish_reason
         if delta.last:
@@ -137,6 +144,9 @@ async def _sse_body(first: Delta | None, deltas: Answer, model: str, created: in
         # Also after the last piece: the pipeline finishes its accounting when the answer ends.
         delta = await anext(deltas, None)
     tail = b"data: [DONE]\n\n"
+    if masker is not None and (rest := masker.flush()):
+        held += _chunk(answer_id, created, model, {"content": rest} if encoded else
+                       {"role": "assistant", "content": rest}, None)
     yield held + (tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail), True
 
 
