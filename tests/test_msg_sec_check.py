@@ -145,3 +145,14 @@ async def test_wechat_unreachable_with_fail_closed_refuses_and_costs_nothing(
     assert fake.chat_requests() == []
     assert await remaining(client, alice) == 20
     assert await metric(client, 'chatgpt_wechat_content_checks_total{outcome="failed",target="prompt"}') == 1
+
+
+async def test_a_long_prompt_is_checked_in_segments(make_client: MakeClient, wechat: FakeWeChat,
+                                                     fake: FakeOpenAI) -> None:
+    client = await start(make_client, wechat)
+    alice = await log_in(client, wechat, ALICE)
+    prompt = "问" * 2600 + "炸药"  # the risky word is in the second segment
+    frames = await ask(client, prompt, alice)
+    assert contents(frames) == [texts.CONTENT_SENSITIVE]
+    assert sorted(len(c["content"]) for c in wechat.checks) == [102, 2500]
+    assert fake.chat_requests() == []

@@ -84,12 +84,15 @@ class Moderation:
             raise ContentRefused("word")
 
     async def check_prompt(self, prompt: str, user: str | None) -> None:
-        """WeChat's check of a logged-in user's prompt, before anything goes upstream."""
+        """WeChat's check of a logged-in user's prompt, before anything goes upstream (a long one in
+        segments, asked at once)."""
         if self.wechat is None or user is None or not prompt.strip():
             return
-        verdict = await self.wechat.verdict(prompt, user, "prompt")
-        if verdict != "pass":
-            raise ContentRefused(verdict)
+        segments = [prompt[i:i + SEGMENT] for i in range(0, len(prompt), SEGMENT)]
+        verdicts = await asyncio.gather(*(self.wechat.verdict(s, user, "prompt") for s in segments))
+        for verdict in ("risky", "unchecked"):
+            if verdict in verdicts:
+                raise ContentRefused(verdict)
 
     def masking(self) -> WordFilter | None:
         """The filter a door masks an answer's text with (mask mode with listed words), else None."""
