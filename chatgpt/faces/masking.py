@@ -20,18 +20,27 @@ def unhide(html: str) -> str:
 
 
 class ShownText:
-    """An answer's cumulative text as the client may see it: `update` gives the text with listed words
-    masked, and the Markdown source its HTML is rendered from (None when it is the text itself)."""
+    """An answer's text as the client may see it, fed delta by delta: `text()` is the text so far with listed
+    words masked, `markdown()` the source its HTML is rendered from (None while nothing is masked: the text
+    itself). Both are kept as parts (`GrowingMasker`), so a delta costs itself, not the whole answer."""
 
     def __init__(self, words: WordFilter | None) -> None:
-        self._text = words.cumulative() if words is not None else None
-        self._source = words.cumulative(HIDDEN) if words is not None else None
+        self._masker = words.growing((MASK, HIDDEN)) if words is not None else None
+        self._plain: list[str] = []  # the parts without words to mask
 
-    def update(self, text: str) -> tuple[str, str | None]:
-        """The whole answer so far, masked; and the Markdown to render when it differs from the text."""
-        if self._text is None or self._source is None:
-            return text, None
-        shown = self._text.update(text)
-        if not self._text.hits:
-            return shown, None
-        return shown, self._source.update(text)
+    def feed(self, delta: str) -> None:
+        """More of the answer."""
+        if self._masker is None:
+            self._plain.append(delta)
+        else:
+            self._masker.feed(delta)
+
+    def text(self) -> str:
+        """The whole answer so far, masked."""
+        return "".join(self._plain if self._masker is None else self._masker.parts[0])
+
+    def markdown(self) -> str | None:
+        """The Markdown to render when it is not the text (something is masked)."""
+        if self._masker is None or not self._masker.hits:
+            return None
+        return "".join(self._masker.parts[1])

@@ -209,19 +209,19 @@ class SocketSession:
             return
         # The server's id, the same on every frame of this answer: upstreams repeat or omit theirs.
         answer_id = new_answer_id()
-        content = ""
-        limit = self.settings.ws.max_answer_chars
+        size, limit = 0, self.settings.ws.max_answer_chars
         async with aclosing(self.pipeline.answer(question)) as deltas:
             shown = ShownText(deltas.words)  # listed words masked in the text and in its html
             async for delta in deltas:
                 if delta.text:
-                    if len(content) + len(delta.text) > limit:
+                    size += len(delta.text)
+                    if size > limit:
                         # Every frame carries the whole text: a runaway answer would cost the client
                         # (and us) quadratically. Leaving the loop closes the upstream request.
                         self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
                         return
-                    content += delta.text
-                    self.writer.send_text(cid, answer_id, *shown.update(content))
+                    shown.feed(delta.text)
+                    self.writer.send_text(cid, answer_id, shown.text(), shown.markdown())
         self.writer.send(done_frame(cid))
 
     async def _draw(self, cid: Any, question: Question, prompt: str) -> None:
