@@ -1,10 +1,11 @@
 """What a websocket answer costs its user, printed, not asserted (issue 16 item 3):
 
-    python bench/wsbytes.py [--answers 2000,300,200] [--rate 30] [--ws KEY=VALUE ...]
+    python bench/wsbytes.py [--answers 2000,300,200] [--rate 30] [--stamped] [--ws KEY=VALUE ...]
 
 Each frame of an answer carries the whole text so far (PROTOCOL.md A.3), so without a bound the
 bytes of an answer grow with the square of its length. Per answer of N tokens paced at `--rate`
-tokens/s (the benchmark's tokens, ~9 characters of Markdown): the frames and bytes the client
+tokens/s (the benchmark's tokens, ~4 characters of Markdown and some Chinese; `--stamped` adds six
+digits to each, as the capacity benchmark's timestamps do: ~10 characters): the frames and bytes the client
 received, the largest (final) text frame, the gaps between text frames (p50, p90, max), how long
 after the last token the end frame came, and whether the final text is complete with exactly one
 end frame. The answers run at once, each through its own app and paced fake upstream
@@ -36,7 +37,20 @@ from aiohttp import web  # noqa: E402
 from app import create_app  # noqa: E402
 from chatgpt.settings import load_settings  # noqa: E402
 from common import percentile, token_text  # noqa: E402
-from fake_upstream import FakeUpstream, make_app  # noqa: E402
+from fake_upstream import Encoded, FakeUpstream, _suffix, make_app  # noqa: E402
+
+
+def answer_tokens(n: int, stamped: bool) -> list[str]:
+    """The answer's tokens; stamped: each ends with six digits, like the capacity benchmark's."""
+    return [t + "%06d" % (i * 33 % 1000000) if stamped else t for i, t in enumerate(token_text(n))]
+
+
+class StampedEncoded(Encoded):
+    """The fake upstream's answer with stamped tokens."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(0)
+        self.pieces = [_suffix({"content": t}, None) for t in answer_tokens(tokens, True)]
 
 
 def _listening() -> socket.socket:
@@ -64,10 +78,14 @@ def _settings(folder: Path, upstream_port: int, ws: dict[str, Any]) -> Any:
     return load_settings(path, env={})
 
 
-async def one_answer(tokens: int, rate: float, ws_settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+async def one_answer(tokens: int, rate: float, stamped: bool, ws_settings: dict[str, Any],
+                     folder: Path) -> dict[str, Any]:
     """Ask one question of `tokens` tokens at `rate` tokens/s and measure what the client receives."""
     folder.mkdir()
-    upstream, upstream_port = await _serve(make_app(FakeUpstream(tokens, rate)))
+    fake = FakeUpstream(tokens, rate)
+    if stamped:
+        fake.encoded[tokens] = StampedEncoded(tokens)
+    upstream, upstream_port = await _serve(make_app(fake))
     server, port = await _serve(create_app(_settings(folder, upstream_port, ws_settings)))
     question = {"conversationId": "c-1", "id": "u-1", "parentId": 1, "authType": "api", "authValue": "Bearer ",
                 "isDemo": True, "content": "", "isGenImg": False, "isSender": False,
@@ -100,7 +118,7 @@ async def one_answer(tokens: int, rate: float, ws_settings: dict[str, Any], fold
         await server.cleanup()
         await upstream.cleanup()
     gaps = [1000 * (b[0] - a[0]) for a, b in zip(texts, texts[1:])]
-    expected = "".join(token_text(tokens))
+    expected = "".join(answer_tokens(tokens, stamped))
     first = texts[0][0] if texts else asked
     ideal_end = first + (tokens - 1) / rate if rate > 0 else first
     total = sum(b for _, b, _ in texts) + sum(b for _, b, _ in ends)
@@ -130,9 +148,9 @@ def _ws_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-async def run(answers: list[int], rate: float, ws_settings: dict[str, Any]) -> list[dict[str, Any]]:
+async def run(answers: list[int], rate: float, stamped: bool, ws_settings: dict[str, Any]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        return list(await asyncio.gather(*(one_answer(n, rate, ws_settings, Path(tmp) / f"a{i}")
+        return list(await asyncio.gather(*(one_answer(n, rate, stamped, ws_settings, Path(tmp) / f"a{i}")
                                            for i, n in enumerate(answers))))
 
 
@@ -140,11 +158,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--answers", default="2000,300,200", help="tokens per answer, comma-separated")
     parser.add_argument("--rate", type=float, default=30.0, help="tokens/s of each answer")
+    parser.add_argument("--stamped", action="store_true", help="~10-character tokens, as bench/capacity.py's")
     parser.add_argument("--ws", action="append", default=[], metavar="KEY=VALUE", help="a ws setting of the app")
     args = parser.parse_args()
     ws_settings = _ws_overrides(args.ws)
-    results = asyncio.run(run([int(n) for n in args.answers.split(",")], args.rate, ws_settings))
-    print(json.dumps({"ws": ws_settings, "answers": results}, indent=2, ensure_ascii=False))
+    results = asyncio.run(run([int(n) for n in args.answers.split(",")], args.rate, args.stamped, ws_settings))
+    print(json.dumps({"ws": ws_settings, "stamped": args.stamped, "answers": results}, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

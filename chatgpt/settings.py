@@ -89,6 +89,8 @@ class QuotaSettings:
 class WsSettings:
     max_message_bytes: int = 1048576
     frame_interval_ms: int = 50
+    bytes_per_second: int = 15000
+    burst_bytes: int = 700000
     max_sockets_per_ip: int = 50
     max_sockets: int = 10000
     idle_seconds: float = 90.0
@@ -399,6 +401,8 @@ def validate(settings: Settings) -> Settings:
         (settings.quota.baixing_daily_questions >= 0, "quota.baixing_daily_questions: expected 0 or more"),
         (1024 <= settings.ws.max_message_bytes <= 64 * 1048576, "ws.max_message_bytes: expected 1024..67108864"),
         (0 <= settings.ws.frame_interval_ms <= 10000, "ws.frame_interval_ms: expected 0..10000"),
+        (settings.ws.bytes_per_second >= 0, "ws.bytes_per_second: expected 0 or more"),
+        (settings.ws.burst_bytes >= 0, "ws.burst_bytes: expected 0 or more"),
         (settings.ws.max_sockets_per_ip > 0, "ws.max_sockets_per_ip: expected a positive integer"),
         (settings.ws.max_sockets > 0, "ws.max_sockets: expected a positive integer"),
         (settings.ws.idle_seconds > 0, "ws.idle_seconds: expected a positive number"),

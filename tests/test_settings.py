@@ -118,6 +118,8 @@ def test_an_integer_is_accepted_where_a_number_is_expected(tmp_path: Path) -> No
     ("upstream:\n  provider: foo\n", "setting upstream.provider: expected auto, openai or offline"),
     ("images:\n  size: big\n", "setting images.size: expected WIDTHxHEIGHT, e.g. 256x256"),
     ("images:\n  prune_at: '25:00'\n", "setting images.prune_at: expected HH:MM"),
+    ("ws:\n  bytes_per_second: -1\n", "setting ws.bytes_per_second: expected 0 or more"),
+    ("ws:\n  burst_bytes: -1\n", "setting ws.burst_bytes: expected 0 or more"),
 ])
 def test_a_value_out_of_range_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     assert load_error(tmp_path, text) == message

@@ -81,7 +81,8 @@ class SocketSession:
         self.settings = settings
         self.identity = identity
         self.writer = FrameWriter(ws, settings.ws.frame_interval_ms / 1000, stall_seconds=settings.ws.stall_seconds,
-                                  buffered=self._buffered, on_stall=self._not_reading)
+                                  buffered=self._buffered, on_stall=self._not_reading,
+                                  bytes_per_second=settings.ws.bytes_per_second, burst_bytes=settings.ws.burst_bytes)
         self.pending: deque[dict[str, Any]] = deque()
         self._worker: asyncio.Task[None] | None = None  # exists only while questions wait
         self._current: dict[str, Any] | None = None  # the question being answered
