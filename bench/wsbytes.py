@@ -6,7 +6,8 @@ Each frame of an answer carries the whole text so far (PROTOCOL.md A.3), so with
 bytes of an answer grow with the square of its length. Per answer of N tokens paced at `--rate`
 tokens/s (the benchmark's tokens, ~4 characters of Markdown and some Chinese; `--stamped` adds six
 digits to each, as the capacity benchmark's timestamps do: ~10 characters): the frames and bytes the client
-received, the largest (final) text frame, the gaps between text frames (p50, p90, max), how long
+received, the largest (final) text frame, the gaps between text frames (p50, p90, max; and the
+largest over the first 300 tokens' worth of time), how long
 after the last token the end frame came, and whether the final text is complete with exactly one
 end frame. The answers run at once, each through its own app and paced fake upstream
 (bench/fake_upstream.py), all on 127.0.0.1 in this process; the longest sets the run's length
@@ -118,6 +119,8 @@ async def one_answer(tokens: int, rate: float, stamped: bool, ws_settings: dict[
         await server.cleanup()
         await upstream.cleanup()
     gaps = [1000 * (b[0] - a[0]) for a, b in zip(texts, texts[1:])]
+    early_end = texts[0][0] + 300 / rate if texts and rate > 0 else 0.0
+    early = [1000 * (b[0] - a[0]) for a, b in zip(texts, texts[1:]) if b[0] <= early_end]
     expected = "".join(answer_tokens(tokens, stamped))
     first = texts[0][0] if texts else asked
     ideal_end = first + (tokens - 1) / rate if rate > 0 else first
@@ -129,6 +132,7 @@ async def one_answer(tokens: int, rate: float, stamped: bool, ws_settings: dict[
         "bytes_over_final_frame": round(total / texts[-1][1], 1) if texts else None,
         "gap_ms_p50": _ms(percentile(gaps, 50)), "gap_ms_p90": _ms(percentile(gaps, 90)),
         "gap_ms_max": _ms(max(gaps, default=None)),
+        "first_300_tokens_gap_ms_max": _ms(max(early, default=None)),
         "done_after_last_token_ms": _ms(1000 * (ends[0][0] - ideal_end)) if ends else None,
         "final_text_complete": bool(texts) and texts[-1][2].get("content") == expected,
         "done_frames": sum(1 for _, _, f in ends if f.get("content") == "DONE" and f.get("isSuccess")),
