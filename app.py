@@ -31,6 +31,8 @@ from chatgpt.keys import (
     sockets_key,
     started_key,
     state_key,
+    store_key,
+    local_store_key,
     trusted_key,
     upstream_key,
 )
@@ -48,11 +50,13 @@ from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
 from chatgpt.upstream.openai import OpenAIProvider, make_session
-from chatgpt.domain.quota import DailyQuota
+from chatgpt.domain.quota import Quota
 from chatgpt.server.routing import merge_slashes
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings, SettingsError, load_settings, replace_section
 from chatgpt.server.state import StateFile
+from chatgpt.server.local_store import LocalStore
+from chatgpt.server.redis_store import RedisStore, redacted
 from chatgpt.faces.ws import close_sockets, websocket_handler
 
 log = logging.getLogger("chatgpt")
@@ -75,8 +79,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[session_key] = session
     app[upstream_key] = openai
     app[pipeline_key] = ChatPipeline(
-        settings, app[flags_key], keys, DailyQuota(settings.quota.daily_questions),
-        DailyQuota(settings.quota.baixing_daily_questions),
+        settings, app[flags_key], keys, Quota(app[store_key], "quota", settings.quota.daily_questions),
+        Quota(app[store_key], "debug_quota", settings.quota.baixing_daily_questions),
         {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing, images,
         app[metrics_key])
     probes = asyncio.create_task(probe_forever(keys, openai.key_works, every=60.0))
@@ -100,12 +104,27 @@ async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With `state.redis_url`: connect to Redis (retried in the background while it is down)."""
+    store = app[store_key]
+    if not isinstance(store, RedisStore):
+        yield
+        return
+    await store.start()
+    yield
+    await store.close()
+
+
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Restore quotas, flags and key health at start; save periodically and at shutdown."""
-    pipeline = app[pipeline_key]
+    """Restore quotas, flags and key health at start; save periodically and at shutdown.
+    Not used when the state is shared through Redis (instances must not each keep their own)."""
+    if app[settings_key].state.redis_url:
+        yield
+        return
+    pipeline, local = app[pipeline_key], app[local_store_key]
     state = StateFile(app[settings_key].state.file, {
-        "flags": app[flags_key], "quota": pipeline.quota, "debug_quota": pipeline.debug_quota,
-        "keys": pipeline.keys, "chat": app[memory_key]})
+        "flags": app[flags_key], "quota": local.counter("quota"), "debug_quota": local.counter("debug_quota"),
+        "keys": pipeline.keys, "chat": app[memory_key], "usage": local.usage, "secrets": local.secrets})
     state.load()
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
@@ -132,7 +151,16 @@ def describe(settings: Settings) -> str:
         return ("provider: offline (built-in, no network) — no OPENAI_API_KEY is set, so anonymous "
                 "questions get a canned notice; users' own API keys still go to " + upstream.base_url)
     keys = ", ".join(mask(k) for k in upstream.api_keys) or "none"
-    return f"provider: openai at {upstream.base_url}, model {upstream.model}, server keys: {keys}"
+    return (f"provider: openai at {upstream.base_url}, model {upstream.model}, server keys: {keys}"
+            + describe_state(settings))
+
+
+def describe_state(settings: Settings) -> str:
+    """Where the shared state lives, for the start line (a Redis URL without its password)."""
+    state = settings.state
+    if not state.redis_url:
+        return ""
+    return f"; state: redis at {redacted(state.redis_url)} (redis_fail: {state.redis_fail})"
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -141,10 +169,13 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware, rate_limit_middleware],
                           client_max_size=settings.ws.max_message_bytes)
     app[settings_key] = settings
-    app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions)
+    app[metrics_key] = Metrics()
+    local = app[local_store_key] = LocalStore()
+    app[store_key] = (RedisStore(settings.state.redis_url, settings.state.redis_fail, local, metrics=app[metrics_key])
+                      if settings.state.redis_url else local)
+    app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions, app[store_key])
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
     app[sockets_key] = weakref.WeakSet()
-    app[metrics_key] = Metrics()
     app[started_key] = time.monotonic()
     app[inflight_key] = InFlight()
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
@@ -159,6 +190,7 @@ def create_app(settings: Settings) -> web.Application:
     admin.add_routes(app)
     ops.add_routes(app)
     app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(pruner_ctx)
     app.on_shutdown.append(close_sockets)

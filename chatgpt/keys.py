@@ -17,6 +17,8 @@ from chatgpt.upstream.openai import OpenAIProvider
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings
 from chatgpt.server.state import StateFile
+from chatgpt.domain.store import Store
+from chatgpt.server.local_store import LocalStore
 
 settings_key = web.AppKey("settings", Settings)
 flags_key = web.AppKey("flags", RuntimeFlags)
@@ -33,3 +35,5 @@ metrics_key = web.AppKey("metrics", Metrics)
 page_key = web.AppKey("page", bytes)
 started_key = web.AppKey("started", float)
 inflight_key = web.AppKey("inflight", InFlight)
+store_key = web.AppKey("store", Store)  # the shared state: LocalStore, or RedisStore with state.redis_url
+local_store_key = web.AppKey("local_store", LocalStore)  # the in-process store (state file; Redis fallback)

@@ -74,6 +74,8 @@ class ImagesSettings:
 @dataclass(frozen=True)
 class StateSettings:
     file: str = "state.json"
+    redis_url: str = ""  # set: quotas, flags, /chat memory, key health... shared through Redis
+    redis_fail: str = "open"  # Redis unreachable: open (count locally) | closed (refuse quota questions)
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,8 @@ def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         _section(raw, "upstream")["base_url"] = env["OPENAI_BASE_URL"].strip()
     if env.get("BAIXING_API_KEY", "").strip():
         _section(raw, "upstream")["baixing_key"] = env["BAIXING_API_KEY"].strip()
+    if env.get("REDIS_URL", "").strip():
+        _section(raw, "state")["redis_url"] = env["REDIS_URL"].strip()
     if env.get("CHATGPT_ADMIN_TOKEN", "").strip():
         _section(raw, "admin")["token"] = env["CHATGPT_ADMIN_TOKEN"].strip()
 
@@ -236,6 +240,9 @@ def validate(settings: Settings) -> Settings:
         (settings.images.download_seconds > 0, "images.download_seconds: expected a positive number"),
         (bool(settings.images.folder.strip()), "images.folder: must not be empty"),
         (bool(settings.state.file.strip()), "state.file: must not be empty"),
+        (not settings.state.redis_url or settings.state.redis_url.startswith(("redis://", "rediss://", "unix://")),
+         "state.redis_url (or REDIS_URL): expected a redis://, rediss:// or unix:// URL"),
+        (settings.state.redis_fail in ("open", "closed"), "state.redis_fail: expected open or closed"),
         (settings.chat.max_conversations > 0, "chat.max_conversations: expected a positive integer"),
         (settings.chat.max_turns > 0, "chat.max_turns: expected a positive integer"),
         (settings.chat.ttl_hours > 0, "chat.ttl_hours: expected a positive number"),

@@ -21,8 +21,9 @@ from chatgpt.domain.limits import LimiterTable
 from chatgpt.server.metrics import Metrics, QuestionRecord
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage, Provider
 from chatgpt.domain.question import Question, fit_context
-from chatgpt.domain.quota import DailyQuota
+from chatgpt.domain.quota import Quota
 from chatgpt.domain.runtime import RuntimeFlags
+from chatgpt.domain.store import StoreUnavailable
 from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,19 @@ def public_error(exc: BaseException, pool_key: str | None) -> ServiceError:
     return error
 
 
+def busy() -> ServiceError:
+    """The refusal while the shared quota cannot be checked: websocket text, HTTP 503."""
+    return ServiceError("500001", texts.SERVER_BUSY, http_status=503, error_type="server_error", retry_after=5)
+
+
+async def _refund(quota: Quota, identity: str) -> None:
+    """Give a question back; shielded, since it often runs while the question is being cancelled."""
+    try:
+        await asyncio.shield(quota.refund(identity))
+    except StoreUnavailable:
+        log.warning("a refund was lost: the shared quota is unreachable")
+
+
 def _retryable(error: ServiceError, tried: list[str]) -> bool:
     """A key-specific refusal (401/403/429) on the first key is retried once on the next key."""
     cause = error.__cause__
@@ -63,8 +77,8 @@ def _retryable(error: ServiceError, tried: list[str]) -> bool:
 class ChatPipeline:
     """Turns a question into answer deltas, charging and refunding as PROTOCOL.md says."""
 
-    def __init__(self, settings: Settings, flags: RuntimeFlags, keys: KeyPool, quota: DailyQuota,
-                 debug_quota: DailyQuota, limiters: dict[str, LimiterTable], pool_provider: Provider,
+    def __init__(self, settings: Settings, flags: RuntimeFlags, keys: KeyPool, quota: Quota,
+                 debug_quota: Quota, limiters: dict[str, LimiterTable], pool_provider: Provider,
                  own_key_provider: Provider, debug_provider: Provider, images: ImageStore,
                  metrics: Metrics) -> None:
         self.settings = settings
@@ -103,10 +117,13 @@ class ChatPipeline:
                                http_status=404, error_code="model_not_found")
         return upstream.model
 
-    def remaining(self, identity: str) -> int:
+    async def remaining(self, identity: str) -> int:
         """Questions an anonymous identity has left today."""
         self.quota.limit = self.flags.demoLimit
-        return self.quota.remaining(identity)
+        try:
+            return await self.quota.remaining(identity)
+        except StoreUnavailable as exc:
+            raise busy() from exc
 
     def _request(self, question: Question) -> ChatRequest:
         upstream = self.settings.upstream
@@ -119,13 +136,17 @@ class ChatPipeline:
         temperature = upstream.temperature if question.temperature is None else question.temperature
         return ChatRequest(history, question.model, temperature, max_tokens, question.extra)
 
-    def _charge(self, question: Question, debug: bool) -> DailyQuota | None:
+    async def _charge(self, question: Question, debug: bool) -> Quota | None:
         """Count an anonymous question against its day quota; the quota to refund, if any."""
         if question.payer.kind != "anonymous":
             return None
         quota = self.debug_quota if debug else self.quota
         self.quota.limit = self.flags.demoLimit
-        if not quota.take(question.identity):
+        try:
+            taken = await quota.take(question.identity)
+        except StoreUnavailable as exc:  # the shared quota cannot be checked (state.redis_fail: closed)
+            raise busy() from exc
+        if not taken:
             self.metrics.quota_refusals.labels(question.entry).inc()
             raise ServiceError("700001", texts.QUOTA_USED_UP, http_status=429,
                                error_type="insufficient_quota", error_code="daily_quota_exceeded")
@@ -138,7 +159,7 @@ class ChatPipeline:
         record = self._record(question, "chat")
         quota = None
         try:
-            quota = self._charge(question, debug)
+            quota = await self._charge(question, debug)
             source = self._relay(self.debug_provider, request, None, None) if debug else self._stream(question, request)
             async with aclosing(source) as deltas:
                 async for delta in deltas:
@@ -150,7 +171,7 @@ class ChatPipeline:
             # Given back only when the upstream produced nothing: a client that leaves mid-answer
             # has been answered (and billed), so it is charged (PROTOCOL.md A.5, C.2).
             if quota is not None and not record.tokens:
-                quota.refund(question.identity)
+                await _refund(quota, question.identity)
             raise
         finally:
             self.metrics.finish(record)
@@ -204,7 +225,7 @@ class ChatPipeline:
         record = self._record(question, "image")
         quota = None
         try:
-            quota = self._charge(question, debug=False)
+            quota = await self._charge(question, debug=False)
             generated = await self._generate(question, prompt, size or self.settings.images.size)
             stored = await self._call(self.images.store(generated), None)
             record.token()
@@ -212,7 +233,7 @@ class ChatPipeline:
         except BaseException as exc:
             record.outcome = outcome_of(exc)
             if quota is not None:
-                quota.refund(question.identity)  # the user got no picture
+                await _refund(quota, question.identity)  # the user got no picture
             raise
         finally:
             self.metrics.finish(record)

@@ -26,6 +26,7 @@ PROMPT_TOO_LONG = "问题太长了, 请缩短后再试。"
 BUSY = "上一个问题还在回答中, 请稍后再试。"
 SHUTTING_DOWN = "服务器正在重启, 请稍后再试。"
 PROMPT_EMPTY = "请输入图片描述。"
+SERVER_BUSY = "服务繁忙, 请稍后再试~"  # shared state (Redis) unreachable with state.redis_fail: closed
 NO_SERVER_KEY = "服务器未配置API Key, 请使用自己的API Key。"
 
 # Obsolete ChatGPT web login (PROTOCOL.md C.1).

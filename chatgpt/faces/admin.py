@@ -10,6 +10,7 @@ from aiohttp import web
 
 from chatgpt import jsontext
 from chatgpt.keys import flags_key, pipeline_key, pruner_key, settings_key, state_key
+from chatgpt.domain.store import StoreUnavailable
 from chatgpt.server.bodies import read_raw
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ def _error(status: int, message: str) -> web.HTTPException:
     """An admin failure as JSON with a real HTTP status."""
     text = json.dumps({"error": {"message": message, "type": "admin_error", "param": None, "code": None}})
     kinds: dict[int, type[web.HTTPException]] = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized,
-                                                  404: web.HTTPNotFound}
+                                                  404: web.HTTPNotFound, 503: web.HTTPServiceUnavailable}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return kinds[status](text=text, content_type="application/json", headers=headers)
 
@@ -36,6 +37,13 @@ def require_admin(request: web.Request) -> None:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise _error(401, "A valid admin bearer token is required.")
+
+
+async def _save(app: web.Application) -> None:
+    """Write the state file now (there is none when the state is shared through Redis)."""
+    state = app.get(state_key)
+    if state is not None:
+        await state.save()
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -58,10 +66,10 @@ async def patch_runtime(request: web.Request) -> web.Response:
     """Change some flags at once (all checked before any is applied); saved to the state file."""
     require_admin(request)
     try:
-        flags = request.app[flags_key].update(await _body(request))
+        flags = await request.app[flags_key].change(await _body(request))
     except ValueError as error:
         raise _error(400, str(error)) from None
-    await request.app[state_key].save()
+    await _save(request.app)
     log.info("runtime flags changed by the admin API: %s", ", ".join(sorted(flags)))
     return _json(flags)
 
@@ -80,8 +88,11 @@ async def reset_quota(request: web.Request) -> web.Response:
     if identity is not None and not isinstance(identity, str):
         raise _error(400, "identity: expected a string")
     pipeline = request.app[pipeline_key]
-    cleared = pipeline.quota.reset(identity) + pipeline.debug_quota.reset(identity)
-    await request.app[state_key].save()
+    try:
+        cleared = await pipeline.quota.reset(identity) + await pipeline.debug_quota.reset(identity)
+    except StoreUnavailable:
+        raise _error(503, "The shared state (Redis) is unreachable: nothing was reset.") from None
+    await _save(request.app)
     return _json({"reset": cleared, "identity": identity})
 
 

@@ -1,0 +1,100 @@
+"""A real `redis-server` for the tests: a child process on a free loopback port, its files in a temp folder."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+START_SECONDS = 10.0
+
+
+def outside_program(name: str, package: str) -> str:
+    """The path of a program the tests drive. Missing: skip naming the Debian package, or fail when
+    CHATGPT_API_REQUIRE_ALL=1 (as `.ci/run` sets, after installing it)."""
+    found = shutil.which(name) or next(
+        (p for p in (f"/usr/bin/{name}", f"/usr/sbin/{name}", f"/usr/local/bin/{name}") if os.access(p, os.X_OK)), None)
+    if found is not None:
+        return found
+    message = f"{name} is not installed; these tests drive a real one: apt-get install {package}"
+    if os.environ.get("CHATGPT_API_REQUIRE_ALL") == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (redis cannot be asked to pick one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server, without persistence: a restart is an empty Redis."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.binary = outside_program("redis-server", "redis-server")
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = folder / "redis.log"
+
+    @property
+    def url(self) -> str:
+        """The URL the app is configured with."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self, port: int | None = None) -> None:
+        """Start on `port` (the same one again for a restart) or a free one, retrying on a collision."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            self.port = port or free_port()
+            self.process = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", str(self.log)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            if await self._answers():
+                return
+            self.stop()
+            if port is not None:
+                break  # asked for this port: another try will not free it
+        pytest.fail(f"redis-server did not start:\n{self.log.read_text(errors='replace') if self.log.exists() else ''}")
+
+    async def _answers(self) -> bool:
+        """True once PING gets +PONG; False if the process exits first (e.g. the port was taken)."""
+        assert self.process is not None
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            try:
+                writer.write(b"PING\r\n")
+                if (await reader.readline()).startswith(b"+PONG"):
+                    return True
+            except OSError:
+                pass
+            finally:
+                writer.close()
+            await asyncio.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL) and wait, so the port is free for a restart."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

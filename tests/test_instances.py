@@ -1,0 +1,196 @@
+"""Several instances on one Redis (issue 17): two real `python app.py` processes, a real redis-server,
+and a fake upstream served from this test, all on loopback."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from chatgpt.domain import texts
+from tests.conftest import CLIENT_TOKEN, SERVER_KEY, SecretCapture
+from tests.fake_openai import Fail, FakeOpenAI
+from tests.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "adm-instances-token-4711"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+SECOND_KEY = "sk-server-key-0002"
+SECRET_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "CHATGPT_ADMIN_TOKEN", "BAIXING_API_KEY", "REDIS_URL")
+START_SECONDS = 10.0
+SPREAD_SECONDS = 1.0  # a change on one instance is seen by every other within this
+
+
+@dataclass
+class Instance:
+    """One `python app.py` process sharing the test's Redis."""
+
+    process: subprocess.Popen[bytes]
+    base: str
+    log: Path
+
+    def output(self) -> str:
+        """What the process has logged so far."""
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+class Instances:
+    """Starts app processes (each in its own folder) on one Redis; kills leftovers, keeps their logs."""
+
+    def __init__(self, folder: Path, redis: RedisServer, upstream_url: str, capture: SecretCapture) -> None:
+        self.folder = folder
+        self.redis = redis
+        self.upstream_url = upstream_url
+        self.capture = capture
+        self.started: list[Instance] = []
+
+    async def start(self, **sections: dict[str, Any]) -> Instance:
+        """Start one more instance and wait until it answers `//status`."""
+        folder = self.folder / f"instance-{len(self.started)}"
+        folder.mkdir(parents=True)
+        raw: dict[str, Any] = {
+            "server": {"host": "127.0.0.1"},
+            "upstream": {"base_url": self.upstream_url, "api_keys": [SERVER_KEY, SECOND_KEY], "connect_timeout": 2,
+                         "read_timeout": 30},
+            "limits": {"http_per_second": 1000, "ws_per_minute": 1000},
+            "quota": {"daily_questions": 3},
+            "ws": {"frame_interval_ms": 0},
+            "state": {"file": "state.json", "redis_url": self.redis.url},
+            "admin": {"token": ADMIN_TOKEN},
+            "api": {"client_tokens": [CLIENT_TOKEN]},
+        }
+        for name, values in sections.items():
+            raw.setdefault(name, {}).update(values)
+        (folder / "settings.yaml").write_text(json.dumps(raw), encoding="utf-8")
+        port = free_port()
+        env = {name: value for name, value in os.environ.items() if name not in SECRET_ENV}
+        log = folder / "server.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--config", "settings.yaml",
+                                        "--port", str(port)], cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=out, stderr=subprocess.STDOUT)
+        instance = Instance(process, f"http://127.0.0.1:{port}", log)
+        self.started.append(instance)
+        deadline = time.monotonic() + START_SECONDS
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"app.py exited with {process.returncode}:\n{instance.output()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"//status did not answer within {START_SECONDS} s:\n{instance.output()}")
+                try:
+                    async with http.get(f"{instance.base}//status") as response:
+                        if response.status == 200:
+                            return instance
+                except (TimeoutError, aiohttp.ClientError):
+                    pass
+                await asyncio.sleep(0.05)
+
+    def close(self) -> None:
+        """Kill what still runs; hand the logs to the secrets check."""
+        for instance in self.started:
+            if instance.process.poll() is None:
+                instance.process.kill()
+                instance.process.wait()
+            self.capture.add_lines(instance.output())
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A running redis-server (no persistence), stopped after the test."""
+    server = RedisServer(tmp_path / "redis")
+    await server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def instances(tmp_path: Path, redis_server: RedisServer, fake: FakeOpenAI,
+                    secret_capture: SecretCapture) -> AsyncIterator[Instances]:
+    """A factory of app processes on the test's Redis, in front of the fake upstream."""
+    secret_capture.add_secret(ADMIN_TOKEN, "tests/test_instances.py")
+    started = Instances(tmp_path, redis_server, fake.base_url, secret_capture)  # type: ignore[attr-defined]
+    yield started
+    started.close()
+
+
+@pytest.fixture
+async def http(secret_capture: SecretCapture) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session whose answers join the secrets check."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), **secret_capture.session_kwargs()) as s:
+        yield s
+
+
+async def ask(http: aiohttp.ClientSession, instance: Instance, **headers: str) -> tuple[int, Any]:
+    """One anonymous (or `Authorization`) /v1 question; its status and JSON body."""
+    body = {"messages": [{"role": "user", "content": "hello"}]}
+    async with http.post(f"{instance.base}/v1/chat/completions", json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def ask_ws(http: aiohttp.ClientSession, instance: Instance, content: str) -> list[dict[str, Any]]:
+    """One anonymous websocket question; every frame up to the last (isDone)."""
+    frames: list[dict[str, Any]] = []
+    async with http.ws_connect(f"{instance.base}//websocket") as ws:
+        await ws.send_json({"conversationId": "c", "isDemo": True, "authType": "api", "authValue": "Bearer ",
+                            "content": "", "messages": [{"role": "user", "content": content}]})
+        while not frames or not frames[-1].get("isDone"):
+            frames.append(await asyncio.wait_for(ws.receive_json(), 10))
+    return frames
+
+
+async def healthz(http: aiohttp.ClientSession, instance: Instance) -> dict[str, Any]:
+    """The instance's /healthz body."""
+    async with http.get(f"{instance.base}/healthz") as response:
+        assert response.status == 200
+        return dict(await response.json())
+
+
+async def within(seconds: float, check: Any) -> float:
+    """Await `check()` until it is true; how long that took (fails past `seconds`)."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > seconds:
+            pytest.fail(f"not seen within {seconds} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_two_instances_count_one_daily_quota_and_spread_a_flag_within_a_second(
+        instances: Instances, http: aiohttp.ClientSession) -> None:
+    first, second = await instances.start(), await instances.start()
+    statuses = [(await ask(http, instance))[0] for instance in (first, second, first)]
+    assert statuses == [200, 200, 200]
+    for instance in (second, first):  # 3 questions a day in all, not 3 per instance
+        status, body = await ask(http, instance)
+        assert (status, body["error"]["code"]) == (429, "daily_quota_exceeded")
+    frames = await ask_ws(http, second, texts.QUOTA_QUERY)
+    assert frames[-1]["content"] == "0"
+
+    async with http.post(f"{second.base}/admin/quota/reset", headers=ADMIN, json={}) as response:
+        assert (await response.json())["reset"] == 1
+    assert (await ask(http, first))[0] == 200  # reset on one instance: reset for all
+
+    async with http.patch(f"{first.base}/admin/runtime", headers=ADMIN, json={"status": "FALSE"}) as response:
+        assert response.status == 200
+
+    async def second_in_maintenance() -> bool:
+        async with http.get(f"{second.base}//status") as status:
+            return (await status.json())["state"] is False
+    took = await within(SPREAD_SECONDS, second_in_maintenance)
+    print(f"maintenance set on one instance, seen by the other after {took * 1000:.0f} ms")
+    async with http.get(f"{second.base}/admin/runtime", headers=ADMIN) as response:
+        assert (await response.json())["status"] == "FALSE"
+    for instance in instances.started:
+        assert (await healthz(http, instance))["redis"] is True
+        assert "Traceback" not in instance.output()
