@@ -73,7 +73,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     openai = OpenAIProvider(session, upstream.base_url)
     pool_provider = openai if settings.pool_provider == "openai" else OfflineProvider()
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
-    keys = KeyPool(upstream.api_keys)
+    keys = KeyPool(upstream.api_keys, store=app[store_key])
     images = ImageStore(settings.images.folder, settings.public_url, session,
                         int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds)
     app[session_key] = session

@@ -194,3 +194,23 @@ async def test_two_instances_count_one_daily_quota_and_spread_a_flag_within_a_se
     for instance in instances.started:
         assert (await healthz(http, instance))["redis"] is True
         assert "Traceback" not in instance.output()
+
+
+async def test_a_key_cooled_by_a_429_on_one_instance_is_not_used_by_the_other(
+        instances: Instances, http: aiohttp.ClientSession, fake: FakeOpenAI) -> None:
+    first, second = await instances.start(), await instances.start()
+    trusted = {"Authorization": f"Bearer {CLIENT_TOKEN}"}  # the pool's keys, without the daily quota
+    fake.script.append(Fail(429, "slow down", headers={"Retry-After": "60"}))
+    status, _ = await ask(http, first, **trusted)
+    assert status == 200  # the first key was refused, the question went to the second
+    assert [r.authorization for r in fake.chat_requests()] == [f"Bearer {SERVER_KEY}", f"Bearer {SECOND_KEY}"]
+
+    async def cooling_on_second() -> bool:
+        async with http.get(f"{second.base}/admin/keys", headers=ADMIN) as response:
+            keys = (await response.json())["keys"]
+        return bool(keys[0]["state"] == "cooling" and 55 < keys[0]["until"] <= 60)
+    took = await within(SPREAD_SECONDS, cooling_on_second)
+    print(f"key cooled on one instance, cooling on the other after {took * 1000:.0f} ms")
+    for _ in range(4):
+        assert (await ask(http, second, **trusted))[0] == 200
+    assert [r.authorization for r in fake.chat_requests()[2:]] == [f"Bearer {SECOND_KEY}"] * 4
