@@ -124,7 +124,7 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     pipeline, local = app[pipeline_key], app[local_store_key]
     state = StateFile(app[settings_key].state.file, {
         "flags": app[flags_key], "quota": local.counter("quota"), "debug_quota": local.counter("debug_quota"),
-        "keys": pipeline.keys, "chat": app[memory_key], "usage": local.usage, "secrets": local.secrets})
+        "keys": pipeline.keys, "chat": local.conversations, "usage": local.usage, "secrets": local.secrets})
     state.load()
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
@@ -180,7 +180,7 @@ def create_app(settings: Settings) -> web.Application:
     app[inflight_key] = InFlight()
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
     chat = settings.chat
-    app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600)
+    app[memory_key] = ConversationMemory(app[store_key], chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600)
     app[http_limits_key] = {"http": LimiterTable(settings.limits.http_per_second, 1.0),
                             "v1": LimiterTable(settings.limits.http_per_second, 1.0)}
     merge_slashes(app, aliases={"/api1/": "/api/"})

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from app import create_app
 from chatgpt.domain import texts
 from chatgpt.domain.memory import ConversationMemory
+from chatgpt.server.local_store import LocalConversations, LocalStore
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, build_settings
 from tests.fake_openai import Fail, FakeOpenAI, Stream
 
@@ -38,24 +39,30 @@ def turn(question: str, answer: str) -> list[dict[str, str]]:
 
 
 def memory(clock: FakeClock, *, conversations: int = 10, turns: int = 10, ttl: float = 3600.0) -> ConversationMemory:
-    """A memory driven by `clock`."""
-    return ConversationMemory(conversations, turns, ttl, clock=clock)
+    """A memory driven by `clock`, on an in-process store with the same clock (`mem.store`)."""
+    return ConversationMemory(LocalStore(wall=clock), conversations, turns, ttl, clock=clock)
+
+
+def kept(mem: ConversationMemory) -> LocalConversations:
+    """The in-process store's conversations behind `mem`."""
+    assert isinstance(mem.store, LocalStore)
+    return mem.store.conversations
 
 
 # --- ConversationMemory without a server --------------------------------------------------------------------------
 
-def test_history_is_the_remembered_turns_as_openai_messages_oldest_first() -> None:
+async def test_history_is_the_remembered_turns_as_openai_messages_oldest_first() -> None:
     mem = memory(FakeClock())
-    mem.remember("c-1", "q1", "a1")
-    mem.remember("c-1", "q2", "a2")
-    assert mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+    await mem.remember("c-1", "q1", "a1")
+    await mem.remember("c-1", "q2", "a2")
+    assert await mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
 
 
-def test_an_unknown_conversation_has_no_history() -> None:
+async def test_an_unknown_conversation_has_no_history() -> None:
     mem = memory(FakeClock())
-    mem.remember("c-1", "q1", "a1")
-    assert mem.history("c-2") == []
-    assert len(mem) == 1
+    await mem.remember("c-1", "q1", "a1")
+    assert await mem.history("c-2") == []
+    assert len(kept(mem)) == 1
 
 
 def test_new_ids_are_fresh_32_hex_strings() -> None:
@@ -64,68 +71,69 @@ def test_new_ids_are_fresh_32_hex_strings() -> None:
     assert all(FRESH_ID.match(cid) for cid in ids)
 
 
-def test_only_the_newest_max_turns_are_kept() -> None:
+async def test_only_the_newest_max_turns_are_kept() -> None:
     mem = memory(FakeClock(), turns=2)
     for n in range(1, 5):
-        mem.remember("c-1", f"q{n}", f"a{n}")
-    assert mem.history("c-1") == turn("q3", "a3") + turn("q4", "a4")
+        await mem.remember("c-1", f"q{n}", f"a{n}")
+    assert await mem.history("c-1") == turn("q3", "a3") + turn("q4", "a4")
 
 
-def test_past_max_conversations_the_least_recently_used_is_forgotten() -> None:
+async def test_past_max_conversations_the_least_recently_used_is_forgotten() -> None:
     clock = FakeClock()
     mem = memory(clock, conversations=2)
-    mem.remember("a", "qa", "aa")
+    await mem.remember("a", "qa", "aa")
     clock.now += 1
-    mem.remember("b", "qb", "ab")
+    await mem.remember("b", "qb", "ab")
     clock.now += 1
-    mem.remember("a", "qa2", "aa2")  # "a" is used again: "b" is now the least recently used
+    await mem.remember("a", "qa2", "aa2")  # "a" is used again: "b" is now the least recently used
     clock.now += 1
-    mem.remember("c", "qc", "ac")
-    assert len(mem) == 2
-    assert mem.history("b") == []
-    assert mem.history("a") == turn("qa", "aa") + turn("qa2", "aa2")
-    assert mem.history("c") == turn("qc", "ac")
+    await mem.remember("c", "qc", "ac")
+    assert len(kept(mem)) == 2
+    assert await mem.history("b") == []
+    assert await mem.history("a") == turn("qa", "aa") + turn("qa2", "aa2")
+    assert await mem.history("c") == turn("qc", "ac")
 
 
-def test_a_conversation_unused_for_the_ttl_is_forgotten() -> None:
+async def test_a_conversation_unused_for_the_ttl_is_forgotten() -> None:
     clock = FakeClock()
     mem = memory(clock, ttl=60)
-    mem.remember("old", "q", "a")
+    await mem.remember("old", "q", "a")
     clock.now += 30
-    mem.remember("new", "q", "a")
+    await mem.remember("new", "q", "a")
     clock.now += 29.9  # "old" unused for 59.9 s
-    assert mem.history("old") == turn("q", "a")
+    assert await mem.history("old") == turn("q", "a")
     clock.now += 0.2  # "old" unused for 60.1 s, "new" for 30.1 s
-    assert mem.history("old") == []
-    assert mem.history("new") == turn("q", "a")
-    assert len(mem) == 1
+    assert await mem.history("old") == []
+    assert await mem.history("new") == turn("q", "a")
+    await mem.remember("other", "q", "a")  # the store drops what has expired as it saves
+    assert len(kept(mem)) == 2
 
 
-def test_remembering_again_restarts_the_ttl() -> None:
+async def test_remembering_again_restarts_the_ttl() -> None:
     clock = FakeClock()
     mem = memory(clock, ttl=60)
-    mem.remember("c-1", "q1", "a1")
+    await mem.remember("c-1", "q1", "a1")
     clock.now += 50
-    mem.remember("c-1", "q2", "a2")
+    await mem.remember("c-1", "q2", "a2")
     clock.now += 50  # 100 s after the first turn, 50 s after the last
-    assert mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+    assert await mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
 
 
-def test_snapshot_and_restore_round_trip_through_json() -> None:
+async def test_snapshot_and_restore_round_trip_through_json() -> None:
     clock = FakeClock()
     saved = memory(clock)
-    saved.remember("c-1", "q1", "a1")
+    await saved.remember("c-1", "q1", "a1")
     clock.now += 1
-    saved.remember("c-2", "问题", "回答")
-    saved.remember("c-1", "q2", "a2")
-    snapshot = json.loads(json.dumps(saved.snapshot()))
+    await saved.remember("c-2", "问题", "回答")
+    await saved.remember("c-1", "q2", "a2")
+    snapshot = json.loads(json.dumps(kept(saved).snapshot()))
     assert snapshot == {"c-2": {"used": 1001.0, "turns": [["问题", "回答"]]},
                         "c-1": {"used": 1001.0, "turns": [["q1", "a1"], ["q2", "a2"]]}}
     restored = memory(clock)
-    restored.restore(snapshot)
-    assert restored.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
-    assert restored.history("c-2") == turn("问题", "回答")
-    assert restored.snapshot() == snapshot
+    kept(restored).restore(snapshot)
+    assert await restored.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+    assert await restored.history("c-2") == turn("问题", "回答")
+    assert kept(restored).snapshot() == snapshot
 
 
 @pytest.mark.parametrize("garbage", [None, 42, "text", [["c-1", "q", "a"]], {"c-1": "turns"}, {"c-1": []},
@@ -133,38 +141,39 @@ def test_snapshot_and_restore_round_trip_through_json() -> None:
                                      {"c-1": {"turns": [["q", "a"]]}},
                                      {"c-1": {"turns": [["q", "a"]], "used": "1000"}},
                                      {"c-1": {"turns": [["q", "a"]], "used": True}}])
-def test_garbage_is_ignored_on_restore(garbage: Any) -> None:
+async def test_garbage_is_ignored_on_restore(garbage: Any) -> None:
     mem = memory(FakeClock())
-    mem.restore(garbage)
-    assert len(mem) == 0
-    assert mem.snapshot() == {}
+    kept(mem).restore(garbage)
+    assert await mem.history("c-1") == []
 
 
-def test_malformed_turns_are_skipped_and_the_good_ones_kept_on_restore() -> None:
+async def test_malformed_turns_are_skipped_and_the_good_ones_kept_on_restore() -> None:
     mem = memory(FakeClock())
-    mem.restore({"c-1": {"used": 1000, "turns": [["q1", "a1"], ["q"], ["q", "a", "x"], [1, "a"], ["q", None],
-                                                   "q/a", {"q": "a"}, ["q2", "a2"]]}})
-    assert mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+    kept(mem).restore({"c-1": {"used": 1000, "turns": [["q1", "a1"], ["q"], ["q", "a", "x"], [1, "a"], ["q", None],
+                                                         "q/a", {"q": "a"}, ["q2", "a2"]]}})
+    assert await mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
 
 
 @pytest.mark.parametrize("bad_id", ["", "has space", "slash/id", "x" * 101, "ü-umlaut", "new\nline"])
 def test_conversation_ids_are_validated_on_restore(bad_id: str) -> None:
     mem = memory(FakeClock())
-    mem.restore({bad_id: {"used": 1000, "turns": [["q", "a"]]}, "ok_1.a:b-c": {"used": 1000, "turns": [["q", "a"]]}})
-    assert list(mem.snapshot()) == ["ok_1.a:b-c"]
+    kept(mem).restore({bad_id: {"used": 1000, "turns": [["q", "a"]]}, "ok_1.a:b-c": {"used": 1000, "turns": [["q", "a"]]}})
+    assert list(kept(mem).snapshot()) == ["ok_1.a:b-c"]
 
 
-def test_restore_keeps_the_bounds_and_drops_what_has_expired() -> None:
+async def test_restored_conversations_keep_the_bounds_and_drop_what_has_expired() -> None:
     clock = FakeClock(10_000.0)
     mem = memory(clock, conversations=2, turns=1, ttl=60)
-    mem.restore({
+    kept(mem).restore({
         "expired": {"used": 9_000, "turns": [["q", "a"]]},
         "older": {"used": 9_970, "turns": [["q", "a"]]},
         "newer": {"used": 9_980, "turns": [["q1", "a1"], ["q2", "a2"]]},
         "newest": {"used": 9_990, "turns": [["q", "a"]]},
     })
-    assert list(mem.snapshot()) == ["newer", "newest"]
-    assert mem.history("newer") == turn("q2", "a2")
+    assert await mem.history("expired") == []
+    assert await mem.history("newer") == turn("q2", "a2")
+    await mem.remember("newest", "q", "a")  # the first save applies the count bound
+    assert list(kept(mem).snapshot()) == ["newer", "newest"]
 
 
 # --- POST /chat through the app -----------------------------------------------------------------------------------

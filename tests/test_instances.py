@@ -196,6 +196,23 @@ async def test_two_instances_count_one_daily_quota_and_spread_a_flag_within_a_se
         assert "Traceback" not in instance.output()
 
 
+async def test_a_chat_conversation_started_on_one_instance_continues_on_the_other(
+        instances: Instances, http: aiohttp.ClientSession, fake: FakeOpenAI) -> None:
+    first, second = await instances.start(), await instances.start()
+    trusted = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    async with http.post(f"{first.base}/chat", json={"content": "remember: apple"}, headers=trusted) as response:
+        assert response.status == 200
+        cid = response.headers["X-Conversation-Id"]
+        answer = (await response.text()).strip()
+    async with http.post(f"{second.base}/chat", json={"content": "which fruit?", "conversationId": cid},
+                         headers=trusted) as response:
+        assert response.status == 200
+        await response.read()
+    assert fake.chat_requests()[-1].body["messages"] == [
+        {"role": "user", "content": "remember: apple"}, {"role": "assistant", "content": answer},
+        {"role": "user", "content": "which fruit?"}]
+
+
 async def test_a_key_cooled_by_a_429_on_one_instance_is_not_used_by_the_other(
         instances: Instances, http: aiohttp.ClientSession, fake: FakeOpenAI) -> None:
     first, second = await instances.start(), await instances.start()

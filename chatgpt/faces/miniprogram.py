@@ -132,7 +132,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     identity = identity_of(request)
     await pipeline.admit("chat", identity)
     payer = Payer.from_bearer(request.headers.get("Authorization"), app[settings_key].api.client_tokens)
-    question = Question("chat", identity, payer, [*memory.history(cid), {"role": "user", "content": content}],
+    question = Question("chat", identity, payer, [*await memory.history(cid), {"role": "user", "content": content}],
                         pipeline.choose_model(body.get("model"), strict=True))
     sse = "text/event-stream" in request.headers.get("Accept", "")
     async with aclosing(pipeline.answer(question)) as deltas:
@@ -153,7 +153,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
                     yield (_event(None, {"content": delta.text}) if sse
                            else delta.text.encode(errors="replace")), False
                 delta = await anext(deltas, None)
-            memory.remember(cid, content, "".join(parts))  # only a finished answer is remembered
+            await memory.remember(cid, content, "".join(parts))  # only a finished answer is remembered
             yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True
 
         def error_event(failure: ServiceError) -> bytes:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+from chatgpt.domain.memory import CONVERSATION_ID
 from chatgpt.domain.quota import DailyQuota
 from chatgpt.domain.store import FlagsWatcher, HealthWatcher, counts_of
 
@@ -49,12 +50,13 @@ class LocalConversations:
         return {cid: record for cid, (record, _) in self._items.items()}
 
     def restore(self, data: Any) -> None:
-        """Take back saved records (ordered by their `used` time); malformed entries are skipped."""
+        """Take back saved records (ordered by their `used` time); malformed entries are skipped. The
+        memory's rules (TTL, turns) apply when a record is read, its count bound at the next save."""
         if not isinstance(data, dict):
             return
         items = []
         for cid, record in data.items():
-            if isinstance(cid, str) and 0 < len(cid) <= 200 and isinstance(record, dict):
+            if isinstance(cid, str) and CONVERSATION_ID.match(cid) and isinstance(record, dict):
                 used = record.get("used")
                 ok = isinstance(used, (int, float)) and not isinstance(used, bool) and math.isfinite(used)
                 items.append((cid, record, float(used) if ok and isinstance(used, (int, float)) else 0.0))
