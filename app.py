@@ -51,6 +51,7 @@ from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
 from chatgpt.upstream.openai import OpenAIProvider, make_session
 from chatgpt.domain.quota import Quota
+from chatgpt.domain.usage import TokenUsage
 from chatgpt.server.routing import merge_slashes
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings, SettingsError, load_settings, replace_section
@@ -82,7 +83,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         settings, app[flags_key], keys, Quota(app[store_key], "quota", settings.quota.daily_questions),
         Quota(app[store_key], "debug_quota", settings.quota.baixing_daily_questions),
         {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing, images,
-        app[metrics_key])
+        app[metrics_key], TokenUsage(app[store_key]))
     probes = asyncio.create_task(probe_forever(keys, openai.key_works, every=60.0))
     yield
     probes.cancel()

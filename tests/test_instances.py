@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from chatgpt.domain import texts
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, SecretCapture
-from tests.fake_openai import Fail, FakeOpenAI
+from tests.fake_openai import Fail, FakeOpenAI, Stream
 from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,3 +231,18 @@ async def test_a_key_cooled_by_a_429_on_one_instance_is_not_used_by_the_other(
     for _ in range(4):
         assert (await ask(http, second, **trusted))[0] == 200
     assert [r.authorization for r in fake.chat_requests()[2:]] == [f"Bearer {SECOND_KEY}"] * 4
+
+
+async def test_token_usage_of_a_key_is_summed_over_the_instances(
+        instances: Instances, http: aiohttp.ClientSession, fake: FakeOpenAI) -> None:
+    first, second = await instances.start(), await instances.start()
+    fake.default = Stream(usage={"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14,
+                                 "completion_tokens_details": {"reasoning_tokens": 1}})
+    trusted = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    for instance in (first, second, second, first):  # round-robin on each: both keys used twice
+        assert (await ask(http, instance, **trusted))[0] == 200
+    for instance in (first, second):
+        async with http.get(f"{instance.base}/admin/keys", headers=ADMIN) as response:
+            rows = (await response.json())["keys"]
+        assert [row["tokens_today"] for row in rows] == [
+            {"gpt-3.5-turbo": {"prompt": 20, "completion": 8, "reasoning": 2}}] * 2

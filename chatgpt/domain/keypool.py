@@ -82,6 +82,10 @@ class KeyPool:
         """Return True when any key is configured, usable or not."""
         return bool(self._keys)
 
+    def fingerprints(self) -> list[str]:
+        """The keys' fingerprints in configured order (the order of `health()`)."""
+        return list(self._by_fingerprint)
+
     def _usable(self, state: _KeyState, now: float) -> bool:
         return not state.disabled and state.cool_until <= now
 

@@ -16,7 +16,7 @@ from chatgpt.domain.errors import (
     from_upstream,
 )
 from chatgpt.server.images import ImageStore, StoredImage
-from chatgpt.domain.keypool import KeyPool, mask, retry_after_from_headers
+from chatgpt.domain.keypool import KeyPool, fingerprint, mask, retry_after_from_headers
 from chatgpt.domain.limits import LimiterTable
 from chatgpt.server.metrics import Metrics, QuestionRecord
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage, Provider
@@ -24,6 +24,7 @@ from chatgpt.domain.question import Question, fit_context
 from chatgpt.domain.quota import Quota
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.domain.store import StoreUnavailable
+from chatgpt.domain.usage import TokenUsage
 from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class ChatPipeline:
     def __init__(self, settings: Settings, flags: RuntimeFlags, keys: KeyPool, quota: Quota,
                  debug_quota: Quota, limiters: dict[str, LimiterTable], pool_provider: Provider,
                  own_key_provider: Provider, debug_provider: Provider, images: ImageStore,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, usage: TokenUsage | None = None) -> None:
         self.settings = settings
         self.flags = flags
         self.keys = keys
@@ -92,6 +93,7 @@ class ChatPipeline:
         self.debug_provider = debug_provider
         self.images = images
         self.metrics = metrics
+        self.usage = usage  # tokens per pool key today (shared through the store)
         self.upstream_ok: bool | None = None  # None until the upstream has answered or failed once
 
     async def admit(self, entry: str, identity: str) -> None:
@@ -273,9 +275,11 @@ class ChatPipeline:
         """Relay one provider stream, mapping upstream failures and reporting key health."""
         if pool_key is not None:
             self.keys.record_request(pool_key)
+        usage: dict[str, int] | None = None
         try:
             async with aclosing(provider.stream(request, key)) as deltas:
                 async for delta in deltas:
+                    usage = delta.usage or usage
                     yield delta
         except UPSTREAM_FAILURES as exc:
             self._failed(provider.name, pool_key, exc)
@@ -284,6 +288,8 @@ class ChatPipeline:
             self.upstream_ok = True
         if pool_key is not None:
             self.keys.report_success(pool_key)
+            if usage and self.usage is not None:
+                await self.usage.add(fingerprint(pool_key), request.model, usage)
 
     def _failed(self, provider: str, pool_key: str | None, exc: BaseException) -> None:
         """Account one upstream failure: key health, the reachable flag, metrics and one log line."""

@@ -75,10 +75,13 @@ async def patch_runtime(request: web.Request) -> web.Response:
 
 
 async def get_keys(request: web.Request) -> web.Response:
-    """Health of each server key, masked to its last 4 characters."""
+    """Health of each server key, masked to its last 4 characters, and its tokens today per model."""
     require_admin(request)
-    pool = request.app[pipeline_key].keys
-    return _json({"usable": pool.usable(), "keys": pool.health()})
+    pipeline = request.app[pipeline_key]
+    pool = pipeline.keys
+    totals = await pipeline.usage.today() if pipeline.usage is not None else {}
+    rows = [{**row, "tokens_today": totals.get(fp, {})} for row, fp in zip(pool.health(), pool.fingerprints())]
+    return _json({"usable": pool.usable(), "keys": rows})
 
 
 async def reset_quota(request: web.Request) -> web.Response:
