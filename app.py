@@ -18,6 +18,7 @@ from chatgpt.faces import v1 as openai_api
 from chatgpt.faces import ops
 from chatgpt.faces import miniprogram as views
 from chatgpt.keys import (
+    admin_failures_key,
     flags_key,
     http_limits_key,
     inflight_key,
@@ -50,6 +51,7 @@ from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
 from chatgpt.upstream.openai import OpenAIProvider, make_session
+from chatgpt.domain.failures import FailureLimit
 from chatgpt.domain.quota import Quota
 from chatgpt.domain.usage import TokenUsage
 from chatgpt.server.routing import merge_slashes
@@ -62,6 +64,7 @@ from chatgpt.faces.ws import close_sockets, websocket_handler
 
 log = logging.getLogger("chatgpt")
 
+ADMIN_FAILURES = 10  # wrong admin tokens per address per minute, then 429 (PROTOCOL.md E.3)
 SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
 SHUTDOWN_SECONDS = 5.0  # in-flight requests get this long at SIGTERM; systemd waits 15 s
 
@@ -175,6 +178,7 @@ def create_app(settings: Settings) -> web.Application:
     app[store_key] = (RedisStore(settings.state.redis_url, settings.state.redis_fail, local, metrics=app[metrics_key])
                       if settings.state.redis_url else local)
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions, app[store_key])
+    app[admin_failures_key] = FailureLimit(app[store_key], "admin", ADMIN_FAILURES, 60.0)
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
     app[sockets_key] = weakref.WeakSet()
     app[started_key] = time.monotonic()

@@ -17,6 +17,7 @@ from chatgpt.upstream.openai import OpenAIProvider
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings
 from chatgpt.server.state import StateFile
+from chatgpt.domain.failures import FailureLimit
 from chatgpt.domain.store import Store
 from chatgpt.server.local_store import LocalStore
 
@@ -37,3 +38,4 @@ started_key = web.AppKey("started", float)
 inflight_key = web.AppKey("inflight", InFlight)
 store_key = web.AppKey("store", Store)  # the shared state: LocalStore, or RedisStore with state.redis_url
 local_store_key = web.AppKey("local_store", LocalStore)  # the in-process store (state file; Redis fallback)
+admin_failures_key = web.AppKey("admin_failures", FailureLimit)  # wrong admin tokens per address per minute

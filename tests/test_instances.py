@@ -246,3 +246,14 @@ async def test_token_usage_of_a_key_is_summed_over_the_instances(
             rows = (await response.json())["keys"]
         assert [row["tokens_today"] for row in rows] == [
             {"gpt-3.5-turbo": {"prompt": 20, "completion": 8, "reasoning": 2}}] * 2
+
+
+async def test_wrong_admin_tokens_count_on_every_instance_alike(
+        instances: Instances, http: aiohttp.ClientSession) -> None:
+    first, second = await instances.start(), await instances.start()
+    for instance in (first, second) * 5:  # ten wrong tokens, five on each
+        async with http.get(f"{instance.base}/admin/runtime", headers={"Authorization": "Bearer nope"}) as r:
+            assert r.status == 401
+    for instance in (first, second):
+        async with http.get(f"{instance.base}/admin/runtime", headers=ADMIN) as response:
+            assert response.status == 429

@@ -9,9 +9,10 @@ from typing import Any
 from aiohttp import web
 
 from chatgpt import jsontext
-from chatgpt.keys import flags_key, pipeline_key, pruner_key, settings_key, state_key
+from chatgpt.keys import admin_failures_key, flags_key, pipeline_key, pruner_key, settings_key, state_key
 from chatgpt.domain.store import StoreUnavailable
 from chatgpt.server.bodies import read_raw
+from chatgpt.server.guards import identity_of
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +25,24 @@ def _error(status: int, message: str) -> web.HTTPException:
     """An admin failure as JSON with a real HTTP status."""
     text = json.dumps({"error": {"message": message, "type": "admin_error", "param": None, "code": None}})
     kinds: dict[int, type[web.HTTPException]] = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized,
-                                                  404: web.HTTPNotFound, 503: web.HTTPServiceUnavailable}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                                                  404: web.HTTPNotFound, 429: web.HTTPTooManyRequests,
+                                                  503: web.HTTPServiceUnavailable}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "60"} if status == 429 else None
     return kinds[status](text=text, content_type="application/json", headers=headers)
 
 
-def require_admin(request: web.Request) -> None:
-    """401 unless the bearer token matches (constant-time); 404 when no token is configured."""
+async def require_admin(request: web.Request) -> None:
+    """401 unless the bearer token matches (constant-time); 404 when no token is configured; 429 for an
+    address past its wrong tokens of the minute (counted on every instance alike)."""
     token = request.app[settings_key].admin.token
     if not token:
         raise _error(404, "The admin API is off: set admin.token or CHATGPT_ADMIN_TOKEN.")
+    guard, who = request.app[admin_failures_key], identity_of(request)
+    if await guard.blocked(who):
+        raise _error(429, "Too many wrong admin tokens from this address; try again in a minute.")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        await guard.fail(who)
         raise _error(401, "A valid admin bearer token is required.")
 
 
@@ -58,13 +65,13 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 async def get_runtime(request: web.Request) -> web.Response:
     """The current runtime flags."""
-    require_admin(request)
+    await require_admin(request)
     return _json(request.app[flags_key].as_dict())
 
 
 async def patch_runtime(request: web.Request) -> web.Response:
     """Change some flags at once (all checked before any is applied); saved to the state file."""
-    require_admin(request)
+    await require_admin(request)
     try:
         flags = await request.app[flags_key].change(await _body(request))
     except ValueError as error:
@@ -76,7 +83,7 @@ async def patch_runtime(request: web.Request) -> web.Response:
 
 async def get_keys(request: web.Request) -> web.Response:
     """Health of each server key, masked to its last 4 characters, and its tokens today per model."""
-    require_admin(request)
+    await require_admin(request)
     pipeline = request.app[pipeline_key]
     pool = pipeline.keys
     totals = await pipeline.usage.today() if pipeline.usage is not None else {}
@@ -86,7 +93,7 @@ async def get_keys(request: web.Request) -> web.Response:
 
 async def reset_quota(request: web.Request) -> web.Response:
     """Reset the daily quota of one identity (`{"identity": "1.2.3.4"}`) or of everyone (`{}`)."""
-    require_admin(request)
+    await require_admin(request)
     identity = (await _body(request)).get("identity")
     if identity is not None and not isinstance(identity, str):
         raise _error(400, "identity: expected a string")
@@ -101,7 +108,7 @@ async def reset_quota(request: web.Request) -> web.Response:
 
 async def prune_images(request: web.Request) -> web.Response:
     """Run a picture-pruning pass now and say what it removed."""
-    require_admin(request)
+    await require_admin(request)
     removed = await request.app[pruner_key].run_pass()
     return _json({"removed": removed})
 
