@@ -257,3 +257,73 @@ async def test_wrong_admin_tokens_count_on_every_instance_alike(
     for instance in (first, second):
         async with http.get(f"{instance.base}/admin/runtime", headers=ADMIN) as response:
             assert response.status == 429
+
+
+async def metric(http: aiohttp.ClientSession, instance: Instance, name: str) -> float:
+    """One unlabelled sample of the instance's /metrics."""
+    async with http.get(f"{instance.base}/metrics") as response:
+        text = await response.text()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} not in /metrics"
+    return values[0]
+
+
+async def redis_is(http: aiohttp.ClientSession, instance: Instance, up: bool) -> bool:
+    """Whether the instance's /healthz says Redis is `up` (and the status says so too)."""
+    health = await healthz(http, instance)
+    return bool(health["redis"] is up and health["status"] == ("ok" if up else "degraded"))
+
+
+async def test_redis_down_with_fail_open_keeps_serving_and_redis_back_is_used_again(
+        instances: Instances, http: aiohttp.ClientSession, redis_server: RedisServer) -> None:
+    first, second = await instances.start(), await instances.start()
+    assert (await ask(http, first))[0] == 200
+    redis_server.stop()
+    for instance in (first, second):
+        await within(2.0, lambda instance=instance: redis_is(http, instance, False))
+    assert [(await ask(http, instance))[0] for instance in (first, second)] == [200, 200]  # counted locally
+    assert await metric(http, first, "chatgpt_redis_up") == 0
+    assert await metric(http, first, "chatgpt_redis_errors_total") >= 1
+    assert "unreachable (ConnectionError): counting locally" in first.output()
+    async with http.patch(f"{first.base}/admin/runtime", headers=ADMIN, json={"announcement": "while down"}) as r:
+        assert r.status == 200
+
+    await redis_server.start(redis_server.port)  # an empty Redis (no persistence)
+    for instance in (first, second):
+        await within(2.0, lambda instance=instance: redis_is(http, instance, True))
+    assert "reachable again" in first.output() and await metric(http, second, "chatgpt_redis_up") == 1
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        flags = await client.hgetall("chatgpt:flags")
+    finally:
+        await client.aclose()
+    assert set(flags) == {"status", "isDebug", "announcement", "demoChat", "demoLimit"}  # written back
+
+    async def second_sees_the_announcement() -> bool:
+        async with http.get(f"{second.base}//announcement") as response:
+            return (await response.json()).get("content") == "while down"
+    await within(SPREAD_SECONDS, second_sees_the_announcement)
+    statuses = [(await ask(http, instance))[0] for instance in (first, second, first, second)]
+    assert statuses == [200, 200, 200, 429]  # one shared quota again (the restarted Redis starts at 0)
+
+
+async def test_redis_down_with_fail_closed_refuses_quota_questions_as_busy_until_it_is_back(
+        instances: Instances, http: aiohttp.ClientSession, redis_server: RedisServer) -> None:
+    first = await instances.start(state={"redis_fail": "closed"})
+    redis_server.stop()
+    await within(2.0, lambda: redis_is(http, first, False))
+    status, _ = await ask(http, first)
+    assert status == 503
+    async with http.post(f"{first.base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}) as r:
+        assert (r.status, r.headers.get("Retry-After")) == (503, "5")
+    frames = await ask_ws(http, first, "hello")
+    assert [(f["content"], f["isSuccess"]) for f in frames] == [(texts.SERVER_BUSY, False)]
+    assert (await ask_ws(http, first, texts.QUOTA_QUERY))[-1]["content"] == texts.SERVER_BUSY
+    trusted = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    assert (await ask(http, first, **trusted))[0] == 200  # no shared quota needed: answered
+    assert "refusing questions that need the shared quota" in first.output()
+
+    await redis_server.start(redis_server.port)
+    await within(2.0, lambda: redis_is(http, first, True))
+    assert (await ask(http, first))[0] == 200
+    assert (await ask_ws(http, first, texts.QUOTA_QUERY))[-1]["content"] == "2"
