@@ -1,8 +1,9 @@
 """The Redis store: state shared by several instances (redis-py's asyncio client).
 
 Counters are taken with a Lua script (check, count and EXPIREAT the next local midnight in one step).
-Flags and key health are hashes with a version key that every instance polls (`POLL_SECONDS`), so a
-change reaches the others within a second. While Redis is unreachable the instance falls back to its
+Flags and key health are hashes with a version key; a change is announced on a pub/sub channel, which
+makes every instance pull at once, and each instance also polls the versions (`POLL_SECONDS`), so a
+change reaches the others within a second even when a notice is lost. While Redis is unreachable the instance falls back to its
 in-process store (`state.redis_fail: open`) or refuses what needs the shared quota (`closed`), and a
 background task keeps pinging: once Redis answers, it is used again and whatever it lost (flags) is
 written back from this instance.
@@ -131,7 +132,8 @@ class RedisStore:
         self._pending_flags: dict[str, Any] = {}  # changed here while Redis was down
         self._pending_health: dict[str, dict[str, Any]] = {}
         self._secrets: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()  # set by a change notice: pull now instead of at the next poll
         self._reported_down = False
 
     def _k(self, name: str) -> str:
@@ -144,20 +146,41 @@ class RedisStore:
         await self.sync()
         if self.up:
             log.info("shared state in redis at %s (state.redis_fail: %s)", self.where, self.fail)
-        self._task = asyncio.create_task(self._sync_forever())
+        self._tasks = [asyncio.create_task(self._sync_forever()), asyncio.create_task(self._listen_forever())]
 
     async def close(self) -> None:
         """Stop the background task and close the connections."""
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with suppress(asyncio.CancelledError):
-                await self._task
+                await task
         await self._client.aclose()
 
     async def _sync_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.poll_seconds)
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            self._wake.clear()
             await self.sync()
+
+    async def _listen_forever(self) -> None:
+        """Change notices (pub/sub) wake the sync at once; the poll stays as the safety net (a notice
+        published while this connection was down is not delivered)."""
+        while True:
+            if not self.up:
+                await asyncio.sleep(self.poll_seconds)
+                continue
+            try:
+                async with self._client.pubsub() as pubsub:
+                    await pubsub.subscribe(self._k("changes"))
+                    while True:
+                        if await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0) is not None:
+                            self._wake.set()
+            except UNREACHABLE:
+                await asyncio.sleep(self.poll_seconds)  # the sync task notices and reports Redis down
+            except Exception:
+                log.exception("redis change notices failed; polling meanwhile")
+                await asyncio.sleep(self.poll_seconds)
 
     async def sync(self) -> None:
         """One round of the background task: reconnect when down, pull changed flags and key health."""
@@ -277,6 +300,7 @@ class RedisStore:
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(self._k("flags"), mapping={name: json.dumps(v) for name, v in pending.items()})
             pipe.incr(self._k("flags:v"))
+            pipe.publish(self._k("changes"), "flags")
             await pipe.execute()
         for name, value in pending.items():
             if self._pending_flags.get(name) == value:
@@ -300,6 +324,7 @@ class RedisStore:
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(self._k("keys"), fingerprint, json.dumps(health))
             pipe.incr(self._k("keys:v"))
+            pipe.publish(self._k("changes"), "keys")
             await pipe.execute()
         if self._pending_health.get(fingerprint) is health:
             del self._pending_health[fingerprint]
