@@ -153,7 +153,8 @@ def describe(settings: Settings) -> str:
     upstream = settings.upstream
     if settings.pool_provider == "offline":
         return ("provider: offline (built-in, no network) — no OPENAI_API_KEY is set, so anonymous "
-                "questions get a canned notice; users' own API keys still go to " + upstream.base_url)
+                "questions get a canned notice; users' own API keys still go to " + upstream.base_url
+                + describe_state(settings))
     keys = ", ".join(mask(k) for k in upstream.api_keys) or "none"
     return (f"provider: openai at {upstream.base_url}, model {upstream.model}, server keys: {keys}"
             + describe_state(settings))

@@ -33,7 +33,7 @@ from common import emit, percentile, r  # noqa: E402
 from procs import PY, REPO, Bench, free_port, log  # noqa: E402
 
 ADMIN_TOKEN = "bench-admin-token-0001"
-IDLE_SECONDS = 3.0
+IDLE_SECONDS = 10.0
 COUNTED = 50  # questions per path whose Redis commands are counted
 
 
