@@ -16,6 +16,7 @@ from aiohttp import web
 from chatgpt.faces import admin
 from chatgpt.faces import v1 as openai_api
 from chatgpt.faces import ops
+from chatgpt.faces import wxlogin
 from chatgpt.faces import miniprogram as views
 from chatgpt.keys import (
     admin_failures_key,
@@ -27,6 +28,7 @@ from chatgpt.keys import (
     page_key,
     pipeline_key,
     pruner_key,
+    routes_key,
     session_key,
     settings_key,
     sockets_key,
@@ -36,6 +38,7 @@ from chatgpt.keys import (
     local_store_key,
     trusted_key,
     upstream_key,
+    wechat_login_key,
 )
 from chatgpt.domain.pipeline import ChatPipeline
 from chatgpt.server.clientip import TrustedProxies
@@ -43,6 +46,7 @@ from chatgpt.server.errors import error_middleware
 from chatgpt.server.guards import rate_limit_middleware
 from chatgpt.server.images import ImageStore, Pruner
 from chatgpt.server.inflight import InFlight
+from chatgpt.domain.failover import Upstream, host_of
 from chatgpt.domain.keypool import KeyPool, mask, probe_forever
 from chatgpt.domain.limits import LimiterTable
 from chatgpt.server.logs import quiet_bad_requests, setup_logging
@@ -51,12 +55,16 @@ from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
 from chatgpt.upstream.openai import OpenAIProvider, make_session
+from chatgpt.upstream.wechat import WeChatClient
+from chatgpt.domain.wxlogin import WeChatLogin
+from chatgpt.domain.wxtoken import TokenSigner, secret_from_setting
 from chatgpt.domain.failures import FailureLimit
 from chatgpt.domain.quota import Quota
 from chatgpt.domain.usage import TokenUsage
 from chatgpt.server.routing import merge_slashes
+from chatgpt.domain.routes import RouteTable
 from chatgpt.domain.runtime import RuntimeFlags
-from chatgpt.settings import Settings, SettingsError, load_settings, replace_section
+from chatgpt.settings import Settings, SettingsError, load_settings, notes, replace_section
 from chatgpt.server.state import StateFile
 from chatgpt.server.local_store import LocalStore
 from chatgpt.server.redis_store import RedisStore, redacted
@@ -65,34 +73,57 @@ from chatgpt.faces.ws import close_sockets, websocket_handler
 log = logging.getLogger("chatgpt")
 
 ADMIN_FAILURES = 10  # wrong admin tokens per address per minute, then 429 (PROTOCOL.md E.3)
+WECHAT_SECRET = "wechat-token"  # the store's name of the WeChat token signing secret
 SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
 SHUTDOWN_SECONDS = 5.0  # in-flight requests get this long at SIGTERM; systemd waits 15 s
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The one upstream ClientSession, the pipeline built on it and the key re-probe task."""
+    """The one upstream ClientSession, one provider and key pool per upstream, the pipeline built on
+    them and each pool's key re-probe task."""
     settings = app[settings_key]
     upstream = settings.upstream
     session = make_session(upstream.connect_timeout, upstream.read_timeout)
-    openai = OpenAIProvider(session, upstream.base_url)
-    pool_provider = openai if settings.pool_provider == "openai" else OfflineProvider()
+    providers = {e.name: OpenAIProvider(session, e.base_url) for e in settings.upstream_entries}
+    store = app[store_key]
+    upstreams = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name],
+                          KeyPool(e.api_keys, store=store)) for e in settings.upstream_entries]
+    routes = RouteTable(upstreams, settings.default_model, settings.models.aliases, settings.models.image)
+    offline = OfflineProvider() if settings.pool_provider == "offline" else None
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
-    keys = KeyPool(upstream.api_keys, store=app[store_key])
     images = ImageStore(settings.images.folder, settings.public_url, session,
                         int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds)
     app[session_key] = session
-    app[upstream_key] = openai
+    app[routes_key] = routes
+    app[upstream_key] = providers[routes.for_own_key(settings.default_model).name]
     app[pipeline_key] = ChatPipeline(
-        settings, app[flags_key], keys, Quota(app[store_key], "quota", settings.quota.daily_questions),
-        Quota(app[store_key], "debug_quota", settings.quota.baixing_daily_questions),
-        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing, images,
-        app[metrics_key], TokenUsage(app[store_key]))
-    probes = asyncio.create_task(probe_forever(keys, openai.key_works, every=60.0))
+        settings, app[flags_key], routes, Quota(store, "quota", settings.quota.daily_questions),
+        Quota(store, "debug_quota", settings.quota.baixing_daily_questions),
+        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, offline, baixing, images, app[metrics_key],
+        TokenUsage(store))
+    probes = [asyncio.create_task(probe_forever(u.keys, providers[u.name].key_works, every=60.0))
+              for u in upstreams if u.keys]
     yield
-    probes.cancel()
-    with suppress(asyncio.CancelledError):
-        await probes
+    for probe in probes:
+        probe.cancel()
+    for probe in probes:
+        with suppress(asyncio.CancelledError):
+            await probe
     await session.close()
+
+
+async def wechat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The WeChat client on the upstream session (when wechat.appid is set) and the login built on it."""
+    wechat = app[settings_key].wechat
+    client = WeChatClient(app[session_key], appid=wechat.appid, secret=wechat.secret,
+                          api_base=wechat.api_base) if wechat.appid else None
+    # Every instance must verify the others' tokens: the setting, else a secret kept in the store (made
+    # once, shared through Redis; in the state file for one instance).
+    secret = (secret_from_setting(wechat.token_secret) if wechat.token_secret
+              else bytes.fromhex(await app[store_key].secret(WECHAT_SECRET)))
+    signer = TokenSigner(secret)
+    app[wechat_login_key] = WeChatLogin(client, signer, wechat.session_days * 86400)
+    yield
 
 
 async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -125,10 +156,12 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     if app[settings_key].state.redis_url:
         yield
         return
-    pipeline, local = app[pipeline_key], app[local_store_key]
+    local = app[local_store_key]
+    # Key health per upstream: "keys" for the one of the `upstream:` shorthand (as before), "keys.<name>" else.
+    pools = {"keys" if u.name == "default" else f"keys.{u.name}": u.keys for u in app[routes_key].upstreams}
     state = StateFile(app[settings_key].state.file, {
         "flags": app[flags_key], "quota": local.counter("quota"), "debug_quota": local.counter("debug_quota"),
-        "keys": pipeline.keys, "chat": local.conversations, "usage": local.usage, "secrets": local.secrets})
+        **pools, "chat": local.conversations, "usage": local.usage, "secrets": local.secrets})
     state.load()
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
@@ -150,14 +183,12 @@ async def end_http_streams(app: web.Application) -> None:
 
 def describe(settings: Settings) -> str:
     """One line saying where answers come from, without revealing any key."""
-    upstream = settings.upstream
+    names = ", ".join(e.name for e in settings.upstream_entries)
     if settings.pool_provider == "offline":
-        return ("provider: offline (built-in, no network) — no OPENAI_API_KEY is set, so anonymous "
-                "questions get a canned notice; users' own API keys still go to " + upstream.base_url
+        return ("provider: offline (built-in, no network) — no upstream has a key, so anonymous questions "
+                f"get a canned notice; users' own API keys still go to their upstream ({names})"
                 + describe_state(settings))
-    keys = ", ".join(mask(k) for k in upstream.api_keys) or "none"
-    return (f"provider: openai at {upstream.base_url}, model {upstream.model}, server keys: {keys}"
-            + describe_state(settings))
+    return f"provider: openai, upstreams {names}, default model {settings.default_model}" + describe_state(settings)
 
 
 def describe_state(settings: Settings) -> str:
@@ -166,6 +197,22 @@ def describe_state(settings: Settings) -> str:
     if not state.redis_url:
         return ""
     return f"; state: redis at {redacted(state.redis_url)} (redis_fail: {state.redis_fail})"
+
+
+def describe_routes(settings: Settings) -> list[str]:
+    """Which upstream serves what, with masked keys: one line per upstream, one for the models."""
+    lines = []
+    for e in settings.upstream_entries:
+        keys = ", ".join(mask(k) for k in e.api_keys) or (f"none ({e.api_keys_env} unset)" if e.api_keys_env
+                                                            else "none")
+        draws = "; draws pictures" if e.images else ""
+        lines.append(f"upstream {e.name} at {host_of(e.base_url)} serves {', '.join(e.models)}{draws}; "
+                     f"keys: {keys}")
+    models = settings.models
+    aliases = ", ".join(f"{a} -> {t}" for a, t in models.aliases.items()) or "none"
+    lines.append(f"models: default {settings.default_model}, pictures "
+                 f"{models.image or '(the upstream default)'}, aliases {aliases}")
+    return lines
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -195,9 +242,11 @@ def create_app(settings: Settings) -> web.Application:
     openai_api.add_routes(app)
     admin.add_routes(app)
     ops.add_routes(app)
+    wxlogin.add_routes(app)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(state_ctx)
+    app.cleanup_ctx.append(wechat_ctx)  # after upstream_ctx (its session) and the state (the token secret)
     app.cleanup_ctx.append(pruner_ctx)
     app.on_shutdown.append(close_sockets)
     app.on_shutdown.append(end_http_streams)
@@ -231,9 +280,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(settings.logging.level, args.log_format or settings.logging.format)
     if args.check:
         print(f"settings OK; {describe(settings)}")
+        for line in describe_routes(settings):
+            print(f"  {line}")
+        for line in notes(settings):
+            print(f"  warning: {line}")
         return
     log.info("chatgpt-api starting on http://%s:%s; %s", settings.server.host, settings.server.port,
              describe(settings))
+    for line in describe_routes(settings):
+        log.info("%s", line)
+    for line in notes(settings):
+        log.warning("%s", line)
     web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
                 print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
 

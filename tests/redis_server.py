@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,12 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A running redis-server (no persistence), stopped after the test. Import it into a test module."""
+    server = RedisServer(tmp_path / "redis")
+    await server.start()
+    yield server
+    server.stop()

@@ -192,9 +192,9 @@ async def test_admin_keys_lists_each_key_masked_with_its_health_and_never_the_fu
     text = await response.text()
     assert json.loads(text) == {"usable": 1, "keys": [
         {"key": "…1111", "state": "disabled", "until": None, "reason": "invalid_api_key",
-         "requests": 1, "failures": 1, "tokens_today": {}},
+         "requests": 1, "failures": 1, "upstream": "default", "tokens_today": {}},
         {"key": "…2222", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 0,
-         "tokens_today": {}},
+         "upstream": "default", "tokens_today": {}},
     ]}
     for secret in (KEY_A, KEY_B, "sk-key", "aaaa", "bbbb"):
         assert secret not in text

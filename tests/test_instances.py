@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from chatgpt.domain import texts
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, SecretCapture
 from tests.fake_openai import Fail, FakeOpenAI, Stream
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "adm-instances-token-4711"
@@ -103,15 +103,6 @@ class Instances:
                 instance.process.kill()
                 instance.process.wait()
             self.capture.add_lines(instance.output())
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    """A running redis-server (no persistence), stopped after the test."""
-    server = RedisServer(tmp_path / "redis")
-    await server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from chatgpt.domain.store import StoreUnavailable, next_midnight
 from chatgpt.server.local_store import LocalStore
 from chatgpt.server.metrics import Metrics
 from chatgpt.server.redis_store import RedisStore, redacted
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 (a fixture)
 
 
 class Clock:
@@ -26,15 +26,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    """A running redis-server, stopped after the test."""
-    server = RedisServer(tmp_path / "redis")
-    await server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from typing import Any
 from aiohttp import web
 
 from chatgpt import jsontext
-from chatgpt.keys import admin_failures_key, flags_key, pipeline_key, pruner_key, settings_key, state_key
 from chatgpt.domain.store import StoreUnavailable
+from chatgpt.keys import admin_failures_key, flags_key, pipeline_key, pruner_key, routes_key, settings_key, state_key
 from chatgpt.server.bodies import read_raw
 from chatgpt.server.guards import identity_of
 
@@ -82,13 +82,23 @@ async def patch_runtime(request: web.Request) -> web.Response:
 
 
 async def get_keys(request: web.Request) -> web.Response:
-    """Health of each server key, masked to its last 4 characters, and its tokens today per model."""
+    """Health of each server key, masked to its last 4 characters, with the upstream it belongs to and
+    its tokens today per model (summed over every instance when the state is shared)."""
     await require_admin(request)
-    pipeline = request.app[pipeline_key]
-    pool = pipeline.keys
-    totals = await pipeline.usage.today() if pipeline.usage is not None else {}
-    rows = [{**row, "tokens_today": totals.get(fp, {})} for row, fp in zip(pool.health(), pool.fingerprints())]
-    return _json({"usable": pool.usable(), "keys": rows})
+    usage = request.app[pipeline_key].usage
+    totals = await usage.today() if usage is not None else {}
+    upstreams = request.app[routes_key].upstreams
+    return _json({"usable": sum(u.keys.usable() for u in upstreams),
+                  "keys": [{**row, "upstream": u.name, "tokens_today": totals.get(fp, {})}
+                           for u in upstreams for row, fp in zip(u.keys.health(), u.keys.fingerprints())]})
+
+
+async def get_upstreams(request: web.Request) -> web.Response:
+    """Each upstream in routing order: host, models, pictures, health and its keys (masked)."""
+    await require_admin(request)
+    routes = request.app[routes_key]
+    return _json({"upstreams": [u.status() for u in routes.upstreams], "default": routes.default,
+                  "image": routes.image, "aliases": routes.aliases})
 
 
 async def reset_quota(request: web.Request) -> web.Response:
@@ -118,5 +128,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/runtime", get_runtime)
     app.router.add_patch("/admin/runtime", patch_runtime)
     app.router.add_get("/admin/keys", get_keys)
+    app.router.add_get("/admin/upstreams", get_upstreams)
     app.router.add_post("/admin/quota/reset", reset_quota)
     app.router.add_post("/admin/images/prune", prune_images)

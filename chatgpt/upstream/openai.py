@@ -181,9 +181,12 @@ class OpenAIProvider:
             return False
         return True
 
-    async def generate_image(self, prompt: str, size: str, key: str | None) -> GeneratedImage:
+    async def generate_image(self, prompt: str, size: str, key: str | None,
+                             model: str | None = None) -> GeneratedImage:
         """`POST {base_url}/images/generations` (n=1); exactly one POST, never retried here."""
-        body = {"prompt": prompt, "n": 1, "size": size}
+        body: dict[str, Any] = {"prompt": prompt, "n": 1, "size": size}
+        if model:
+            body["model"] = model
         with upstream_call("image generation"):
             async with self._session.post(f"{self._base_url}/images/generations", json=body,
                                           headers={"Authorization": f"Bearer {key or ''}"}) as response:
