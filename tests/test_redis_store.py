@@ -198,3 +198,35 @@ async def test_a_store_started_while_redis_is_down_connects_when_it_comes_up(
 def test_logs_show_the_redis_url_without_its_password() -> None:
     assert redacted("redis://user:s3cret-pass@cache.internal:6380/2") == "redis://cache.internal:6380/2"
     assert redacted("rediss://:pw@h/0") == "rediss://h/0"
+
+
+async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Wait (on the loop) until `check()` holds; fail after `seconds`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not seen in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_change_notice_makes_the_other_instance_pull_without_waiting_for_its_poll(
+        make_store: Any) -> None:
+    first, second = await make_store(), await make_store()  # both poll once an hour: only the notice can do it
+    seen: list[dict[str, Any]] = []
+    second.watch_flags(seen.append, lambda: {"status": "TRUE"})
+    await second.sync()
+    await asyncio.sleep(0.2)  # the listener has subscribed
+    await first.publish_flags({"status": "FALSE"})
+    await until(lambda: {"status": "FALSE"} in seen)
+
+
+async def test_a_change_without_a_notice_is_still_pulled_by_the_poll(redis_server: RedisServer, raw: Redis) -> None:
+    store = RedisStore(redis_server.url, "open", LocalStore(), poll_seconds=0.05)
+    seen: list[dict[str, Any]] = []
+    store.watch_flags(seen.append, lambda: {"status": "TRUE"})
+    await store.start()
+    try:
+        await raw.hset("chatgpt:flags", "status", '"FALSE"')  # as if the notice had been lost
+        await raw.incr("chatgpt:flags:v")
+        await until(lambda: {"status": "FALSE"} in seen)
+    finally:
+        await store.close()
