@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import socket
 import sys
 import time
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from importlib import resources
@@ -22,8 +23,10 @@ from chatgpt.keys import (
     admin_failures_key,
     flags_key,
     http_limits_key,
+    image_usage_key,
     inflight_key,
     memory_key,
+    metrics_allow_key,
     metrics_key,
     page_key,
     pipeline_key,
@@ -34,6 +37,7 @@ from chatgpt.keys import (
     sockets_key,
     started_key,
     state_key,
+    state_lock_key,
     store_key,
     local_store_key,
     trusted_key,
@@ -44,10 +48,11 @@ from chatgpt.domain.pipeline import ChatPipeline
 from chatgpt.server.clientip import TrustedProxies
 from chatgpt.server.errors import error_middleware
 from chatgpt.server.guards import rate_limit_middleware
-from chatgpt.server.images import ImageStore, Pruner
+from chatgpt.server.images import ImageStore, ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
 from chatgpt.domain.failover import Upstream, host_of
 from chatgpt.domain.keypool import KeyPool, mask, probe_forever
+from chatgpt.domain.failures import FailureLimit
 from chatgpt.domain.limits import LimiterTable
 from chatgpt.server.logs import quiet_bad_requests, setup_logging
 from chatgpt.domain.memory import ConversationMemory
@@ -58,23 +63,23 @@ from chatgpt.upstream.openai import OpenAIProvider, make_session
 from chatgpt.upstream.wechat import WeChatClient
 from chatgpt.domain.wxlogin import WeChatLogin
 from chatgpt.domain.wxtoken import TokenSigner, secret_from_setting
-from chatgpt.domain.failures import FailureLimit
 from chatgpt.domain.quota import Quota
 from chatgpt.domain.usage import TokenUsage
 from chatgpt.server.routing import merge_slashes
 from chatgpt.domain.routes import RouteTable
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings, SettingsError, load_settings, notes, replace_section
-from chatgpt.server.state import StateFile
+from chatgpt.server.state import StateFile, StateLock, StateLocked
 from chatgpt.server.local_store import LocalStore
 from chatgpt.server.redis_store import RedisStore, redacted
+from chatgpt.faces.sockets import SocketRegistry
 from chatgpt.faces.ws import close_sockets, websocket_handler
 
 log = logging.getLogger("chatgpt")
 
+SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
 ADMIN_FAILURES = 10  # wrong admin tokens per address per minute, then 429 (PROTOCOL.md E.3)
 WECHAT_SECRET = "wechat-token"  # the store's name of the WeChat token signing secret
-SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
 SHUTDOWN_SECONDS = 5.0  # in-flight requests get this long at SIGTERM; systemd waits 15 s
 
 
@@ -92,7 +97,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     offline = OfflineProvider() if settings.pool_provider == "offline" else None
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
     images = ImageStore(settings.images.folder, settings.public_url, session,
-                        int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds)
+                        int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds,
+                        app[image_usage_key])
     app[session_key] = session
     app[routes_key] = routes
     app[upstream_key] = providers[routes.for_own_key(settings.default_model).name]
@@ -130,8 +136,9 @@ async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
     """The picture-pruning task: daily at images.prune_at and whenever the folder is over its cap."""
     images = app[settings_key].images
     pruner = Pruner(images.folder, images.retention_hours * 3600, int(images.max_total_mb * 1024 * 1024),
-                    images.prune_at)
+                    images.prune_at, usage=app[image_usage_key])
     app[pruner_key] = pruner
+    await pruner.measure()  # the one folder scan; from here on saves and passes keep the count
     task = asyncio.create_task(pruner.run_forever())
     yield
     task.cancel()
@@ -150,6 +157,20 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
+async def state_lock_ctx(app: web.Application) -> AsyncIterator[None]:
+    """First of all: hold the state file's lock, so a second process on the same file stops before it
+    touches anything (PROTOCOL.md E.3). Not with Redis: the state file is not used, and instances may
+    share a folder and a settings file."""
+    if app[settings_key].state.redis_url:
+        yield
+        return
+    lock = StateLock(app[settings_key].state.file)
+    lock.acquire()
+    app[state_lock_key] = lock
+    yield
+    lock.release()
+
+
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     """Restore quotas, flags and key health at start; save periodically and at shutdown.
     Not used when the state is shared through Redis (instances must not each keep their own)."""
@@ -162,7 +183,7 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     state = StateFile(app[settings_key].state.file, {
         "flags": app[flags_key], "quota": local.counter("quota"), "debug_quota": local.counter("debug_quota"),
         **pools, "chat": local.conversations, "usage": local.usage, "secrets": local.secrets})
-    state.load()
+    state.load(app[state_lock_key])
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
     yield
@@ -226,14 +247,17 @@ def create_app(settings: Settings) -> web.Application:
     app[store_key] = (RedisStore(settings.state.redis_url, settings.state.redis_fail, local, metrics=app[metrics_key])
                       if settings.state.redis_url else local)
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions, app[store_key])
-    app[admin_failures_key] = FailureLimit(app[store_key], "admin", ADMIN_FAILURES, 60.0)
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
-    app[sockets_key] = weakref.WeakSet()
+    app[metrics_allow_key] = TrustedProxies(settings.ops.metrics_allow)  # an address set, like the proxies
+    app[sockets_key] = SocketRegistry(settings.ws.max_sockets_per_ip, settings.ws.max_sockets)
+    app[image_usage_key] = ImageUsage(app[metrics_key].set_images)
     app[started_key] = time.monotonic()
     app[inflight_key] = InFlight()
+    app[admin_failures_key] = FailureLimit(app[store_key], "admin", ADMIN_FAILURES, 60.0)
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
     chat = settings.chat
-    app[memory_key] = ConversationMemory(app[store_key], chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600)
+    app[memory_key] = ConversationMemory(app[store_key], chat.max_conversations, chat.max_turns,
+                                         chat.ttl_hours * 3600, settings.upstream.context_chars)
     app[http_limits_key] = {"http": LimiterTable(settings.limits.http_per_second, 1.0),
                             "v1": LimiterTable(settings.limits.http_per_second, 1.0)}
     merge_slashes(app, aliases={"/api1/": "/api/"})
@@ -243,6 +267,7 @@ def create_app(settings: Settings) -> web.Application:
     admin.add_routes(app)
     ops.add_routes(app)
     wxlogin.add_routes(app)
+    app.cleanup_ctx.append(state_lock_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(state_ctx)
@@ -285,14 +310,63 @@ def main(argv: Sequence[str] | None = None) -> None:
         for line in notes(settings):
             print(f"  warning: {line}")
         return
+    try:
+        # Before anything is logged or the state file touched: a second instance, a busy port or a bad
+        # host ends in one line naming what to change (run_app would fail the same way, later).
+        if not settings.state.redis_url:  # with Redis there is no state file to share
+            probe = StateLock(settings.state.file)  # first: the same instance started twice says so
+            probe.acquire()
+            probe.release()
+        check_listen(settings.server.host, settings.server.port)
+    except StateLocked as error:
+        print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, UnicodeError) as error:
+        print(f"chatgpt-api: {listen_failure(error, settings.server.host, settings.server.port)}", file=sys.stderr)
+        raise SystemExit(2) from None
     log.info("chatgpt-api starting on http://%s:%s; %s", settings.server.host, settings.server.port,
              describe(settings))
     for line in describe_routes(settings):
         log.info("%s", line)
     for line in notes(settings):
         log.warning("%s", line)
-    web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
-                print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
+    try:
+        web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
+                    print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
+    except StateLocked as error:
+        print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, UnicodeError) as error:  # UnicodeError: a host name IDNA cannot encode ("a..b")
+        print(f"chatgpt-api: {listen_failure(error, settings.server.host, settings.server.port)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_listen(host: str, port: int) -> None:
+    """Resolve `host` and bind each of its addresses as the server will (then let go); raise the
+    OSError (or UnicodeError for a name IDNA cannot encode) that listening would meet."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
+
+
+def listen_failure(error: OSError | UnicodeError, host: str, port: int) -> str:
+    """One line naming the setting that made listening fail, and why."""
+    if isinstance(error, UnicodeError):
+        return f"setting server.host: cannot resolve {host!r} (not a valid host name)"
+    reason = error.strerror or str(error)
+    if isinstance(error, socket.gaierror):
+        return f"setting server.host: cannot resolve {host!r} ({reason})"
+    if error.errno == errno.EADDRINUSE:
+        return f"setting server.port: port {port} on {host} is already in use ({reason})"
+    if error.errno == errno.EACCES:
+        return f"setting server.port: not allowed to listen on port {port} ({reason})"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"setting server.host: {host} is not an address of this machine ({reason})"
+    return f"settings server.host/server.port: cannot listen on {host}:{port} ({reason})"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import typing
@@ -88,6 +89,12 @@ class QuotaSettings:
 class WsSettings:
     max_message_bytes: int = 1048576
     frame_interval_ms: int = 50
+    max_sockets_per_ip: int = 50
+    max_sockets: int = 10000
+    idle_seconds: float = 90.0
+    stall_seconds: float = 25.0
+    close_seconds: float = 5.0
+    max_answer_chars: int = 200000
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,11 @@ class ApiSettings:
 @dataclass(frozen=True)
 class AdminSettings:
     token: str = ""
+
+
+@dataclass(frozen=True)
+class OpsSettings:
+    metrics_allow: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -188,6 +200,7 @@ class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     wechat: WechatSettings = field(default_factory=WechatSettings)
@@ -351,6 +364,19 @@ def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         _section(raw, "wechat")["secret"] = env["WECHAT_APP_SECRET"].strip()
 
 
+MIN_ADMIN_TOKEN = 16  # characters; a shorter token falls to guessing even at 10 tries a minute
+
+
+def _networks_ok(entries: tuple[str, ...]) -> bool:
+    """Every entry is an IP address or a CIDR network."""
+    try:
+        for entry in entries:
+            ipaddress.ip_network(entry.strip(), strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 _SIZE = re.compile(r"^\d{2,4}x\d{2,4}$")
 
@@ -377,6 +403,16 @@ def validate(settings: Settings) -> Settings:
         (settings.quota.baixing_daily_questions >= 0, "quota.baixing_daily_questions: expected 0 or more"),
         (1024 <= settings.ws.max_message_bytes <= 64 * 1048576, "ws.max_message_bytes: expected 1024..67108864"),
         (0 <= settings.ws.frame_interval_ms <= 10000, "ws.frame_interval_ms: expected 0..10000"),
+        (settings.ws.max_sockets_per_ip > 0, "ws.max_sockets_per_ip: expected a positive integer"),
+        (settings.ws.max_sockets > 0, "ws.max_sockets: expected a positive integer"),
+        (settings.ws.idle_seconds > 0, "ws.idle_seconds: expected a positive number"),
+        (settings.ws.stall_seconds > 0, "ws.stall_seconds: expected a positive number"),
+        (settings.ws.close_seconds > 0, "ws.close_seconds: expected a positive number"),
+        (settings.ws.max_answer_chars > 0, "ws.max_answer_chars: expected a positive integer"),
+        (_networks_ok(settings.ops.metrics_allow),
+         "ops.metrics_allow: expected IP addresses or CIDR networks"),
+        (not settings.admin.token or len(settings.admin.token) >= MIN_ADMIN_TOKEN,
+         f"admin.token: expected at least {MIN_ADMIN_TOKEN} characters (or none: the admin API is off)"),
         (bool(_SIZE.match(settings.images.size)), "images.size: expected WIDTHxHEIGHT, e.g. 256x256"),
         (bool(_HHMM.match(settings.images.prune_at)), "images.prune_at: expected HH:MM"),
         (settings.images.retention_hours > 0, "images.retention_hours: expected a positive number"),
@@ -421,6 +457,10 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         if not isinstance(raw, dict):
             raise SettingsError(f"settings file {path}: expected a mapping at the top level")
     _env_overrides(raw, env)
+    token = env.get("CHATGPT_ADMIN_TOKEN", "").strip()
+    if token and len(token) < MIN_ADMIN_TOKEN:  # named as the variable it came from; never shown
+        raise SettingsError(f"environment variable CHATGPT_ADMIN_TOKEN: expected at least {MIN_ADMIN_TOKEN} "
+                            f"characters, got {len(token)}")
     return validate(_build(Settings, raw, ""))
 
 

@@ -51,7 +51,14 @@ def build_settings(tmp_path: Path, fake: FakeOpenAI | None, overrides: dict[str,
 async def make_client(aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path,
                       fake: FakeOpenAI) -> MakeClient:
     """Start the real app with settings overrides, e.g. `await make_client(quota={"daily_questions": 2})`."""
+    started = 0
+
     async def start(**overrides: Any) -> TestClient:
+        nonlocal started
+        started += 1
+        if started > 1 and "file" not in (overrides.get("state") or {}):
+            # The apps of one test run side by side: each needs its own state file (its lock refuses two).
+            overrides["state"] = {**(overrides.get("state") or {}), "file": str(tmp_path / f"state-{started}.json")}
         app: web.Application = create_app(build_settings(tmp_path, fake, overrides))
         return await aiohttp_client(app)  # TestServer cancels handlers on disconnect, as main() does
 

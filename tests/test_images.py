@@ -36,7 +36,7 @@ HTML = b"<html><body>Access denied</body></html>"
 SAFETY = "Your request was rejected by the safety system"
 OURS = re.compile(r"^[0-9a-f]{32}\.png$")
 HEX_NAME = "0123456789abcdef0123456789abcdef.png"
-ADMIN_TOKEN = "t0k3n-admin"
+ADMIN_TOKEN = "t0k3n-admin-images"
 
 
 # --- a fake image upstream -------------------------------------------------------------------
@@ -610,3 +610,25 @@ async def test_admin_prune_removes_old_pictures_and_says_which(make_client: Make
     assert files_in(folder) == sorted([fresh, "notes.txt"])
     assert (await client.get(f"/res/{old}")).status == 404
     assert (await client.get(f"/res/{fresh}")).status == 200
+
+
+async def test_the_picture_gauges_follow_saves_and_prunes_without_a_scan_per_scrape(
+        make_client: MakeClient, upstream: FakeImages, folder: Path) -> None:
+    from tests.test_operations import scrape, value  # the Prometheus reader of the operations tests
+
+    save(folder, hex_name(1), bytes(300), age=30 * 86400)  # found by the one scan at start (and old)
+    client = await start(make_client, upstream, admin={"token": ADMIN_TOKEN})
+    _, samples = await scrape(client)
+    assert (value(samples, "chatgpt_images_on_disk"), value(samples, "chatgpt_images_on_disk_bytes")) == (1, 300)
+    drawn = (await ask(client, draw()))[0]["url"].rsplit("/", 1)[1]
+    _, samples = await scrape(client)  # the save itself moved the gauges
+    assert (value(samples, "chatgpt_images_on_disk"), value(samples, "chatgpt_images_on_disk_bytes")) == (
+        2, 300 + (folder / drawn).stat().st_size)
+    save(folder, hex_name(2), bytes(50))  # behind the server's back: a scrape does not look at the folder
+    _, samples = await scrape(client)
+    assert value(samples, "chatgpt_images_on_disk") == 2
+    response = await client.post("/admin/images/prune", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert await response.json() == {"removed": [hex_name(1)]}
+    _, samples = await scrape(client)  # a pruning pass measures the folder again
+    assert (value(samples, "chatgpt_images_on_disk"), value(samples, "chatgpt_images_on_disk_bytes")) == (
+        2, 50 + (folder / drawn).stat().st_size)

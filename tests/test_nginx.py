@@ -28,7 +28,7 @@ from tests.fake_openai import FakeOpenAI, Stream
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROXY_CONF = DEPLOY / "nginx-proxy.conf"
 SITE_CONF = DEPLOY / "nginx-site.conf"
-ADMIN_TOKEN = "adm-test-token"
+ADMIN_TOKEN = "adm-test-token-nginx"
 SITE_NAME = "chat.example.com"
 START_SECONDS = 10.0
 

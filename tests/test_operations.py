@@ -94,10 +94,10 @@ async def test_metrics_is_prometheus_text_in_the_classic_format(client: TestClie
 
 async def test_metrics_count_questions_refusals_errors_images_and_sockets(
         make_client: MakeClient, fake: FakeOpenAI, tmp_path: Path) -> None:
-    client = await make_client(quota={"daily_questions": 1}, limits={"ws_per_minute": 1}, admin={"token": ADMIN_TOKEN})
     (tmp_path / "images").mkdir(exist_ok=True)
-    (tmp_path / "images" / IMAGE_NAME).write_bytes(IMAGE_BYTES)
+    (tmp_path / "images" / IMAGE_NAME).write_bytes(IMAGE_BYTES)  # found by the one scan at start
     (tmp_path / "images" / "not-ours.png").write_bytes(b"x" * 50)  # not a name this server saves: not counted
+    client = await make_client(quota={"daily_questions": 1}, limits={"ws_per_minute": 1}, admin={"token": ADMIN_TOKEN})
     async with ws_connect(client) as ws:
         await ws.send_json(question())  # anonymous: uses the one daily question of 127.0.0.1
         assert (await receive_answer(ws))[-1]["content"] == "DONE"

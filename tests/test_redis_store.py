@@ -142,9 +142,11 @@ async def test_usage_failures_and_secrets_are_the_same_for_every_instance(make_s
     await first.add_usage("f" * 64, "gpt-x", {"prompt": 10, "completion": 5})
     await second.add_usage("f" * 64, "gpt-x", {"prompt": 1})
     assert await first.usage_today() == {("f" * 64, "gpt-x"): {"prompt": 11, "completion": 5}}
-    assert [await s.count_failure("admin", "1.2.3.4", 60) for s in (first, second, first)] == [1, 2, 3]
-    assert await second.failures("admin", "1.2.3.4") == 3
-    assert await second.failures("admin", "5.6.7.8") == 0
+    for at, store in ((1000.0, first), (1010.0, second), (1020.0, first), (1030.0, second)):
+        await store.add_failure("admin", "1.2.3.4", at, window=60, keep=3)
+    assert await first.recent_failures("admin", "1.2.3.4", since=0) == [1010.0, 1020.0, 1030.0]  # the newest 3
+    assert await second.recent_failures("admin", "1.2.3.4", since=1010.0) == [1020.0, 1030.0]
+    assert await second.recent_failures("admin", "5.6.7.8", since=0) == []
     secret = await first.secret("wechat")
     assert len(secret) == 64 and await second.secret("wechat") == secret
 

@@ -162,13 +162,13 @@ def test_openai_api_key_with_commas_forms_the_server_pool(tmp_path: Path) -> Non
 def test_secrets_from_the_environment_override_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, json.dumps({
         "upstream": {"base_url": "https://file.example/v1", "baixing_key": "bx-file", "model": "gpt-4o"},
-        "admin": {"token": "admin-file"},
+        "admin": {"token": "admin-file-0123456789"},
     }))
     settings = load_settings(path, env={"OPENAI_BASE_URL": "http://env.example:8000/v1",
-                                        "CHATGPT_ADMIN_TOKEN": "admin-env", "BAIXING_API_KEY": "bx-env"})
+                                        "CHATGPT_ADMIN_TOKEN": "admin-env-0123456789", "BAIXING_API_KEY": "bx-env"})
     assert settings.upstream == UpstreamSettings(base_url="http://env.example:8000/v1", baixing_key="bx-env",
                                                  model="gpt-4o")
-    assert settings.admin == AdminSettings(token="admin-env")
+    assert settings.admin == AdminSettings(token="admin-env-0123456789")
 
 
 def test_redis_url_comes_from_the_environment_over_the_file(tmp_path: Path) -> None:
@@ -185,18 +185,18 @@ def test_a_bad_redis_url_from_the_environment_is_refused_without_showing_it(tmp_
 
 
 def test_blank_environment_variables_leave_the_file_alone(tmp_path: Path) -> None:
-    path = write(tmp_path, "upstream:\n  api_keys: [sk-file]\nadmin:\n  token: admin-file\n")
+    path = write(tmp_path, "upstream:\n  api_keys: [sk-file]\nadmin:\n  token: admin-file-0123456789\n")
     settings = load_settings(path, env={"OPENAI_API_KEY": " ", "CHATGPT_ADMIN_TOKEN": "", "OPENAI_BASE_URL": ""})
-    assert (settings.upstream.api_keys, settings.admin.token) == (("sk-file",), "admin-file")
+    assert (settings.upstream.api_keys, settings.admin.token) == (("sk-file",), "admin-file-0123456789")
     assert settings.upstream.base_url == "https://api.openai.com/v1"
 
 
 def test_secrets_from_the_environment_apply_when_the_file_has_empty_sections(tmp_path: Path) -> None:
     # An operator who comments out every line under `upstream:` and `admin:` leaves them null in YAML.
     path = write(tmp_path, "upstream:\n  # api_keys: []\nadmin:\n  # token: ''\n")
-    settings = load_settings(path, env={"OPENAI_API_KEY": "sk-env", "CHATGPT_ADMIN_TOKEN": "admin-env"})
+    settings = load_settings(path, env={"OPENAI_API_KEY": "sk-env", "CHATGPT_ADMIN_TOKEN": "admin-env-0123456789"})
     assert settings.upstream.api_keys == ("sk-env",)
-    assert settings.admin.token == "admin-env"
+    assert settings.admin.token == "admin-env-0123456789"
 
 
 def test_the_repository_settings_file_is_the_defaults_but_for_its_upstreams_and_models() -> None:

@@ -245,9 +245,10 @@ async def tasks_left_over(before: set[asyncio.Task[Any]], client: TestClient, fa
 
 
 def files_left(tmp_path: Path) -> list[str]:
-    """Every file under the test's folder (images, state, temp files) but the settings it was started with."""
+    """Every file under the test's folder (images, state, temp files) but the settings it was started with
+    and the state file's lock, held while the app runs."""
     return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
-                  if p.is_file() and p.name != "settings.yaml")
+                  if p.is_file() and p.name not in ("settings.yaml", "state.json.lock"))
 
 
 async def server_key_health(client: TestClient) -> dict[str, Any]:

@@ -124,11 +124,9 @@ async def test_login_is_off_without_an_appid(client: TestClient) -> None:  # typ
 
 
 async def test_a_token_from_another_server_or_edited_is_refused(
-        app_client: TestClient, wechat: FakeWeChat, make_client: MakeClient,  # type: ignore[type-arg]
-        tmp_path: Path) -> None:
+        app_client: TestClient, wechat: FakeWeChat, make_client: MakeClient) -> None:  # type: ignore[type-arg]
     token = (await login(app_client, {"code": wechat.login_code(OPENID)}))["token"]
-    other = await make_client(wechat={"appid": wechat.appid, "secret": wechat.secret, "api_base": wechat.base_url},
-                              state={"file": str(tmp_path / "other-state.json")})
+    other = await make_client(wechat={"appid": wechat.appid, "secret": wechat.secret, "api_base": wechat.base_url})
     with pytest.raises(InvalidToken):  # without wechat.token_secret, each server makes its own random secret
         other.app[wechat_login_key].openid_of(token)
     with pytest.raises(InvalidToken):
@@ -145,12 +143,12 @@ async def test_a_configured_token_secret_keeps_tokens_valid_across_restarts(
 
 
 async def test_without_a_token_secret_tokens_stay_valid_across_a_restart_on_the_same_state_file(
-        make_client: MakeClient, wechat: FakeWeChat) -> None:
+        make_client: MakeClient, wechat: FakeWeChat, tmp_path: Path) -> None:
     settings = {"appid": wechat.appid, "secret": wechat.secret, "api_base": wechat.base_url}
     first = await make_client(wechat=settings)
     token = (await login(first, {"code": wechat.login_code(OPENID)}))["token"]
     await first.close()  # the state file (with the made secret) is written at shutdown
-    second = await make_client(wechat=settings)
+    second = await make_client(wechat=settings, state={"file": str(tmp_path / "state.json")})
     assert second.app[wechat_login_key].openid_of(token) == OPENID
 
 

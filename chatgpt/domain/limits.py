@@ -1,4 +1,5 @@
-"""Per-key (per-IP) rate limiters on aiolimiter, bounded in memory by idle eviction and a size cap."""
+"""Per-key (per-IP) rate limiters on aiolimiter, bounded in memory by idle eviction and a size cap.
+(The sliding-window limit on wrong admin tokens is in failures.py: it is kept in the store.)"""
 from __future__ import annotations
 
 import time
@@ -104,3 +105,4 @@ class LimiterTable:
             # Under a flood of distinct keys this forgets the quietest clients first; their
             # buckets have drained the most, so forgetting them lets the least through.
             self._entries.popitem(last=False)
+

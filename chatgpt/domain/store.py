@@ -93,13 +93,13 @@ class Store(Protocol):
         """Today's totals: {(fingerprint, model): {kind: tokens}}."""
         ...
 
-    # --- Failures in a fixed window (wrong admin tokens per address) ---
-    async def count_failure(self, name: str, who: str, window: float) -> int:
-        """Count one failure of `who`; how many there have been in the current `window` seconds."""
+    # --- Failures in a sliding window (wrong admin tokens per address), instants as wall-clock epochs ---
+    async def add_failure(self, name: str, who: str, at: float, window: float, keep: int) -> None:
+        """Record a failure of `who` at `at`; older than `window` seconds are dropped, at most `keep` kept."""
         ...
 
-    async def failures(self, name: str, who: str) -> int:
-        """How many failures `who` has in its current window (0 when the window is over)."""
+    async def recent_failures(self, name: str, who: str, since: float) -> list[float]:
+        """When `who` failed after `since`, oldest first."""
         ...
 
     # --- Secrets every instance must agree on (e.g. the signing key of WeChat tokens) ---

@@ -4,14 +4,17 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from typing import Any
 
 from aiohttp import web
 
 from chatgpt import jsontext
 from chatgpt.domain.store import StoreUnavailable
-from chatgpt.keys import admin_failures_key, flags_key, pipeline_key, pruner_key, routes_key, settings_key, state_key
+from chatgpt.keys import (admin_failures_key, flags_key, pipeline_key, pruner_key, routes_key, settings_key,
+                          state_key)
 from chatgpt.server.bodies import read_raw
+from chatgpt.server.clientip import identity_of_text
 from chatgpt.server.guards import identity_of
 
 log = logging.getLogger(__name__)
@@ -21,28 +24,46 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status, dumps=jsontext.dumps)
 
 
-def _error(status: int, message: str) -> web.HTTPException:
+def _error(status: int, message: str, retry_after: float | None = None) -> web.HTTPException:
     """An admin failure as JSON with a real HTTP status."""
     text = json.dumps({"error": {"message": message, "type": "admin_error", "param": None, "code": None}})
     kinds: dict[int, type[web.HTTPException]] = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized,
                                                   404: web.HTTPNotFound, 429: web.HTTPTooManyRequests,
                                                   503: web.HTTPServiceUnavailable}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "60"} if status == 429 else None
-    return kinds[status](text=text, content_type="application/json", headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return kinds[status](text=text, content_type="application/json", headers=headers or None)
+
+
+def token_matches(authorization: str, token: str) -> bool:
+    """`Bearer <token>`, compared in constant time. Any odd header (no scheme, raw non-UTF-8 bytes,
+    which aiohttp hands over as surrogates) is simply not the token."""
+    scheme, _, given = authorization.partition(" ")
+    try:
+        offered = given.strip().encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return False
+    return scheme.lower() == "bearer" and hmac.compare_digest(offered, token.encode())
 
 
 async def require_admin(request: web.Request) -> None:
-    """401 unless the bearer token matches (constant-time); 404 when no token is configured; 429 for an
-    address past its wrong tokens of the minute (counted on every instance alike)."""
+    """401 unless the bearer token matches (constant-time); 404 when no token is configured; 429 for
+    an address past ADMIN_FAILURES wrong tokens in a minute (PROTOCOL.md E.3), whatever it sends.
+    The failures are kept in the store: with Redis, every instance counts them together."""
     token = request.app[settings_key].admin.token
     if not token:
         raise _error(404, "The admin API is off: set admin.token or CHATGPT_ADMIN_TOKEN.")
-    guard, who = request.app[admin_failures_key], identity_of(request)
-    if await guard.blocked(who):
-        raise _error(429, "Too many wrong admin tokens from this address; try again in a minute.")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        await guard.fail(who)
+    address = identity_of(request)
+    failures = request.app[admin_failures_key]
+    wait = await failures.retry_after(address)
+    if wait > 0:
+        raise _error(429, "Too many wrong admin tokens from this address: try again later.", wait)
+    if not token_matches(request.headers.get("Authorization", ""), token):
+        await failures.record(address)
+        if await failures.retry_after(address) > 0:
+            log.warning("admin API: %d wrong tokens from %s within %.0f s; refusing it for a while",
+                        failures.max_failures, address, failures.window)
         raise _error(401, "A valid admin bearer token is required.")
 
 
@@ -107,6 +128,8 @@ async def reset_quota(request: web.Request) -> web.Response:
     identity = (await _body(request)).get("identity")
     if identity is not None and not isinstance(identity, str):
         raise _error(400, "identity: expected a string")
+    if identity is not None:
+        identity = identity_of_text(identity) or identity  # an IPv6 address counts as its /64
     pipeline = request.app[pipeline_key]
     try:
         cleared = await pipeline.quota.reset(identity) + await pipeline.debug_quota.reset(identity)

@@ -17,7 +17,7 @@ from chatgpt.faces.envelope import envelope_response
 from chatgpt.domain.errors import ServiceError, UpstreamError, bad_request
 from chatgpt.server.guards import identity_of
 from chatgpt.server.images import safe_image_path
-from chatgpt.domain.memory import CONVERSATION_ID
+from chatgpt.domain.memory import CONVERSATION_ID, owner_of
 from chatgpt.faces.v1 import read_body
 from chatgpt.domain.question import Payer, Question
 from chatgpt.faces.markdown import to_html
@@ -128,11 +128,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
         raise bad_request("'conversationId' must be 1-100 letters, digits or _.:-")
     app = request.app
     memory, pipeline = app[memory_key], app[pipeline_key]
-    cid = cid or memory.new_id()
     identity = identity_of(request)
     await pipeline.admit("chat", identity)
     payer = Payer.from_bearer(request.headers.get("Authorization"), app[settings_key].api.client_tokens)
-    question = Question("chat", identity, payer, [*await memory.history(cid), {"role": "user", "content": content}],
+    # Ids are issued by the server and bound to their caller: an id this caller does not hold
+    # (unknown, expired, someone else's) starts a new conversation under a new id (PROTOCOL.md E.3).
+    owner = owner_of(identity, payer)
+    cid, history = await memory.open(cid, owner)
+    question = Question("chat", identity, payer, [*history, {"role": "user", "content": content}],
                         pipeline.choose_model(body.get("model"), strict=True))
     sse = "text/event-stream" in request.headers.get("Accept", "")
     async with aclosing(pipeline.answer(question)) as deltas:
@@ -153,7 +156,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
                     yield (_event(None, {"content": delta.text}) if sse
                            else delta.text.encode(errors="replace")), False
                 delta = await anext(deltas, None)
-            await memory.remember(cid, content, "".join(parts))  # only a finished answer is remembered
+            await memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered
             yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True
 
         def error_event(failure: ServiceError) -> bytes:

@@ -1,15 +1,14 @@
 """Operations endpoints: `/healthz` for uptime checks and `/metrics` for Prometheus."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from chatgpt.keys import metrics_key, pipeline_key, routes_key, settings_key, sockets_key, started_key, store_key
+from chatgpt.keys import (metrics_allow_key, metrics_key, pipeline_key, routes_key, settings_key, sockets_key,
+                          started_key, store_key)
 from chatgpt.server.redis_store import RedisStore
-from chatgpt.server.images import folder_usage
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -32,13 +31,17 @@ async def healthz(request: web.Request) -> web.Response:
     })
 
 
+PROXY_HEADERS = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
+
+
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format; the picture folder is measured at scrape time, off the event loop."""
+    """Prometheus text format, only for a direct peer in ops.metrics_allow: a request that came through
+    a proxy (it carries a forwarding header) is refused whatever its peer, so nginx never exposes it.
+    The gauges are kept current by the code that changes them: a scrape costs no folder scan."""
     app = request.app
+    if any(name in request.headers for name in PROXY_HEADERS) or request.remote not in app[metrics_allow_key]:
+        raise web.HTTPForbidden(text="/metrics is only served to ops.metrics_allow, never through a proxy.\n")
     registry = app[metrics_key]
-    count, size = await asyncio.to_thread(folder_usage, app[settings_key].images.folder)
-    registry.images.set(count)
-    registry.image_bytes.set(size)
     registry.sockets.set(len(app[sockets_key]))
     # Negotiated like prometheus-client's own server: the classic text format unless asked otherwise.
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -139,7 +139,8 @@ class LocalStore:
         self.conversations = LocalConversations(wall)
         self.usage = LocalUsage(clock)
         self.secrets = LocalSecrets()
-        self._failures: dict[tuple[str, str], tuple[float, int]] = {}  # (name, who) → (window end, count)
+        # (name, who) → failure instants, least recently failed key first
+        self.failure_log: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
 
     def counter(self, name: str) -> DailyQuota:
         """The day counter table called `name` (created on first use; a state file part)."""
@@ -192,27 +193,21 @@ class LocalStore:
         """Today's totals."""
         return self.usage.today()
 
-    async def count_failure(self, name: str, who: str, window: float) -> int:
-        """Count one failure in a fixed window."""
-        now = self._wall()
-        end, count = self._failures.get((name, who), (0.0, 0))
-        if end <= now:
-            end, count = now + window, 0
-            if len(self._failures) >= MAX_FAILURE_ENTRIES:
-                self._sweep(now)
-        self._failures[(name, who)] = (end, count + 1)
-        return count + 1
+    async def add_failure(self, name: str, who: str, at: float, window: float, keep: int) -> None:
+        """Record a failure; the newest `keep` per key, at most MAX_FAILURE_ENTRIES keys."""
+        times = self.failure_log.pop((name, who), None)
+        if times is None or times.maxlen != keep:
+            times = deque(times or (), maxlen=keep)
+            while len(self.failure_log) >= MAX_FAILURE_ENTRIES:
+                self.failure_log.popitem(last=False)  # a flood of addresses forgets the quietest first
+        while times and times[0] <= at - window:
+            times.popleft()
+        times.append(at)
+        self.failure_log[(name, who)] = times
 
-    async def failures(self, name: str, who: str) -> int:
-        """Failures in the current window."""
-        end, count = self._failures.get((name, who), (0.0, 0))
-        return count if end > self._wall() else 0
-
-    def _sweep(self, now: float) -> None:
-        """Forget finished windows; under a flood of addresses, the oldest windows too."""
-        self._failures = {k: v for k, v in self._failures.items() if v[0] > now}
-        while len(self._failures) >= MAX_FAILURE_ENTRIES:
-            del self._failures[next(iter(self._failures))]
+    async def recent_failures(self, name: str, who: str, since: float) -> list[float]:
+        """Failures after `since`, oldest first."""
+        return [at for at in self.failure_log.get((name, who), ()) if at > since]
 
     async def secret(self, name: str) -> str:
         """The secret called `name`."""

@@ -78,6 +78,11 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def set_images(self, count: int, size: int) -> None:
+        """The pictures on disk changed (one saved, a pruning pass): the gauges follow at once."""
+        self.images.set(count)
+        self.image_bytes.set(size)
+
     def start(self, entry: str, identity: str, kind: str = "chat") -> QuestionRecord:
         """A question is going upstream."""
         self.in_flight.inc()

@@ -2,12 +2,13 @@
 
 Counters are taken with a Lua script (check, count and EXPIREAT the next local midnight in one step);
 `/chat` records expire by TTL and are bounded in count by a sorted index; usage is a hash per day;
-failure windows and secrets are one key each. The connection's health and the fallback are in
+failure instants are a sorted set per address; secrets one key each. The connection's health and the fallback are in
 `redis_link.py`, the mirrored flags and key health in `redis_mirror.py`.
 """
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
@@ -47,11 +48,12 @@ if extra > 0 then
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 """
-# KEYS[1] failure counter; ARGV[1] window ms. The window starts at the first failure.
+# KEYS[1] failure instants (a sorted set); ARGV: instant, a unique member, window s, how many to keep.
 FAIL = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return n
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[4]) - 1)
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000))
 """
 # KEYS[1] secret; ARGV[1] a fresh random value, kept only if nobody made one before.
 SECRET = """
@@ -174,17 +176,20 @@ class RedisStore(RedisMirror):
             return totals
         return await self._shared(call, self.local.usage_today)
 
-    async def count_failure(self, name: str, who: str, window: float) -> int:
-        """Count one failure in a window shared by every instance."""
-        async def call() -> int:
-            return int(await self._fail(keys=[self._k(f"fail:{name}:{who}")], args=[max(int(window * 1000), 1)]))
-        return await self._shared(call, lambda: self.local.count_failure(name, who, window))
+    async def add_failure(self, name: str, who: str, at: float, window: float, keep: int) -> None:
+        """Record a failure in a sorted set shared by every instance (expires with its window)."""
+        async def call() -> None:
+            await self._fail(keys=[self._k(f"fail:{name}:{who}")],
+                             args=[at, f"{at!r}:{secrets.token_hex(4)}", window, keep])
+        await self._shared(call, lambda: self.local.add_failure(name, who, at, window, keep))
 
-    async def failures(self, name: str, who: str) -> int:
-        """Failures of `who` in its current window."""
-        async def call() -> int:
-            return int(await self._client.get(self._k(f"fail:{name}:{who}")) or 0)
-        return await self._shared(call, lambda: self.local.failures(name, who))
+    async def recent_failures(self, name: str, who: str, since: float) -> list[float]:
+        """Failures of `who` after `since`, as every instance recorded them."""
+        async def call() -> list[float]:
+            found = await self._client.zrangebyscore(self._k(f"fail:{name}:{who}"), f"({since!r}", "+inf",
+                                                     withscores=True)
+            return [float(pair[1]) for pair in found]  # (member, score) pairs
+        return await self._shared(call, lambda: self.local.recent_failures(name, who, since))
 
     async def secret(self, name: str) -> str:
         """The secret every instance shares (made by the first to ask); remembered once read."""
