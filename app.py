@@ -14,15 +14,13 @@ from importlib import resources
 
 from aiohttp import web
 
-from chatgpt.faces import admin
-from chatgpt.faces import v1 as openai_api
-from chatgpt.faces import ops
-from chatgpt.faces import wxlogin
+from chatgpt.faces import admin, curl, ops, wxlogin
 from chatgpt.faces import miniprogram as views
+from chatgpt.faces import v1 as openai_api
+from chatgpt.faces.envelope import error_middleware
 from chatgpt.keys import (
     admin_failures_key,
     flags_key,
-    http_limits_key,
     image_usage_key,
     inflight_key,
     memory_key,
@@ -44,10 +42,11 @@ from chatgpt.keys import (
     upstream_key,
     wechat_login_key,
 )
+from chatgpt.domain.accounts import Accounts
+from chatgpt.domain.gate import Gate
 from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.domain.upstreams import Upstreams
 from chatgpt.server.clientip import TrustedProxies
-from chatgpt.server.errors import error_middleware
-from chatgpt.server.guards import rate_limit_middleware
 from chatgpt.server.images import ImageStore, ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
 from chatgpt.domain.failover import Upstream, host_of
@@ -78,8 +77,8 @@ from chatgpt.faces.ws import close_sockets, websocket_handler
 log = logging.getLogger("chatgpt")
 
 SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
-ADMIN_FAILURES = 10  # wrong admin tokens per address per minute, then 429 (PROTOCOL.md E.3)
 WECHAT_SECRET = "wechat-token"  # the store's name of the WeChat token signing secret
+ADMIN_FAILURES = 10  # wrong admin tokens per address per minute, then 429 (PROTOCOL.md E.3)
 SHUTDOWN_SECONDS = 5.0  # in-flight requests get this long at SIGTERM; systemd waits 15 s
 
 
@@ -91,24 +90,27 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     session = make_session(upstream.connect_timeout, upstream.read_timeout)
     providers = {e.name: OpenAIProvider(session, e.base_url) for e in settings.upstream_entries}
     store = app[store_key]
-    upstreams = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name],
-                          KeyPool(e.api_keys, store=store)) for e in settings.upstream_entries]
-    routes = RouteTable(upstreams, settings.default_model, settings.models.aliases, settings.models.image)
+    live = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name],
+                     KeyPool(e.api_keys, store=store)) for e in settings.upstream_entries]
+    routes = RouteTable(live, settings.default_model, settings.models.aliases, settings.models.image)
     offline = OfflineProvider() if settings.pool_provider == "offline" else None
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
     images = ImageStore(settings.images.folder, settings.public_url, session,
                         int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds,
                         app[image_usage_key])
+    flags, meter, limits = app[flags_key], app[metrics_key], settings.limits
+    gate = Gate(flags, {"ws": LimiterTable(limits.ws_per_minute, 60.0),
+                        **{door: LimiterTable(limits.http_per_second, 1.0) for door in ("http", "v1", "chat")}},
+                meter)
+    accounts = Accounts(flags, Quota(store, "quota", settings.quota.daily_questions),
+                        Quota(store, "debug_quota", settings.quota.baixing_daily_questions), meter)
+    upstreams = Upstreams(routes, offline, baixing, meter)
     app[session_key] = session
     app[routes_key] = routes
     app[upstream_key] = providers[routes.for_own_key(settings.default_model).name]
-    app[pipeline_key] = ChatPipeline(
-        settings, app[flags_key], routes, Quota(store, "quota", settings.quota.daily_questions),
-        Quota(store, "debug_quota", settings.quota.baixing_daily_questions),
-        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, offline, baixing, images, app[metrics_key],
-        TokenUsage(store))
+    app[pipeline_key] = ChatPipeline(settings, gate, accounts, upstreams, images, meter, TokenUsage(store))
     probes = [asyncio.create_task(probe_forever(u.keys, providers[u.name].key_works, every=60.0))
-              for u in upstreams if u.keys]
+              for u in routes.upstreams if u.keys]
     yield
     for probe in probes:
         probe.cancel()
@@ -239,8 +241,7 @@ def describe_routes(settings: Settings) -> list[str]:
 def create_app(settings: Settings) -> web.Application:
     """Build the application; used alike by production, tests and `adev runserver`."""
     quiet_bad_requests()
-    app = web.Application(middlewares=[error_middleware, rate_limit_middleware],
-                          client_max_size=settings.ws.max_message_bytes)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.ws.max_message_bytes)
     app[settings_key] = settings
     app[metrics_key] = Metrics()
     local = app[local_store_key] = LocalStore()
@@ -258,13 +259,12 @@ def create_app(settings: Settings) -> web.Application:
     chat = settings.chat
     app[memory_key] = ConversationMemory(app[store_key], chat.max_conversations, chat.max_turns,
                                          chat.ttl_hours * 3600, settings.upstream.context_chars)
-    app[http_limits_key] = {"http": LimiterTable(settings.limits.http_per_second, 1.0),
-                            "v1": LimiterTable(settings.limits.http_per_second, 1.0)}
     merge_slashes(app, aliases={"/api1/": "/api/"})
     views.add_routes(app)
+    curl.add_routes(app)
     app.router.add_get("/websocket", websocket_handler)
-    openai_api.add_routes(app)
-    admin.add_routes(app)
+    app.add_subapp("/v1", openai_api.make_app())
+    app.add_subapp("/admin", admin.make_app())
     ops.add_routes(app)
     wxlogin.add_routes(app)
     app.cleanup_ctx.append(state_lock_ctx)
@@ -282,7 +282,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="chatgpt-api", description=__doc__)
     parser.add_argument("--config", help="settings file (default: ./settings.yaml when present)")
     parser.add_argument("--host", help="address to listen on (overrides server.host)")
-    parser.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    parser.add_argument("--port", type=int,
+                        help="port to listen on (overrides server.port; 0: any free port, named in the log)")
     parser.add_argument("--check", action="store_true", help="validate the settings and exit")
     parser.add_argument("--log-format", choices=("text", "json"), help="overrides logging.format")
     return parser.parse_args(argv)
@@ -293,10 +294,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         settings = load_settings(args.config)
-        if args.host or args.port:
+        if args.host or args.port is not None:
             settings = replace_section(settings, "server", host=args.host or settings.server.host,
-                                       port=args.port or settings.server.port)
-            if not 0 < settings.server.port < 65536:
+                                       port=settings.server.port if args.port is None else args.port)
+            if not 0 <= settings.server.port < 65536:
                 raise SettingsError("setting server.port: expected 1..65535")
         TrustedProxies(settings.server.trusted_proxies)
     except (SettingsError, ValueError) as error:
@@ -310,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for line in notes(settings):
             print(f"  warning: {line}")
         return
+    listener = None
     try:
         # Before anything is logged or the state file touched: a second instance, a busy port or a bad
         # host ends in one line naming what to change (run_app would fail the same way, later).
@@ -317,7 +319,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             probe = StateLock(settings.state.file)  # first: the same instance started twice says so
             probe.acquire()
             probe.release()
-        check_listen(settings.server.host, settings.server.port)
+        if settings.server.port == 0:
+            # `--port 0` (tests): bind here so the log line below names the port the OS picked; nobody can
+            # take it between choosing and binding, as with a port picked first and bound later.
+            host = settings.server.host
+            listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            settings = replace_section(settings, "server", port=listener.getsockname()[1])
+        else:
+            check_listen(settings.server.host, settings.server.port)
     except StateLocked as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -331,8 +340,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for line in notes(settings):
         log.warning("%s", line)
     try:
-        web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
-                    print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
+        web.run_app(create_app(settings), host=None if listener else settings.server.host,
+                    port=None if listener else settings.server.port, sock=listener, print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
     except StateLocked as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)
         raise SystemExit(2) from None

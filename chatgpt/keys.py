@@ -11,7 +11,9 @@ from chatgpt.domain.routes import RouteTable
 from chatgpt.server.clientip import TrustedProxies
 from chatgpt.server.images import ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
-from chatgpt.domain.limits import LimiterTable
+from chatgpt.domain.failures import FailureLimit
+from chatgpt.domain.store import Store
+from chatgpt.server.local_store import LocalStore
 from chatgpt.domain.memory import ConversationMemory
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
@@ -19,9 +21,6 @@ from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.domain.wxlogin import WeChatLogin
 from chatgpt.settings import Settings
 from chatgpt.server.state import StateFile, StateLock
-from chatgpt.domain.failures import FailureLimit
-from chatgpt.domain.store import Store
-from chatgpt.server.local_store import LocalStore
 
 settings_key = web.AppKey("settings", Settings)
 flags_key = web.AppKey("flags", RuntimeFlags)
@@ -33,7 +32,6 @@ sockets_key = web.AppKey("sockets", SocketRegistry)
 trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
 metrics_allow_key = web.AppKey("metrics_allow", TrustedProxies)  # peers that may read /metrics
 image_usage_key = web.AppKey("image_usage", ImageUsage)
-http_limits_key = web.AppKey("http_limits", dict[str, LimiterTable])
 state_key = web.AppKey("state", StateFile)
 state_lock_key = web.AppKey("state_lock", StateLock)
 pruner_key = web.AppKey("pruner", Pruner)

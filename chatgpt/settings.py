@@ -312,7 +312,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             continue
         kind = hints[name]
         key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             values[name] = _build(kind, data[name], key + ".")
         else:
             values[name] = _convert(key, kind, data[name])

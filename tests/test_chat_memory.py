@@ -16,22 +16,13 @@ from chatgpt.domain.memory import ConversationMemory, owner_of
 from chatgpt.domain.question import Payer
 from chatgpt.server.local_store import LocalConversations, LocalStore
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, build_settings
-from tests.fake_openai import Fail, FakeOpenAI, Stream
+from tests.fakes.clock import FakeClock
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
 
 FAKE_TEXT = "Hello, **world**!"  # the fake upstream's default pieces, joined
 FRESH_ID = re.compile(r"^[0-9a-f]{32}$")
 ERROR_KEYS = {"message", "type", "param", "code"}
 FAST = {"http_per_second": 100}  # tests that send many requests must not meet the per-IP HTTP limiter
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def turn(question: str, answer: str) -> list[dict[str, str]]:
@@ -413,7 +404,8 @@ async def test_a_stream_broken_mid_answer_ends_with_an_error_line_and_is_not_rem
     fake.script.append(Stream(pieces=["partial ", "answer"], done=False))
     response = await post_chat(client, "lost question", "c-broken")
     assert response.status == 200
-    assert await response.text() == f"partial answer\n[error] {texts.UPSTREAM_FAILED}\n"
+    # English for curl users, saying what failed (PROTOCOL.md E.2)
+    assert await response.text() == "partial answer\n[error] The upstream at 127.0.0.1 broke off its answer or sent something unreadable.\n"
     await (await post_chat(client, "retry", "c-broken")).read()
     assert fake.chat_requests()[1].body["messages"] == [{"role": "user", "content": "retry"}]
     assert len(fake.chat_requests()) == 2  # the broken stream was not re-POSTed
@@ -424,7 +416,7 @@ async def test_a_stream_broken_mid_answer_ends_with_an_sse_error_event(client: T
     response = await client.post("/chat", json={"content": "Hi"}, headers={"Accept": "text/event-stream"})
     assert sse_events(await response.text()) == [
         ("conversation", {"conversationId": response.headers["X-Conversation-Id"]}), (None, {"content": "partial "}), (None, {"content": "answer"}),
-        ("error", {"message": texts.UPSTREAM_FAILED})]
+        ("error", {"message": "The upstream at 127.0.0.1 broke off its answer or sent something unreadable."})]
 
 
 async def test_the_remembered_context_is_trimmed_to_the_budget_oldest_turns_first(
@@ -455,7 +447,7 @@ async def test_without_a_bearer_the_anonymous_daily_quota_applies(make_client: M
     assert (first.status, await first.text()) == (200, FAKE_TEXT + "\n")
     error = await openai_error(await post_chat(client, "two", headers={"Authorization": "Bearer "}), 429)
     assert (error["message"], error["type"], error["code"]) == (
-        texts.QUOTA_USED_UP, "insufficient_quota", "daily_quota_exceeded")
+        "Today's free questions from your address are used up; they come back at midnight (or send your own API key as the bearer token).", "insufficient_quota", "daily_quota_exceeded")
     assert [r.authorization for r in fake.chat_requests()] == [f"Bearer {SERVER_KEY}"]
 
 

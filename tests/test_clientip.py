@@ -6,7 +6,7 @@ from multidict import CIMultiDict
 
 from chatgpt.server.clientip import TrustedProxies, client_ip
 from tests.conftest import MakeClient
-from tests.fake_openai import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
 
 LOCAL = TrustedProxies(["127.0.0.1", "::1"])
 ADMIN_TOKEN = "adm-clientip-token-2468"

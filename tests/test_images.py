@@ -23,11 +23,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
 from chatgpt.domain.errors import UpstreamBroken
-from chatgpt.server.images import ImageStore, Pruner, folder_usage, prune, seconds_until
 from chatgpt.domain.provider import GeneratedImage
 from chatgpt.faces.markdown import to_html
+from chatgpt.server.images import ImageStore, Pruner, folder_usage, prune, seconds_until
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, url, ws_connect
-from tests.test_ws import receive_answer
+from tests.helpers.frames import receive_answer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG = PNG_SIGNATURE + bytes(range(256)) * 4  # the server checks the signature, not the whole picture
@@ -49,6 +49,7 @@ class UrlAnswer:
     content_type: str = "image/png"
     pieces: int = 1  # >1: the body is written in this many parts, `delay` seconds apart
     delay: float = 0.0
+    drawing: float = 0.0  # seconds the upstream takes to draw before it answers the generation request
 
 
 @dataclass
@@ -96,6 +97,8 @@ class FakeImages:
     async def generations(self, request: web.Request) -> web.Response:
         self.requests.append(Seen(request.headers.get("Authorization"), await request.json()))
         answer = self.script.popleft() if self.script else self.default
+        if isinstance(answer, UrlAnswer) and answer.drawing:
+            await asyncio.sleep(answer.drawing)
         if isinstance(answer, ErrorAnswer):
             return web.json_response({"error": {"message": answer.message}}, status=answer.status)
         if isinstance(answer, B64Answer):
@@ -425,7 +428,7 @@ async def test_v1_a_download_that_is_not_an_image_is_a_502_and_leaves_no_file(
     client = await start(make_client, upstream)
     response = await client.post("/v1/images/generations", json={"prompt": "a cat"})
     assert response.status == 502
-    assert await response.json() == {"error": {"message": texts.UPSTREAM_FAILED, "type": "api_error",
+    assert await response.json() == {"error": {"message": "The upstream's picture could not be downloaded or is not an image.", "type": "api_error",
                                                "param": None, "code": None}}
     assert files_in(folder) == []
 

@@ -18,9 +18,11 @@ import pytest
 from redis.asyncio import Redis
 
 from chatgpt.domain import texts
-from tests.conftest import CLIENT_TOKEN, SERVER_KEY, SecretCapture
-from tests.fake_openai import Fail, FakeOpenAI, Stream
-from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
+from tests.conftest import CLIENT_TOKEN, SERVER_KEY
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.capture import SecretCapture
+from tests.helpers.redisd import RedisServer, redis_server  # noqa: F401 (a fixture)
+from tests.helpers.servers import started_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "adm-instances-token-4711"
@@ -72,15 +74,15 @@ class Instances:
         for name, values in sections.items():
             raw.setdefault(name, {}).update(values)
         (folder / "settings.yaml").write_text(json.dumps(raw), encoding="utf-8")
-        port = free_port()
         env = {name: value for name, value in os.environ.items() if name not in SECRET_ENV}
         log = folder / "server.log"
         with log.open("wb") as out:
             process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--config", "settings.yaml",
-                                        "--port", str(port)], cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                                        "--port", "0"], cwd=folder, env=env, stdin=subprocess.DEVNULL,
                                        stdout=out, stderr=subprocess.STDOUT)
-        instance = Instance(process, f"http://127.0.0.1:{port}", log)
+        instance = Instance(process, "", log)  # kept before the port is known: a failed start is cleaned up
         self.started.append(instance)
+        instance.base = f"http://127.0.0.1:{await started_port(process, log, START_SECONDS)}"
         deadline = time.monotonic() + START_SECONDS
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
             while True:

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,10 @@ import aiohttp
 import pytest
 
 from chatgpt.domain import texts
-from tests.conftest import CLIENT_TOKEN, SERVER_KEY, SecretCapture
-from tests.fake_openai import FakeOpenAI, Stream
+from tests.conftest import CLIENT_TOKEN, SERVER_KEY
+from tests.fakes.openai import FakeOpenAI, Stream
+from tests.helpers.capture import SecretCapture
+from tests.helpers.servers import started_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "adm-lifecycle-token-8642"
@@ -33,13 +34,6 @@ KILLS = 10
 BIG_PROMPT = 200_000
 BIG_CONVERSATIONS = 5
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -82,15 +76,15 @@ class Servers:
 
     async def start(self, settings: Path) -> Server:
         """Start the process and wait until `//status` answers."""
-        port = free_port()
         env = {name: value for name, value in os.environ.items() if name not in SECRET_ENV}
         log = self.folder / f"server-{len(self.started)}.log"
         with log.open("wb") as out:
             process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--config", str(settings),
-                                        "--port", str(port)], cwd=self.folder, env=env,
+                                        "--port", "0"], cwd=self.folder, env=env,
                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        server = Server(process, f"http://127.0.0.1:{port}", log)
+        server = Server(process, "", log)  # kept before the port is known: a failed start is still cleaned up
         self.started.append(server)
+        server.base = f"http://127.0.0.1:{await started_port(process, log, START_SECONDS)}"
         deadline = time.monotonic() + START_SECONDS
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
             while True:

@@ -12,8 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import MakeClient
-from tests.redis_server import RedisServer, free_port, outside_program
-from tests.test_nginx import PROXY_CONF, StartNginx, start_nginx, upgrade_map  # noqa: F401 (a fixture)
+from tests.helpers.redisd import RedisServer
+from tests.test_nginx import PROXY_CONF, Nginx, nginx, upgrade_map  # noqa: F401 (a fixture)
 
 INSTANCES_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx-instances.conf"
 ADDRESSES = [f"127.0.0.{n}" for n in range(2, 18)]  # client source addresses, all on loopback
@@ -62,13 +62,12 @@ def routes(access_log: Path) -> dict[str, set[str]]:
 
 
 async def test_each_client_address_meets_one_instance_and_a_stopped_instance_is_covered(
-        make_client: MakeClient, start_nginx: StartNginx, redis_url: str, tmp_path: Path) -> None:  # noqa: F811
-    outside_program("nginx", "nginx")
+        make_client: MakeClient, nginx: Nginx, redis_url: str, tmp_path: Path) -> None:  # noqa: F811
     settings = {"state": {"redis_url": redis_url}, "limits": {"http_per_second": 2}}
     clients: list[TestClient] = [await make_client(**settings), await make_client(**settings)]
-    port = free_port()
+    port = nginx.port()
     log = tmp_path / "routes.log"
-    await start_nginx(f"""
+    await nginx.start(f"""
     {upgrade_map()}
     {instances_upstream([c.port for c in clients])}
     log_format routed '$remote_addr $upstream_addr $status';
@@ -77,7 +76,7 @@ async def test_each_client_address_meets_one_instance_and_a_stopped_instance_is_
         merge_slashes off;
         access_log "{log}" routed;
         location / {{ include "{PROXY_CONF}"; }}
-    }}""", [port])
+    }}""")
     base = f"http://127.0.0.1:{port}"
 
     # Eight quick requests from one address: one instance, one limiter of 2 per second. (Spread over

@@ -15,7 +15,7 @@ from chatgpt.domain.store import StoreUnavailable, next_midnight
 from chatgpt.server.local_store import LocalStore
 from chatgpt.server.metrics import Metrics
 from chatgpt.server.redis_store import RedisStore, redacted
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 (a fixture)
+from tests.helpers.redisd import RedisServer, redis_server  # noqa: F401 (a fixture)
 
 
 class Clock:

@@ -5,7 +5,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from chatgpt.settings import (
     UpstreamSettings,
     load_settings,
 )
+from tests.helpers.servers import started_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,13 +57,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`python app.py ARGS` from the repository, as an operator would type it."""
     return subprocess.run([sys.executable, "app.py", *args], cwd=REPO, env=clean_env(), capture_output=True,
                           text=True, encoding="utf-8", timeout=20, check=False)
-
-
-def free_port() -> int:
-    """A port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_with_no_file_and_no_env_every_setting_has_its_default(tmp_path: Path,
@@ -280,13 +273,14 @@ async def status_envelope(port: int, process: subprocess.Popen[bytes]) -> dict[s
                 await asyncio.sleep(0.1)
 
 
-async def serve_until_status(port: int, args: list[str], log_path: Path) -> tuple[dict[str, Any], int]:
-    """Start `python app.py --port PORT *args` (stderr to `log_path`), read `//status` once, stop it
-    with SIGTERM; the envelope and the exit code."""
+async def serve_until_status(args: list[str], log_path: Path) -> tuple[dict[str, Any], int, int]:
+    """Start `python app.py --port 0 *args` (stderr to `log_path`), read `//status` once, stop it
+    with SIGTERM; the envelope, the exit code and the port the server bound."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args],
+        process = subprocess.Popen([sys.executable, "app.py", "--port", "0", *args],
                                    cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=log)
         try:
+            port = await started_port(process, log_path)
             body = await status_envelope(port, process)
         finally:
             process.terminate()
@@ -296,18 +290,17 @@ async def serve_until_status(port: int, args: list[str], log_path: Path) -> tupl
                 process.kill()
                 process.wait()
                 raise
-    return body, returncode
+    return body, returncode, port
 
 
 async def test_the_server_starts_without_an_api_key_answers_and_stops_on_terminate(tmp_path: Path) -> None:
-    port = free_port()
     config = write(tmp_path, json.dumps({
         "server": {"host": "127.0.0.1"},
         "images": {"folder": str(tmp_path / "images")},
         "state": {"file": str(tmp_path / "state.json")},
     }))
     log_path = tmp_path / "server.log"
-    body, returncode = await serve_until_status(port, ["--config", str(config)], log_path)
+    body, returncode, port = await serve_until_status(["--config", str(config)], log_path)
     assert set(body) == {"status", "msg", "timestamp", "state"}
     assert (body["status"], body["msg"], body["state"]) == ("000000", "SUCCESS", True)
     assert returncode == 0

@@ -22,8 +22,8 @@ from chatgpt.domain import texts
 from chatgpt.keys import sockets_key
 from chatgpt.server.logs import quiet_bad_requests
 from tests.conftest import MakeClient, ws_connect
-from tests.fake_openai import FakeOpenAI, Stream
-from tests.test_ws import question, receive_answer
+from tests.fakes.openai import FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
 
 HANDSHAKE = ("GET /websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n")

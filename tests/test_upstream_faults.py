@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,14 +13,15 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
-from chatgpt.keys import pipeline_key, session_key
 from chatgpt.faces.markdown import to_html
+from chatgpt.keys import pipeline_key, routes_key, session_key
 from tests.conftest import CLIENT_TOKEN, MakeClient, ws_connect
-from tests.fake_openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
+from tests.fakes.openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
+from tests.helpers.frames import receive_answer
+from tests.helpers.servers import refusing_port
 
 ADMIN_TOKEN = "adm-upstream-faults-5150"
 IDENTITY = "127.0.0.1"  # the anonymous user's identity: the loopback peer, no proxy headers
@@ -41,23 +41,19 @@ async def fake(aiohttp_server: Callable[..., Any]) -> FakeOpenAI:
     return upstream
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on: connecting to it is refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class Fault:
     """One upstream failure and what the client, the quota and the key pool must make of it."""
 
     behaviour: Callable[[], Behaviour] | None  # None: the upstream address itself fails (see `upstream`)
-    message: str  # the error text the client gets
+    message: str  # the error text the mini-program shows
     v1_status: int  # HTTP status of a /v1 error answered before any of the answer was sent
+    v1_message: str  # the English text an SDK user gets (PROTOCOL.md E.2)
     key_state: str = "healthy"  # the server key's health afterwards: healthy | cooling | disabled
     text: str = ""  # answer text relayed before the fault; "" means the quota is given back
-    opened: bool = False  # the upstream sent an event before failing, so a /v1 stream has begun (HTTP 200)
+    # The upstream sent something of an answer before failing, so a /v1 stream has begun (HTTP 200). Events
+    # with nothing in them (the opening role chunk) are held back: a failure after them still has its status.
+    opened: bool = False
     upstream: dict[str, Any] = field(default_factory=dict)  # settings overrides
     retry_after: str | None = None  # Retry-After the /v1 error must carry
     cooling: float | None = None  # seconds the key cools for (429)
@@ -76,61 +72,70 @@ NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r
 IN_STREAM_ERROR = b'data: {"error": {"message": "The server had an error while processing your request.", ' \
                   b'"type": "server_error", "param": null, "code": null}}\n\n'
 TWO_MB_LINE = b"data: " + b"x" * (2 * 1024 * 1024) + b"\n\n"
-FAILED, UNREACHABLE = texts.UPSTREAM_FAILED, texts.UPSTREAM_UNREACHABLE
+FAILED, UNREACHABLE, BUSY = texts.UPSTREAM_FAILED, texts.UPSTREAM_UNREACHABLE, texts.SERVER_BUSY
+KEY_REFUSED = "The upstream refused this server's key; try again later."
+KEYS_BUSY = "Every upstream key of this server is busy; try again later."
+BROKE = "The upstream at 127.0.0.1 broke off its answer or sent something unreadable."
+SILENT = "The upstream at 127.0.0.1 did not answer in time."
 
 FAULTS: dict[str, Fault] = {
     # A refusal of the server's own key is the operator's business: the client gets the generic text.
     "401 invalid key": Fault(lambda: Fail(401, "Incorrect API key provided: sk-ser***0001.", "invalid_api_key"),
-                             FAILED, 503, key_state="disabled"),
+                             FAILED, 503, KEY_REFUSED, key_state="disabled"),
     "403 forbidden": Fault(lambda: Fail(403, "Country, region, or territory not supported.",
-                                        "unsupported_country_region_territory"), FAILED, 503),
+                                        "unsupported_country_region_territory"), FAILED, 503, KEY_REFUSED),
     "404 no such model": Fault(lambda: Fail(404, "The model `gpt-9` does not exist.", "model_not_found"),
-                               "The model `gpt-9` does not exist.", 404),
+                               "The model `gpt-9` does not exist.", 404, "The model `gpt-9` does not exist."),
+    # The only key is cooling: busy, with the wait until it is usable (PROTOCOL.md E.1).
     "429 with Retry-After": Fault(lambda: Fail(429, "Rate limit reached for requests.", "rate_limit_exceeded",
                                                headers={"Retry-After": "7"}),
-                                  FAILED, 503, key_state="cooling", retry_after="7", cooling=7.0),
+                                  BUSY, 503, KEYS_BUSY, key_state="cooling", retry_after="7", cooling=7.0),
     "429 without Retry-After": Fault(lambda: Fail(429, "Rate limit reached for requests.", "rate_limit_exceeded"),
-                                     FAILED, 503, key_state="cooling", cooling=20.0),
+                                     BUSY, 503, KEYS_BUSY, key_state="cooling", retry_after="20", cooling=20.0),
     "429 insufficient quota": Fault(lambda: Fail(429, "You exceeded your current quota.", "insufficient_quota"),
-                                    FAILED, 503, key_state="disabled"),
-    "500 json": Fault(lambda: Fail(500, "upstream says 500"), "upstream says 500", 502),
-    "502 json": Fault(lambda: Fail(502, "upstream says 502"), "upstream says 502", 502),
-    "503 json": Fault(lambda: Fail(503, "upstream says 503"), "upstream says 503", 502),
+                                    FAILED, 503, KEY_REFUSED, key_state="disabled"),
+    "500 json": Fault(lambda: Fail(500, "upstream says 500"), "upstream says 500", 502, "upstream says 500"),
+    "502 json": Fault(lambda: Fail(502, "upstream says 502"), "upstream says 502", 502, "upstream says 502"),
+    "503 json": Fault(lambda: Fail(503, "upstream says 503"), "upstream says 503", 502, "upstream says 503"),
     "500 plain text body": Fault(lambda: Fail(500, raw=b"Internal Server Error",
-                                              headers={"Content-Type": "text/plain"}), FAILED, 502),
+                                              headers={"Content-Type": "text/plain"}),
+                                 FAILED, 502, "The upstream at 127.0.0.1 failed (HTTP 500)."),
     "503 json without an error object": Fault(lambda: Fail(503, raw=b'{"detail": "overloaded"}',
                                                            headers={"Content-Type": "application/json"}),
-                                              FAILED, 502),
-    "502 html page": Fault(lambda: Fail(502, raw=NGINX_502, headers={"Content-Type": "text/html"}), FAILED, 502),
+                                              FAILED, 502, "The upstream at 127.0.0.1 failed (HTTP 503)."),
+    "502 html page": Fault(lambda: Fail(502, raw=NGINX_502, headers={"Content-Type": "text/html"}),
+                           FAILED, 502, "The upstream at 127.0.0.1 failed (HTTP 502)."),
     "200 json instead of sse": Fault(lambda: RawStream([completion_json()], content_type="application/json"),
-                                     FAILED, 502),
-    "garbage sse line first": Fault(lambda: RawStream([b"data: {not json\n\n"]), FAILED, 502),
+                                     FAILED, 502, BROKE),
+    "garbage sse line first": Fault(lambda: RawStream([b"data: {not json\n\n"]), FAILED, 502, BROKE),
     "sse line that is not utf-8": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("Hel"), b'data: {"choices": "\xff\xfe"}\n\n'], delay=0.02),
-        FAILED, 502, text="Hel", opened=True),
+        FAILED, 502, BROKE, text="Hel", opened=True),
     "garbage sse line after text": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("Hel"), b"data: {not json\n\n"], delay=0.02),
-        FAILED, 502, text="Hel", opened=True),
+        FAILED, 502, BROKE, text="Hel", opened=True),
     "error event inside the stream": Fault(
         lambda: RawStream([sse_chunk(None), IN_STREAM_ERROR], delay=0.02),
-        "The server had an error while processing your request.", 502, opened=True),
-    "2 MB sse line": Fault(lambda: RawStream([sse_chunk(None), TWO_MB_LINE], delay=0.02), FAILED, 502, opened=True),
+        "The server had an error while processing your request.", 502,
+        "The server had an error while processing your request."),
+    "2 MB sse line": Fault(lambda: RawStream([sse_chunk(None), TWO_MB_LINE], delay=0.02), FAILED, 502, BROKE),
     "stream ends without done": Fault(lambda: Stream(pieces=["partial ", "answer"], delay=0.02, done=False),
-                                      FAILED, 502, text="partial answer", opened=True),
+                                      FAILED, 502, BROKE, text="partial answer", opened=True),
     "connection reset mid-answer": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("partial")], delay=0.02, end="reset"),
-        FAILED, 502, text="partial", opened=True),
-    "connection reset before any event": Fault(lambda: RawStream([], end="reset"), FAILED, 502),
+        FAILED, 502, BROKE, text="partial", opened=True),
+    "connection reset before any event": Fault(lambda: RawStream([], end="reset"), FAILED, 502, BROKE),
     "stream hangs before any text": Fault(
-        lambda: Stream(pieces=[], hang=True), FAILED, 504, opened=True,  # a read timeout is a gateway timeout
+        lambda: Stream(pieces=[], hang=True), FAILED, 504, SILENT,  # a read timeout is a gateway timeout
         upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
     "stream hangs after some text": Fault(
-        lambda: Stream(pieces=["partial"], hang=True), FAILED, 504, text="partial", opened=True,
+        lambda: Stream(pieces=["partial"], hang=True), FAILED, 504, SILENT, text="partial", opened=True,
         upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
-    "connection refused": Fault(None, UNREACHABLE, 502,
-                                upstream={"base_url": f"http://127.0.0.1:{closed_port()}/v1"}),
+    "connection refused": Fault(None, UNREACHABLE, 502, "Could not reach the upstream at 127.0.0.1.",
+                                upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"}),
     # .invalid never resolves (RFC 6761): the resolver fails, so no connection to anywhere is attempted.
-    "dns failure": Fault(None, UNREACHABLE, 502, upstream={"base_url": "http://no-such-host.invalid/v1"}),
+    "dns failure": Fault(None, UNREACHABLE, 502, "Could not reach the upstream at no-such-host.invalid.",
+                         upstream={"base_url": "http://no-such-host.invalid/v1"}),
 }
 
 
@@ -146,22 +151,12 @@ def v1_body(stream: bool) -> dict[str, Any]:
     return {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
 
 
-async def ws_frames_until_done(ws: ClientWebSocketResponse, limit: float) -> list[dict[str, Any]]:
-    """Frames up to and including the first with isDone true."""
-    frames = []
-    while True:
-        frame = await asyncio.wait_for(ws.receive_json(), limit)
-        frames.append(frame)
-        if frame.get("isDone"):
-            return frames
-
-
 async def ask_on_the_websocket(client: TestClient, fault: Fault) -> float:
     """Ask once on a fresh socket; check the frames; return how long the question took."""
     async with ws_connect(client) as ws:
         started = time.monotonic()
         await ws.send_json(ws_question())
-        frames = await ws_frames_until_done(ws, fault.seconds + 3)
+        frames = await receive_answer(ws, fault.seconds + 3)
         elapsed = time.monotonic() - started
         # Nothing may follow the end frame: the next frame is the answer to a heartbeat.
         await ws.send_json({"heart": "ping"})
@@ -199,7 +194,7 @@ async def ask_on_v1(client: TestClient, fault: Fault, stream: bool) -> float:
         assert response.status == 200 and response.content_type == "text/event-stream"
         *chunks, last = sse_payloads(raw)
         assert set(last) == {"error"} and set(last["error"]) == ERROR_KEYS, raw[-300:]
-        assert last["error"]["message"] == fault.message
+        assert last["error"]["message"] == fault.v1_message
         assert all(isinstance(c, dict) and "error" not in c for c in chunks), "one error event, and only at the end"
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == fault.text
         assert not raw.endswith(SSE_DONE)
@@ -208,7 +203,7 @@ async def ask_on_v1(client: TestClient, fault: Fault, stream: bool) -> float:
     assert response.content_type == "application/json"
     body = json.loads(raw)
     assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
-    assert body["error"]["message"] == fault.message
+    assert body["error"]["message"] == fault.v1_message
     if fault.retry_after is not None:
         assert response.headers.get("Retry-After") == fault.retry_after
     return elapsed
@@ -298,7 +293,7 @@ async def test_an_upstream_fault_ends_the_question_with_one_clear_error_and_leav
     if fault.cooling is not None:
         assert fault.cooling - 1 < health["until"] <= fault.cooling, health
     if fault.key_state == "disabled":
-        assert pipeline.keys.usable() == 0
+        assert client.app[routes_key].upstreams[0].keys.usable() == 0
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one read", "a read per event"])

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from chatgpt.domain import texts
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient
-from tests.fake_openai import Fail, FakeOpenAI, Stream
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
 
 FAKE_TEXT = "Hello, **world**!"
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -224,7 +224,7 @@ async def test_an_unreachable_upstream_is_502(make_client: MakeClient, stream: b
     client = await make_client(upstream={"base_url": "http://127.0.0.1:9/v1"})
     response = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
     error = await openai_error(response, 502)
-    assert error["message"] == texts.UPSTREAM_UNREACHABLE
+    assert error["message"] == "Could not reach the upstream at 127.0.0.1."
 
 
 async def test_a_stream_that_drops_mid_answer_ends_with_an_error_event_and_one_upstream_post(
@@ -239,7 +239,7 @@ async def test_a_stream_that_drops_mid_answer_ends_with_an_error_event_and_one_u
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == FAKE_TEXT
     assert set(last) == {"error"}
     assert set(last["error"]) == ERROR_KEYS
-    assert last["error"]["message"] == texts.UPSTREAM_FAILED
+    assert last["error"]["message"] == "The upstream at 127.0.0.1 broke off its answer or sent something unreadable."
     await asyncio.sleep(0.3)  # a reconnecting SSE client would re-POST here
     assert len(fake.chat_requests()) == 1
 

@@ -1,4 +1,5 @@
-"""`/admin/*`: runtime flags, key health and quota resets for the operator, behind a bearer token."""
+"""`/admin/*`: runtime flags, key health and quota resets for the operator, behind a bearer token; a
+sub-application whose failures are JSON with real HTTP statuses."""
 from __future__ import annotations
 
 import hmac
@@ -13,9 +14,9 @@ from chatgpt import jsontext
 from chatgpt.domain.store import StoreUnavailable
 from chatgpt.keys import (admin_failures_key, flags_key, pipeline_key, pruner_key, routes_key, settings_key,
                           state_key)
-from chatgpt.server.bodies import read_raw
+from chatgpt.server.bodies import BadBody, read_object
 from chatgpt.server.clientip import identity_of_text
-from chatgpt.server.guards import identity_of
+from chatgpt.server.guards import Handler, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ async def require_admin(request: web.Request) -> None:
     """401 unless the bearer token matches (constant-time); 404 when no token is configured; 429 for
     an address past ADMIN_FAILURES wrong tokens in a minute (PROTOCOL.md E.3), whatever it sends.
     The failures are kept in the store: with Redis, every instance counts them together."""
-    token = request.app[settings_key].admin.token
+    token = request.config_dict[settings_key].admin.token
     if not token:
         raise _error(404, "The admin API is off: set admin.token or CHATGPT_ADMIN_TOKEN.")
     address = identity_of(request)
-    failures = request.app[admin_failures_key]
+    failures = request.config_dict[admin_failures_key]
     wait = await failures.retry_after(address)
     if wait > 0:
         raise _error(429, "Too many wrong admin tokens from this address: try again later.", wait)
@@ -67,37 +68,53 @@ async def require_admin(request: web.Request) -> None:
         raise _error(401, "A valid admin bearer token is required.")
 
 
-async def _save(app: web.Application) -> None:
+async def _save(request: web.Request) -> None:
     """Write the state file now (there is none when the state is shared through Redis)."""
-    state = app.get(state_key)
+    state = request.config_dict.get(state_key)
     if state is not None:
         await state.save()
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    return await read_object(request, blank={})
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "admin_error", "param": None, "code": None}}
+    return web.json_response(body, status=status, dumps=jsontext.dumps)
+
+
+BODY_FAULTS = {"too_slow": (408, "Request body not received in time."), "too_large": (413, "Request body too large.")}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The admin table: a bad body is a 400 (408, 413), anything unexpected a 500, all as admin JSON."""
     try:
-        body = jsontext.parse(await read_raw(request) or b"{}")
-    except ValueError:
-        raise _error(400, "The body must be a JSON object.") from None
-    if not isinstance(body, dict):
-        raise _error(400, "The body must be a JSON object.")
-    return body
+        return await handler(request)
+    except (web.HTTPException, ConnectionResetError):
+        raise
+    except BadBody as error:
+        return _json_error(*BODY_FAULTS.get(error.fault, (400, "The body must be a JSON object.")))
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _json_error(500, "The server failed unexpectedly; the failure is logged.")
 
 
 async def get_runtime(request: web.Request) -> web.Response:
     """The current runtime flags."""
     await require_admin(request)
-    return _json(request.app[flags_key].as_dict())
+    return _json(request.config_dict[flags_key].as_dict())
 
 
 async def patch_runtime(request: web.Request) -> web.Response:
     """Change some flags at once (all checked before any is applied); saved to the state file."""
     await require_admin(request)
     try:
-        flags = await request.app[flags_key].change(await _body(request))
+        flags = await request.config_dict[flags_key].change(await _body(request))
     except ValueError as error:
         raise _error(400, str(error)) from None
-    await _save(request.app)
+    await _save(request)
     log.info("runtime flags changed by the admin API: %s", ", ".join(sorted(flags)))
     return _json(flags)
 
@@ -106,9 +123,9 @@ async def get_keys(request: web.Request) -> web.Response:
     """Health of each server key, masked to its last 4 characters, with the upstream it belongs to and
     its tokens today per model (summed over every instance when the state is shared)."""
     await require_admin(request)
-    usage = request.app[pipeline_key].usage
+    usage = request.config_dict[pipeline_key].usage
     totals = await usage.today() if usage is not None else {}
-    upstreams = request.app[routes_key].upstreams
+    upstreams = request.config_dict[routes_key].upstreams
     return _json({"usable": sum(u.keys.usable() for u in upstreams),
                   "keys": [{**row, "upstream": u.name, "tokens_today": totals.get(fp, {})}
                            for u in upstreams for row, fp in zip(u.keys.health(), u.keys.fingerprints())]})
@@ -117,7 +134,7 @@ async def get_keys(request: web.Request) -> web.Response:
 async def get_upstreams(request: web.Request) -> web.Response:
     """Each upstream in routing order: host, models, pictures, health and its keys (masked)."""
     await require_admin(request)
-    routes = request.app[routes_key]
+    routes = request.config_dict[routes_key]
     return _json({"upstreams": [u.status() for u in routes.upstreams], "default": routes.default,
                   "image": routes.image, "aliases": routes.aliases})
 
@@ -130,27 +147,28 @@ async def reset_quota(request: web.Request) -> web.Response:
         raise _error(400, "identity: expected a string")
     if identity is not None:
         identity = identity_of_text(identity) or identity  # an IPv6 address counts as its /64
-    pipeline = request.app[pipeline_key]
     try:
-        cleared = await pipeline.quota.reset(identity) + await pipeline.debug_quota.reset(identity)
+        cleared = await request.config_dict[pipeline_key].reset_quota(identity)
     except StoreUnavailable:
         raise _error(503, "The shared state (Redis) is unreachable: nothing was reset.") from None
-    await _save(request.app)
+    await _save(request)
     return _json({"reset": cleared, "identity": identity})
 
 
 async def prune_images(request: web.Request) -> web.Response:
     """Run a picture-pruning pass now and say what it removed."""
     await require_admin(request)
-    removed = await request.app[pruner_key].run_pass()
+    removed = await request.config_dict[pruner_key].run_pass()
     return _json({"removed": removed})
 
 
-def add_routes(app: web.Application) -> None:
-    """Register `/admin/*`."""
-    app.router.add_get("/admin/runtime", get_runtime)
-    app.router.add_patch("/admin/runtime", patch_runtime)
-    app.router.add_get("/admin/keys", get_keys)
-    app.router.add_get("/admin/upstreams", get_upstreams)
-    app.router.add_post("/admin/quota/reset", reset_quota)
-    app.router.add_post("/admin/images/prune", prune_images)
+def make_app() -> web.Application:
+    """The `/admin` sub-application (mounted with `app.add_subapp("/admin", ...)`)."""
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/runtime", get_runtime)
+    app.router.add_patch("/runtime", patch_runtime)
+    app.router.add_get("/keys", get_keys)
+    app.router.add_get("/upstreams", get_upstreams)
+    app.router.add_post("/quota/reset", reset_quota)
+    app.router.add_post("/images/prune", prune_images)
+    return app

@@ -13,9 +13,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from chatgpt import jsontext
 from chatgpt.domain import texts
-from chatgpt.keys import pipeline_key, settings_key, sockets_key
+from chatgpt.domain.answer import new_answer_id
+from chatgpt.domain.errors import BadQuestion
 from chatgpt.domain.pipeline import ChatPipeline
-from chatgpt.domain.errors import ServiceError, bad_request
+from chatgpt.faces.envelope import error_text, known_error
+from chatgpt.keys import pipeline_key, settings_key, sockets_key
 from chatgpt.faces.frames import (
     FrameWriter,
     done_frame,
@@ -45,7 +47,7 @@ def check_types(frame: dict[str, Any]) -> None:
     for name, kinds in _TYPES.items():
         value = frame.get(name)
         if value is not None and not isinstance(value, kinds):
-            raise bad_request(texts.FRAME_BAD_FIELD.format(field=name))
+            raise BadQuestion(texts.FRAME_BAD_FIELD.format(field=name), name)
 
 
 def prompt_of(frame: dict[str, Any], history: list[dict[str, str]]) -> str:
@@ -61,10 +63,10 @@ def payer_of(frame: dict[str, Any], settings: Settings) -> Payer:
     if frame.get("isDemo"):
         return Payer("anonymous")
     if frame.get("authType") != "api":
-        raise ServiceError("400001", texts.TOKEN_MODE_GONE, http_status=401)
+        raise BadQuestion(texts.TOKEN_MODE_GONE, "authType")
     payer = Payer.from_bearer(frame.get("authValue"), settings.api.client_tokens)
     if payer.kind == "anonymous":
-        raise bad_request(texts.API_KEY_BLANK)
+        raise BadQuestion(texts.API_KEY_BLANK, "authValue")
     return payer
 
 
@@ -173,11 +175,10 @@ class SocketSession:
                 frame = self._current = self.pending.popleft()
                 try:
                     await self._answer(frame)
-                except ServiceError as error:
-                    self.writer.send(error_frame(_cid(frame), error.message))
-                except Exception:
-                    log.exception("unexpected error answering a websocket question")
-                    self.writer.send(error_frame(_cid(frame), texts.SERVICE_ERROR))
+                except Exception as error:  # the table in faces/envelope.py says what the user reads
+                    if known_error(error) is None:
+                        log.exception("unexpected error answering a websocket question")
+                    self.writer.send(error_frame(_cid(frame), error_text(error)))
                 self._current = None
         finally:
             self._worker = self._current = None
@@ -197,8 +198,9 @@ class SocketSession:
             return
         if not history and prompt:
             history = [{"role": "user", "content": prompt}]
-        question = Question("ws", self.identity, payer, history,
-                            self.pipeline.choose_model(frame.get("model"), strict=False))
+        question = Question("ws", self.identity, payer, history, frame.get("model"))
+        # The server's id, the same on every frame of this answer: upstreams repeat or omit theirs.
+        answer_id = new_answer_id()
         content = ""
         limit = self.settings.ws.max_answer_chars
         async with aclosing(self.pipeline.answer(question)) as deltas:
@@ -210,14 +212,14 @@ class SocketSession:
                         self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
                         return
                     content += delta.text
-                    self.writer.send_text(cid, delta.answer_id, content)
+                    self.writer.send_text(cid, answer_id, content)
         self.writer.send(done_frame(cid))
 
     async def _draw(self, cid: Any, payer: Payer, prompt: str) -> None:
         if not prompt:
-            raise bad_request(texts.PROMPT_EMPTY)
-        question = Question("ws", self.identity, payer, [], self.settings.upstream.model)
-        stored = await self.pipeline.image(question, prompt)
+            raise BadQuestion(texts.PROMPT_EMPTY, "content")
+        question = Question("ws", self.identity, payer, [])
+        stored = await self.pipeline.draw(question, prompt)
         self.writer.send(image_frame(cid, stored.name.split(".")[0], stored.url))
         self.writer.send(done_frame(cid))
 

@@ -9,13 +9,15 @@ import os
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import suppress
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
 from chatgpt.domain.errors import UpstreamBroken
+from chatgpt.domain.pictures import StoredImage
 from chatgpt.domain.provider import GeneratedImage
 from chatgpt.upstream.network import upstream_call
 
@@ -40,14 +42,6 @@ def image_kind(head: bytes) -> str | None:
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "gif"
     return None
-
-
-@dataclass(frozen=True)
-class StoredImage:
-    """A saved picture: its file name under the folder and its public URL."""
-
-    name: str
-    url: str
 
 
 class ImageUsage:
@@ -76,7 +70,8 @@ def _publish(temp: Path, final: Path) -> int:
 
 
 class ImageStore:
-    """Downloads or decodes upstream pictures into the folder; a file appears only when complete."""
+    """The domain's `PictureStore`: downloads or decodes upstream pictures into the folder; a file
+    appears only when complete."""
 
     def __init__(self, folder: str | Path, public_url: str, session: aiohttp.ClientSession,
                  limit: int = DOWNLOAD_LIMIT, download_seconds: float = DOWNLOAD_SECONDS,
@@ -132,7 +127,7 @@ class ImageStore:
                 return await self._write_stream(response, temp)
 
     async def _write_stream(self, response: aiohttp.ClientResponse, temp: Path) -> str:
-        handle = await asyncio.to_thread(open, temp, "wb")
+        handle = await _open_for_writing(temp)
         try:
             size, head, kind = 0, b"", None
             async for chunk in response.content.iter_chunked(64 * 1024):
@@ -152,6 +147,18 @@ class ImageStore:
             return kind
         finally:
             await asyncio.to_thread(handle.close)
+
+
+async def _open_for_writing(path: Path) -> BinaryIO:
+    """`open(path, "wb")` off the event loop. A cancel (the client left) waits for the open to finish
+    and closes the file, so nothing leaks and the caller's clean-up finds the file to remove."""
+    opening = asyncio.ensure_future(asyncio.to_thread(open, path, "wb"))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with suppress(OSError):
+            (await opening).close()
+        raise
 
 
 def safe_image_path(folder: str | Path, name: str) -> Path | None:

@@ -1,9 +1,9 @@
-"""A real `redis-server` for the tests: a child process on a free loopback port, its files in a temp folder."""
+"""A real `redis-server` for the tests: a child process on a free loopback port, its files in a temp
+folder, no persistence (a restart is an empty Redis). Without redis-server the test skips naming the
+Debian package (fails under CHATGPT_API_REQUIRE_ALL=1)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -12,24 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.programs import require_program
+
 START_SECONDS = 10.0
 
 
-def outside_program(name: str, package: str) -> str:
-    """The path of a program the tests drive. Missing: skip naming the Debian package, or fail when
-    CHATGPT_API_REQUIRE_ALL=1 (as `.ci/run` sets, after installing it)."""
-    found = shutil.which(name) or next(
-        (p for p in (f"/usr/bin/{name}", f"/usr/sbin/{name}", f"/usr/local/bin/{name}") if os.access(p, os.X_OK)), None)
-    if found is not None:
-        return found
-    message = f"{name} is not installed; these tests drive a real one: apt-get install {package}"
-    if os.environ.get("CHATGPT_API_REQUIRE_ALL") == "1":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 def free_port() -> int:
-    """A loopback TCP port nothing listens on right now (redis cannot be asked to pick one)."""
+    """A loopback TCP port nothing listens on right now. redis-server can neither pick a port itself
+    nor take an inherited socket, so start() retries on another port if this one is taken meanwhile."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -40,7 +30,7 @@ class RedisServer:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.binary = outside_program("redis-server", "redis-server")
+        self.binary = require_program("redis-server", "redis-server")
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log = folder / "redis.log"

@@ -16,7 +16,7 @@ class Stream:
 
     pieces: list[str] = field(default_factory=lambda: ["Hello", ", ", "**world**", "!"])
     delay: float = 0.0
-    answer_id: str = "chatcmpl-fake-1"
+    answer_id: str | None = "chatcmpl-fake-1"  # the same for every answer, as compatible upstreams do; None omits it
     done: bool = True  # False: end the stream after the pieces without [DONE]
     hang: bool = False  # True: after the pieces, send nothing until the client gives up
     usage: dict[str, Any] | None = None  # sent as the usage-only chunk (`choices: []`) before [DONE]
@@ -78,8 +78,10 @@ class FakeOpenAI:
 
     async def _write(self, response: web.StreamResponse, s: Stream, model: str) -> None:
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            data = {"id": s.answer_id, "object": "chat.completion.chunk", "created": 1, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            data: dict[str, Any] = {"id": s.answer_id, "object": "chat.completion.chunk", "created": 1,
+                                    "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if s.answer_id is None:
+                del data["id"]
             return f"data: {json.dumps(data)}\n\n".encode()
 
         await response.write(chunk({"role": "assistant", "content": ""}))
