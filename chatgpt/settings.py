@@ -113,6 +113,8 @@ class ImagesSettings:
 @dataclass(frozen=True)
 class StateSettings:
     file: str = "state.json"
+    redis_url: str = ""  # set: quotas, flags, /chat memory, key health... shared through Redis
+    redis_fail: str = "open"  # Redis unreachable: open (count locally) | closed (refuse quota questions)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ class WechatSettings:
     session_days: int = 30
     msg_sec_check: bool = False
     fail_open: bool = True
-    token_secret: str = field(default="", repr=False)  # empty: 32 random bytes at start
+    token_secret: str = field(default="", repr=False)  # empty: a random one kept in the store (state file or Redis)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -356,6 +358,8 @@ def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     _env_keys(raw, env)
     if env.get("BAIXING_API_KEY", "").strip():
         _section(raw, "upstream")["baixing_key"] = env["BAIXING_API_KEY"].strip()
+    if env.get("REDIS_URL", "").strip():
+        _section(raw, "state")["redis_url"] = env["REDIS_URL"].strip()
     if env.get("CHATGPT_ADMIN_TOKEN", "").strip():
         _section(raw, "admin")["token"] = env["CHATGPT_ADMIN_TOKEN"].strip()
     if env.get("WECHAT_APP_SECRET", "").strip():
@@ -421,6 +425,9 @@ def validate(settings: Settings) -> Settings:
         (settings.images.download_seconds > 0, "images.download_seconds: expected a positive number"),
         (bool(settings.images.folder.strip()), "images.folder: must not be empty"),
         (bool(settings.state.file.strip()), "state.file: must not be empty"),
+        (not settings.state.redis_url or settings.state.redis_url.startswith(("redis://", "rediss://", "unix://")),
+         "state.redis_url (or REDIS_URL): expected a redis://, rediss:// or unix:// URL"),
+        (settings.state.redis_fail in ("open", "closed"), "state.redis_fail: expected open or closed"),
         (settings.chat.max_conversations > 0, "chat.max_conversations: expected a positive integer"),
         (settings.chat.max_turns > 0, "chat.max_turns: expected a positive integer"),
         (settings.chat.ttl_hours > 0, "chat.ttl_hours: expected a positive number"),
