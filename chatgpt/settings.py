@@ -89,6 +89,8 @@ class QuotaSettings:
 class WsSettings:
     max_message_bytes: int = 1048576
     frame_interval_ms: int = 50
+    bytes_per_second: int = 15000
+    burst_bytes: int = 700000
     max_sockets_per_ip: int = 50
     max_sockets: int = 10000
     idle_seconds: float = 90.0
@@ -111,6 +113,8 @@ class ImagesSettings:
 @dataclass(frozen=True)
 class StateSettings:
     file: str = "state.json"
+    redis_url: str = ""  # set: quotas, flags, /chat memory, key health... shared through Redis
+    redis_fail: str = "open"  # Redis unreachable: open (count locally) | closed (refuse quota questions)
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ class WechatSettings:
     session_days: int = 30
     msg_sec_check: bool = False
     fail_open: bool = True
-    token_secret: str = field(default="", repr=False)  # empty: 32 random bytes at start
+    token_secret: str = field(default="", repr=False)  # empty: a random one kept in the store (state file or Redis)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -354,6 +358,8 @@ def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     _env_keys(raw, env)
     if env.get("BAIXING_API_KEY", "").strip():
         _section(raw, "upstream")["baixing_key"] = env["BAIXING_API_KEY"].strip()
+    if env.get("REDIS_URL", "").strip():
+        _section(raw, "state")["redis_url"] = env["REDIS_URL"].strip()
     if env.get("CHATGPT_ADMIN_TOKEN", "").strip():
         _section(raw, "admin")["token"] = env["CHATGPT_ADMIN_TOKEN"].strip()
     if env.get("WECHAT_APP_SECRET", "").strip():
@@ -399,6 +405,8 @@ def validate(settings: Settings) -> Settings:
         (settings.quota.baixing_daily_questions >= 0, "quota.baixing_daily_questions: expected 0 or more"),
         (1024 <= settings.ws.max_message_bytes <= 64 * 1048576, "ws.max_message_bytes: expected 1024..67108864"),
         (0 <= settings.ws.frame_interval_ms <= 10000, "ws.frame_interval_ms: expected 0..10000"),
+        (settings.ws.bytes_per_second >= 0, "ws.bytes_per_second: expected 0 or more"),
+        (settings.ws.burst_bytes >= 0, "ws.burst_bytes: expected 0 or more"),
         (settings.ws.max_sockets_per_ip > 0, "ws.max_sockets_per_ip: expected a positive integer"),
         (settings.ws.max_sockets > 0, "ws.max_sockets: expected a positive integer"),
         (settings.ws.idle_seconds > 0, "ws.idle_seconds: expected a positive number"),
@@ -417,6 +425,9 @@ def validate(settings: Settings) -> Settings:
         (settings.images.download_seconds > 0, "images.download_seconds: expected a positive number"),
         (bool(settings.images.folder.strip()), "images.folder: must not be empty"),
         (bool(settings.state.file.strip()), "state.file: must not be empty"),
+        (not settings.state.redis_url or settings.state.redis_url.startswith(("redis://", "rediss://", "unix://")),
+         "state.redis_url (or REDIS_URL): expected a redis://, rediss:// or unix:// URL"),
+        (settings.state.redis_fail in ("open", "closed"), "state.redis_fail: expected open or closed"),
         (settings.chat.max_conversations > 0, "chat.max_conversations: expected a positive integer"),
         (settings.chat.max_turns > 0, "chat.max_turns: expected a positive integer"),
         (settings.chat.ttl_hours > 0, "chat.ttl_hours: expected a positive number"),

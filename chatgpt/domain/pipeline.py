@@ -13,6 +13,7 @@ from chatgpt.domain.accounts import Accounts, Charge
 from chatgpt.domain.answer import Answer, produced
 from chatgpt.domain.errors import AnswerBlocked, ContentRefused, ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
 from chatgpt.domain.gate import Gate
+from chatgpt.domain.keypool import fingerprint
 from chatgpt.domain.limits import LimiterTable
 from chatgpt.domain.moderation import AnswerWatch, Moderation
 from chatgpt.domain.pictures import PictureStore, StoredImage
@@ -20,6 +21,7 @@ from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 from chatgpt.domain.question import Payer, Question, fit_context
 from chatgpt.domain.wordfilter import WordFilter
 from chatgpt.domain.upstreams import UPSTREAM_FAILURES, Progress, Route, Upstreams, opened
+from chatgpt.domain.usage import TokenUsage
 from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,10 @@ class ChatPipeline:
     """Every rule, once, for every door; faces hand it questions and turn what it gives into wire."""
 
     def __init__(self, settings: Settings, gate: Gate, accounts: Accounts, upstreams: Upstreams,
-                 pictures: PictureStore, meter: Meter, moderation: Moderation | None = None) -> None:
+                 pictures: PictureStore, meter: Meter, usage: TokenUsage | None = None,
+                 moderation: Moderation | None = None) -> None:
         self._settings = settings
+        self.usage = usage  # tokens per pool key today (kept in the store: summed over instances)
         self._gate = gate
         self._accounts = accounts
         self._upstreams = upstreams
@@ -79,21 +83,17 @@ class ChatPipeline:
         """A request that is not a question (e.g. `/v1/models`, the mini-program's routes): the limit only."""
         await self._gate.limit(door, identity)
 
-    def remaining(self, account: str) -> int:
+    async def remaining(self, account: str) -> int:
         """Questions an anonymous account (`Question.account`) has left today (`查询次数`)."""
-        return self._accounts.remaining(account)
+        return await self._accounts.remaining(account)
 
-    def reset_quota(self, identity: str | None) -> int:
+    async def reset_quota(self, identity: str | None) -> int:
         """Clear one identity's counters, or everyone's."""
-        return self._accounts.reset(identity)
+        return await self._accounts.reset(identity)
 
     def health(self) -> dict[str, Any]:
         """Serving flag, key counts and upstream reachability, for `/healthz`."""
         return {"serving": self._gate.serving, **self._upstreams.health()}
-
-    def stores(self) -> dict[str, Any]:
-        """What the state file keeps of the pipeline's own: the quotas (key pools live with their upstreams)."""
-        return self._accounts.stores()
 
     def limiter(self, door: str) -> LimiterTable:
         """The limiter table of `door`."""
@@ -157,12 +157,12 @@ class ChatPipeline:
         progress = Progress()
         charge: Charge | None = None
         try:
-            charge = self._accounts.charge(question, debug=route.debug, free=route.free)
+            charge = await self._accounts.charge(question, debug=route.debug, free=route.free)
             yield progress, record
         except BaseException as exc:
             record.outcome = outcome_of(exc)
             if charge is not None and refundable(exc, progress):
-                charge.refund()
+                await charge.refund()
             raise
         finally:
             self._meter.finish(record)
@@ -185,8 +185,10 @@ class ChatPipeline:
             watched = watch.active
             deltas = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
             held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
+            usage: dict[str, int] | None = None
             async with opened(deltas):
                 async for delta in deltas:
+                    usage = delta.usage or usage
                     if produced(delta):
                         record.token()
                         if not progress.produced:
@@ -202,6 +204,8 @@ class ChatPipeline:
                     yield delta
             if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
                 raise UpstreamFailed("empty")
+            if usage and progress.pool_key is not None and self.usage is not None:
+                await self.usage.add(fingerprint(progress.pool_key), request.model, usage)
             await watch.finish()  # the end of the answer waits for WeChat's verdict on its last segment
 
     async def draw(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:

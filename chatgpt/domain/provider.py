@@ -27,6 +27,7 @@ class Delta:
     finish_reason: str | None = None
     raw: bytes = b""  # the upstream's own SSE events behind this piece (`data: ...` lines), relayed as is on /v1
     last: bool = False  # the upstream ended the answer in the same read: nothing follows this piece
+    usage: dict[str, int] | None = None  # token counts, when the upstream reported them in this read
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class Progress:
 
     asked: bool = False  # a request went upstream
     produced: bool = False  # the upstream gave something of an answer (text, reasoning, a tool call, a picture)
+    pool_key: str | None = None  # the server's key of the last request (its tokens are counted against it)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ class Upstreams:
         if upstream is not None and pool_key is not None:
             upstream.keys.record_request(pool_key)
         progress.asked = True
+        progress.pool_key = pool_key
         try:
             async with opened(attempt(provider, key)) as items:
                 async for item in items:

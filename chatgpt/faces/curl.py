@@ -47,7 +47,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     # Ids are issued by the server and bound to their caller: an id this caller does not hold
     # (unknown, expired, someone else's) starts a new conversation under a new id (PROTOCOL.md E.3).
     owner = owner_of(identity, payer)
-    cid, history = memory.open(cid, owner)
+    cid, history = await memory.open(cid, owner)
     question = Question("chat", identity, payer, [*history, {"role": "user", "content": content}], model)
     sse = "text/event-stream" in request.headers.get("Accept", "")
     async with aclosing(pipeline.answer(question)) as deltas:
@@ -78,7 +78,7 @@ async def _body(first: Delta | None, deltas: Answer, memory: ConversationMemory,
     if masker is not None and (rest := masker.flush()):
         parts.append(rest)
         end = _piece(rest, sse) + end
-    memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered, as sent
+    await memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered, as sent
     yield end, True
 
 

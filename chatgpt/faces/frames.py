@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 from chatgpt import jsontext
 from chatgpt.faces.markdown import IncrementalRenderer, to_html
 from chatgpt.faces.masking import unhide
+from chatgpt.faces.pacing import TextPace
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,9 @@ class _PendingText:
 
 class FrameWriter:
     """The only task that writes to one socket. Text frames of an answer are coalesced: a newer
-    cumulative text replaces a queued one, and at most one is sent per interval (the first at once).
-    HTML is rendered only for frames actually sent. The task exists only while frames wait, so an
+    cumulative text replaces a queued one, and the next goes out when the answer's pace allows
+    (faces/pacing.py: the interval, then a byte budget per answer; the first frame at once, the last
+    text never held for the budget). HTML is rendered only for frames actually sent. The task exists only while frames wait, so an
     idle socket costs no task.
 
     While frames wait, a watchdog checks the socket's send buffer: when bytes sit there without
@@ -88,14 +90,15 @@ class FrameWriter:
     `on_stall` (which closes the socket), instead of waiting on the full buffer for ever."""
 
     def __init__(self, ws: web.WebSocketResponse, interval: float, *, stall_seconds: float = 25.0,
-                 buffered: Callable[[], int] = lambda: 0, on_stall: Callable[[], None] = lambda: None) -> None:
+                 buffered: Callable[[], int] = lambda: 0, on_stall: Callable[[], None] = lambda: None,
+                 bytes_per_second: float = 0.0, burst_bytes: float = 0.0) -> None:
         self._ws = ws
-        self._interval = interval
+        self._pace = TextPace(interval, bytes_per_second, burst_bytes)
+        self._behind: asyncio.Future[None] | None = None  # set when a frame is queued behind a waiting text
         self._queue: deque[dict[str, Any] | _PendingText] = deque()
         self._task: asyncio.Task[None] | None = None
         self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
         self._last_answer: str | None = None
-        self._last_text_at = 0.0
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
         self._stall_seconds = stall_seconds
         self._buffered = buffered  # bytes the transport holds that the client has not taken yet
@@ -126,6 +129,8 @@ class FrameWriter:
             self._stall("%d frames waiting", len(self._queue))
             return
         self._queue.append(item)
+        if self._behind is not None and not self._behind.done():
+            self._behind.set_result(None)  # the waiting text is now the last of its run: it goes sooner
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
             if self._watchdog is None:
@@ -161,9 +166,18 @@ class FrameWriter:
     async def _wait_interval(self, item: _PendingText) -> None:
         if item.answer_id != self._last_answer:
             return  # the first text frame of an answer is never delayed
-        delay = self._last_text_at + self._interval - time.monotonic()
+        loop = asyncio.get_running_loop()
+        delay = self._pace.interval_wait(loop.time())
         if delay > 0:
             await asyncio.sleep(delay)
+        # Nothing queued behind the text: the answer goes on, so the byte budget applies. A frame
+        # queued meanwhile (the end frame) makes it the answer's last text, which goes at once.
+        while len(self._queue) == 1 and (delay := self._pace.budget_wait(loop.time())) > 0:
+            self._behind = loop.create_future()
+            try:
+                await asyncio.wait((self._behind,), timeout=delay)
+            finally:
+                self._behind = None
 
     async def wait_for_room(self, timeout: float) -> bool:
         """Wait until at most LOW_WATER frames wait; False if the client read nothing for `timeout`.
@@ -218,6 +232,8 @@ class FrameWriter:
         head = self._queue[0]
         if isinstance(head, _PendingText):
             await self._wait_interval(head)  # head stays queued, so newer text can still replace it
+            if not self._queue or self._queue[0] is not head:
+                return  # the queue was cleared while the text waited (the client stopped reading)
             if head.answer_id != self._last_answer:
                 self._renderer = IncrementalRenderer()
             if head.markdown is None:
@@ -225,10 +241,13 @@ class FrameWriter:
             else:
                 html = unhide(self._renderer.render(head.markdown))
             frame = text_frame(head.cid, head.answer_id, head.content, html)
-            self._last_answer, self._last_text_at = head.answer_id, time.monotonic()
         else:
             frame = head
         self._queue.popleft()
         self._made_room()
         # Always valid UTF-8 (a lone surrogate echoed from the client goes out escaped).
-        await self._ws.send_frame(jsontext.dumpb(frame), WSMsgType.TEXT)
+        data = jsontext.dumpb(frame)
+        if isinstance(head, _PendingText):
+            self._pace.sent(asyncio.get_running_loop().time(), len(data), head.answer_id != self._last_answer)
+            self._last_answer = head.answer_id
+        await self._ws.send_frame(data, WSMsgType.TEXT)

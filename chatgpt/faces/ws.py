@@ -84,7 +84,8 @@ class SocketSession:
         self.settings = settings
         self.identity = identity
         self.writer = FrameWriter(ws, settings.ws.frame_interval_ms / 1000, stall_seconds=settings.ws.stall_seconds,
-                                  buffered=self._buffered, on_stall=self._not_reading)
+                                  buffered=self._buffered, on_stall=self._not_reading,
+                                  bytes_per_second=settings.ws.bytes_per_second, burst_bytes=settings.ws.burst_bytes)
         self.pending: deque[dict[str, Any]] = deque()
         self._worker: asyncio.Task[None] | None = None  # exists only while questions wait
         self._current: dict[str, Any] | None = None  # the question being answered
@@ -202,7 +203,7 @@ class SocketSession:
             history = [{"role": "user", "content": prompt}]
         question = Question("ws", self.identity, payer, [] if image else history, frame.get("model"), user=user)
         if payer.kind == "anonymous" and prompt == texts.QUOTA_QUERY:
-            self.writer.send(quota_frame(cid, self.pipeline.remaining(question.account)))
+            self.writer.send(quota_frame(cid, await self.pipeline.remaining(question.account)))
             return
         if image:
             await self._draw(cid, question, prompt)

@@ -11,6 +11,7 @@ from chatgpt import jsontext
 from chatgpt.domain.errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
 from chatgpt.upstream.sse import SSEDecoder
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
+from chatgpt.domain.usage import usage_counts
 from chatgpt.upstream.network import upstream_call
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,15 @@ def _batch(decoder: SSEDecoder, chunk: bytes, answer_id: str) -> tuple[Delta | N
     finish = None
     done = False
     count = 0
+    usage = None
     for payload in payloads:
         if payload == _DONE:
             done = True
             break
-        text, ended, chunk_id = _piece(jsontext.parse(payload))
+        parsed = jsontext.parse(payload)
+        text, ended, chunk_id = _piece(parsed)
+        if isinstance(parsed, dict) and "usage" in parsed:  # the usage-only chunk near the end
+            usage = usage_counts(parsed["usage"]) or usage
         if text:
             texts.append(text)
         if ended:
@@ -116,7 +121,7 @@ def _batch(decoder: SSEDecoder, chunk: bytes, answer_id: str) -> tuple[Delta | N
         wire = wire[:-len(_DONE_EVENT)] if count == len(payloads) - 1 else None
     if wire is None:  # other events were mixed in (comments, several lines): the payloads in canonical form
         wire = b"".join(_event(p) for p in payloads[:count])
-    return Delta(answer_id, "".join(texts), finish, wire, done), done
+    return Delta(answer_id, "".join(texts), finish, wire, done, usage), done
 
 
 class OpenAIProvider:

@@ -19,6 +19,7 @@ class Stream:
     answer_id: str | None = "chatcmpl-fake-1"  # the same for every answer, as compatible upstreams do; None omits it
     done: bool = True  # False: end the stream after the pieces without [DONE]
     hang: bool = False  # True: after the pieces, send nothing until the client gives up
+    usage: dict[str, Any] | None = None  # sent as the usage-only chunk (`choices: []`) before [DONE]
 
 
 @dataclass
@@ -93,6 +94,10 @@ class FakeOpenAI:
         if not s.done:
             return  # ends the body without [DONE]: a stream that broke off
         await response.write(chunk({}, "stop"))
+        if s.usage is not None:
+            usage = {"id": s.answer_id, "object": "chat.completion.chunk", "created": 1, "model": model,
+                     "choices": [], "usage": s.usage}
+            await response.write(f"data: {json.dumps(usage)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
 
     @staticmethod
