@@ -47,7 +47,8 @@ from chatgpt.domain.memory import ConversationMemory
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
-from chatgpt.upstream.openai import OpenAIProvider, make_session
+from chatgpt.upstream.openai import OpenAIProvider
+from chatgpt.upstream.session import make_session
 from chatgpt.domain.quota import DailyQuota
 from chatgpt.server.routing import merge_slashes
 from chatgpt.domain.runtime import RuntimeFlags
@@ -65,10 +66,11 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     """The one upstream ClientSession, the pipeline built on it and the key re-probe task."""
     settings = app[settings_key]
     upstream = settings.upstream
-    session = make_session(upstream.connect_timeout, upstream.read_timeout)
-    openai = OpenAIProvider(session, upstream.base_url)
+    session = make_session(upstream.connect_timeout)
+    openai = OpenAIProvider(session, upstream.base_url, read_timeout=upstream.read_timeout,
+                            answer_timeout=upstream.answer_timeout, usage=upstream.usage)
     pool_provider = openai if settings.pool_provider == "openai" else OfflineProvider()
-    baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
+    baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key, upstream.answer_timeout)
     keys = KeyPool(upstream.api_keys)
     images = ImageStore(settings.images.folder, settings.public_url, session,
                         int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds)

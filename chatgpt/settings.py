@@ -14,7 +14,13 @@ import yaml
 
 
 class SettingsError(Exception):
-    """A setting is unknown, of the wrong type or out of range; the message names the key."""
+    """A setting is unknown, of the wrong type or out of range; the message names the key (or the
+    environment variable it came from)."""
+
+    def __init__(self, message: str, key: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key  # the dotted setting, e.g. "upstream.base_url", when one is at fault
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,9 @@ class UpstreamSettings:
     system_prompt: str = ""
     context_chars: int = 12000
     connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    read_timeout: float = 60.0  # the longest wait for the next answer event (comments do not count)
+    answer_timeout: float = 600.0  # the cap on one answer
+    usage: bool = True  # ask streamed answers for stream_options.include_usage
     baixing_url: str = "https://gpt.baixing.com"
     baixing_key: str = ""
 
@@ -58,6 +66,7 @@ class QuotaSettings:
 class WsSettings:
     max_message_bytes: int = 1048576
     frame_interval_ms: int = 50
+    reasoning: str = "live"  # live: show the model's thinking as a quote until the answer starts; hide
 
 
 @dataclass(frozen=True)
@@ -149,12 +158,14 @@ def _convert(key: str, kind: Any, value: Any) -> Any:
     """Check one leaf value against its declared type; numbers from YAML ints are accepted as floats."""
     if typing.get_origin(kind) is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise SettingsError(f"setting {key}: expected a list of strings, got {value!r}")
+            reason = f"expected a list of strings, got {value!r}"
+            raise SettingsError(f"setting {key}: {reason}", key, reason)
         return tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise SettingsError(f"setting {key}: expected {_type_name(kind)}, got {value!r}")
+        reason = f"expected {_type_name(kind)}, got {value!r}"
+        raise SettingsError(f"setting {key}: {reason}", key, reason)
     return value
 
 
@@ -190,16 +201,36 @@ def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return section if isinstance(section, dict) else {}  # a wrong type is reported by _build
 
 
-def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    """Secrets from the environment win over the file."""
-    if env.get("OPENAI_API_KEY", "").strip():
-        _section(raw, "upstream")["api_keys"] = [k.strip() for k in env["OPENAI_API_KEY"].split(",") if k.strip()]
-    if env.get("OPENAI_BASE_URL", "").strip():
-        _section(raw, "upstream")["base_url"] = env["OPENAI_BASE_URL"].strip()
-    if env.get("BAIXING_API_KEY", "").strip():
-        _section(raw, "upstream")["baixing_key"] = env["BAIXING_API_KEY"].strip()
-    if env.get("CHATGPT_ADMIN_TOKEN", "").strip():
-        _section(raw, "admin")["token"] = env["CHATGPT_ADMIN_TOKEN"].strip()
+# Environment variable → the setting it fills; a secret's value is never shown in an error.
+ENV_SETTINGS = {"OPENAI_API_KEY": "upstream.api_keys", "OPENAI_BASE_URL": "upstream.base_url",
+                "BAIXING_API_KEY": "upstream.baixing_key", "CHATGPT_ADMIN_TOKEN": "admin.token"}
+SECRET_ENV = frozenset({"OPENAI_API_KEY", "BAIXING_API_KEY", "CHATGPT_ADMIN_TOKEN"})
+
+
+def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Secrets from the environment win over the file; returns {setting: variable} of those applied."""
+    applied: dict[str, str] = {}
+    for variable, setting in ENV_SETTINGS.items():
+        value = env.get(variable, "").strip()
+        if not value:
+            continue
+        section, name = setting.split(".")
+        if variable == "OPENAI_API_KEY":
+            _section(raw, section)[name] = [k.strip() for k in value.split(",") if k.strip()]
+        else:
+            _section(raw, section)[name] = value
+        applied[setting] = variable
+    return applied
+
+
+def _env_error(error: SettingsError, applied: dict[str, str], env: Mapping[str, str]) -> SettingsError:
+    """An error in a setting that came from the environment, told as the variable and its value."""
+    variable = applied.get(error.key or "")
+    if variable is None:
+        return error
+    shown = "(value hidden)" if variable in SECRET_ENV else repr(env[variable].strip())
+    return SettingsError(f"environment variable {variable}={shown}: {error.reason} (it sets {error.key})",
+                         error.key, error.reason)
 
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
@@ -222,6 +253,8 @@ def validate(settings: Settings) -> Settings:
         (u.context_chars > 0, "upstream.context_chars: expected a positive integer"),
         (u.connect_timeout > 0, "upstream.connect_timeout: expected a positive number"),
         (u.read_timeout > 0, "upstream.read_timeout: expected a positive number"),
+        (u.answer_timeout > 0, "upstream.answer_timeout: expected a positive number"),
+        (settings.ws.reasoning in ("live", "hide"), "ws.reasoning: expected live or hide"),
         (settings.limits.http_per_second > 0, "limits.http_per_second: expected a positive number"),
         (settings.limits.ws_per_minute > 0, "limits.ws_per_minute: expected a positive number"),
         (settings.quota.daily_questions >= 0, "quota.daily_questions: expected 0 or more"),
@@ -245,7 +278,8 @@ def validate(settings: Settings) -> Settings:
     ]
     for ok, message in checks:
         if not ok:
-            raise SettingsError(f"setting {message}")
+            key, _, reason = message.partition(": ")
+            raise SettingsError(f"setting {message}", key, reason)
     return settings
 
 
@@ -268,8 +302,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise SettingsError(f"settings file {path}{where}: not valid YAML") from None
         if not isinstance(raw, dict):
             raise SettingsError(f"settings file {path}: expected a mapping at the top level")
-    _env_overrides(raw, env)
-    return validate(_build(Settings, raw, ""))
+    applied = _env_overrides(raw, env)
+    try:
+        return validate(_build(Settings, raw, ""))
+    except SettingsError as error:
+        raise _env_error(error, applied, env) from None
 
 
 def replace_section(settings: Settings, section: str, **changes: Any) -> Settings:

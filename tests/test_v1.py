@@ -72,15 +72,20 @@ async def test_streamed_completion_is_byte_exact_sse_ending_with_done(client: Te
     assert len(fake.chat_requests()) == 1
 
 
-async def test_upstream_is_asked_to_stream_the_callers_messages(client: TestClient, fake: FakeOpenAI) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+async def test_upstream_is_asked_the_callers_messages_streamed_as_the_caller_asked(
+        client: TestClient, fake: FakeOpenAI, stream: bool) -> None:
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                {"role": "user", "content": "Again"}]
-    response = await client.post("/v1/chat/completions", json=chat_body(messages=history))
+    response = await client.post("/v1/chat/completions", json=chat_body(messages=history, stream=stream))
     assert response.status == 200
+    await response.read()
     sent = fake.chat_requests()[0].body
-    assert sent["stream"] is True
+    assert sent["stream"] is stream
     assert sent["model"] == "gpt-3.5-turbo"
     assert sent["messages"] == history
+    # A streamed call always asks for the usage (the server counts tokens); a whole answer has it anyway.
+    assert sent.get("stream_options") == ({"include_usage": True} if stream else None)
 
 
 async def test_plain_completion_is_one_chat_completion_object(client: TestClient) -> None:
@@ -91,8 +96,11 @@ async def test_plain_completion_is_one_chat_completion_object(client: TestClient
     assert body["object"] == "chat.completion"
     assert body["id"] == "chatcmpl-fake-1"
     assert body["model"] == "gpt-3.5-turbo"
+    # The upstream's own answer, every field of it: usage, logprobs, system_fingerprint...
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": FAKE_TEXT},
-                                "finish_reason": "stop"}]
+                                "finish_reason": "stop", "logprobs": None}]
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+    assert body["system_fingerprint"] == "fp_fake"
 
 
 async def test_models_lists_the_configured_models_in_openai_list_shape(make_client: MakeClient) -> None:
@@ -224,7 +232,7 @@ async def test_an_unreachable_upstream_is_502(make_client: MakeClient, stream: b
     client = await make_client(upstream={"base_url": "http://127.0.0.1:9/v1"})
     response = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
     error = await openai_error(response, 502)
-    assert error["message"] == texts.UPSTREAM_UNREACHABLE
+    assert error["message"] == "Could not reach the upstream 127.0.0.1:9 (the connection was refused or failed)."
 
 
 async def test_a_stream_that_drops_mid_answer_ends_with_an_error_event_and_one_upstream_post(
@@ -239,7 +247,8 @@ async def test_a_stream_that_drops_mid_answer_ends_with_an_error_event_and_one_u
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == FAKE_TEXT
     assert set(last) == {"error"}
     assert set(last["error"]) == ERROR_KEYS
-    assert last["error"]["message"] == texts.UPSTREAM_FAILED
+    assert last["error"]["message"] == (f"The upstream {fake.base_url.split('/')[2]} broke off its answer: "  # type: ignore[attr-defined]
+                                        "the stream ended before [DONE].")
     await asyncio.sleep(0.3)  # a reconnecting SSE client would re-POST here
     assert len(fake.chat_requests()) == 1
 

@@ -21,6 +21,7 @@ class ServiceError(Exception):
         error_code: str | None = None,
         retry_after: float | None = None,
         param: str | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -30,6 +31,9 @@ class ServiceError(Exception):
         self.error_code = error_code
         self.retry_after = retry_after
         self.param = param
+        self.detail = detail  # English, for SDK and curl users (/v1, /chat); `message` is the mini-program's
+
+
 
 
 def bad_request(message: str, code: str = "300001") -> ServiceError:
@@ -50,24 +54,26 @@ def unexpected() -> ServiceError:
 class UpstreamError(Exception):
     """The upstream answered with a non-2xx status (or a 2xx that is not what was asked for)."""
 
-    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        super().__init__(f"upstream answered HTTP {status}")
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None, host: str = "") -> None:
+        super().__init__(f"the upstream {host} answered HTTP {status}" if host else f"the upstream answered HTTP {status}")
         self.status = status
         self.body = body
         self.headers = headers or {}
+        self.host = host
         self.message, self.code = _parse_openai_error(body)
 
 
 class UpstreamUnreachable(Exception):
-    """The upstream could not be reached (DNS, refused, reset before an answer)."""
+    """The upstream could not be reached (DNS, refused, reset before an answer). The message is an
+    English sentence naming the host, fit for an SDK user."""
 
 
 class UpstreamBroken(Exception):
-    """The upstream stream ended or stalled before `[DONE]`, or sent something unreadable."""
+    """The upstream stream ended or broke before `[DONE]`, or sent something unreadable (English message)."""
 
 
 class UpstreamTimeout(UpstreamBroken):
-    """The upstream sent nothing for `upstream.read_timeout` seconds in the middle of an answer."""
+    """No answer event within `upstream.read_timeout`, or the answer outran `upstream.answer_timeout`."""
 
 
 def _parse_openai_error(body: bytes) -> tuple[str | None, str | None]:
@@ -89,8 +95,30 @@ def _parse_openai_error(body: bytes) -> tuple[str | None, str | None]:
     )
 
 
-def from_upstream(exc: Exception) -> ServiceError:
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "?", "!")) else ".")
+
+
+def describe_upstream(exc: BaseException, own_key: bool) -> str:
+    """What failed upstream, in English for SDK and curl users. On the caller's own key the upstream's
+    own message is relayed; on the server's keys a refusal of the key says only that."""
+    if isinstance(exc, UpstreamError):
+        if own_key and exc.message:
+            return exc.message
+        if exc.status == 404 and not exc.message:
+            return texts.EN_UPSTREAM_404.format(host=exc.host or "upstream")
+        if not own_key and (exc.status in (401, 403, 429) or exc.code == "insufficient_quota"):
+            return texts.EN_POOL_KEY_REFUSED.format(status=exc.status)
+        return exc.message or _sentence(str(exc))
+    if isinstance(exc, asyncio.TimeoutError) and not isinstance(exc, UpstreamTimeout):
+        return texts.EN_UPSTREAM_TIMEOUT
+    return _sentence(str(exc)) if str(exc) else texts.EN_UPSTREAM_FAILED
+
+
+def from_upstream(exc: Exception, own_key: bool = True) -> ServiceError:
     """Map an upstream failure to what the client sees: the upstream's own message when it has one."""
+    detail = describe_upstream(exc, own_key)
     if isinstance(exc, UpstreamError):
         status = exc.status
         http_status = status if status in (400, 401, 403, 404, 429) else 502
@@ -99,10 +127,13 @@ def from_upstream(exc: Exception) -> ServiceError:
             "invalid_request_error" if status < 500 else "api_error")
         retry_after = retry_after_from_headers(exc.headers) if status == 429 else None
         return ServiceError(code, exc.message or texts.UPSTREAM_FAILED, http_status=http_status,
-                            error_type=error_type, error_code=exc.code, retry_after=retry_after)
+                            error_type=error_type, error_code=exc.code, retry_after=retry_after, detail=detail)
     if isinstance(exc, UpstreamUnreachable):
-        return ServiceError("500001", texts.UPSTREAM_UNREACHABLE, http_status=502, error_type="api_error")
-    if isinstance(exc, (UpstreamBroken, asyncio.TimeoutError)):
-        http_status = 504 if isinstance(exc, (UpstreamTimeout, asyncio.TimeoutError)) else 502
-        return ServiceError("500001", texts.UPSTREAM_FAILED, http_status=http_status, error_type="api_error")
+        return ServiceError("500001", texts.UPSTREAM_UNREACHABLE, http_status=502, error_type="api_error",
+                            detail=detail)
+    if isinstance(exc, (UpstreamTimeout, asyncio.TimeoutError)):
+        return ServiceError("500001", texts.UPSTREAM_TIMEOUT, http_status=504, error_type="api_error",
+                            error_code="upstream_timeout", detail=detail)
+    if isinstance(exc, UpstreamBroken):
+        return ServiceError("500001", texts.UPSTREAM_FAILED, http_status=502, error_type="api_error", detail=detail)
     raise TypeError(f"not an upstream failure: {exc!r}")

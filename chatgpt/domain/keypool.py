@@ -7,8 +7,8 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -45,15 +45,20 @@ class _KeyState:
     probe_from: float = 0.0  # clock() of the disable or the last failed probe
     requests: int = 0
     failures: int = 0
+    # Tokens the upstream counted on this key today (local day of `tokens_day`): prompt, completion, reasoning.
+    tokens: list[int] = field(default_factory=lambda: [0, 0, 0])
+    tokens_day: str = ""
 
 
 class KeyPool:
     """Round-robin over healthy keys; 429 cools a key, 401/no quota disables it until a probe."""
 
     def __init__(self, keys: Sequence[str], *, clock: Callable[[], float] = time.monotonic,
-                 backoff_seconds: float = 20.0, probe_interval: float = 600.0) -> None:
+                 backoff_seconds: float = 20.0, probe_interval: float = 600.0,
+                 today: Callable[[], date] = date.today) -> None:
         """Keep the distinct non-blank keys in their given order."""
         self._clock = clock
+        self._today = today
         self._backoff = backoff_seconds
         self.probe_interval = probe_interval
         # A dict keeps insertion order and drops duplicates in one step.
@@ -93,6 +98,21 @@ class KeyPool:
         """Count one upstream request made with key."""
         if state := self._states.get(key):
             state.requests += 1
+
+    def record_usage(self, key: str, prompt: int, completion: int, reasoning: int) -> None:
+        """Add one answer's token usage to the key's count for today."""
+        if not (state := self._states.get(key)):
+            return
+        today = self._today().isoformat()
+        if state.tokens_day != today:
+            state.tokens, state.tokens_day = [0, 0, 0], today
+        state.tokens[0] += prompt
+        state.tokens[1] += completion
+        state.tokens[2] += reasoning
+
+    def _tokens_today(self, state: _KeyState) -> dict[str, int]:
+        counts = state.tokens if state.tokens_day == self._today().isoformat() else [0, 0, 0]
+        return dict(zip(("prompt", "completion", "reasoning"), counts))
 
     def report_success(self, key: str) -> None:
         """Clear the key's 429 streak and cool-down (a disabled key waits for its probe)."""
@@ -152,7 +172,7 @@ class KeyPool:
             state = "disabled" if s.disabled else "cooling" if cooling else "healthy"
             until = round(s.cool_until - now, 3) if cooling else None
             rows.append({"key": mask(key), "state": state, "until": until, "reason": s.reason,
-                         "requests": s.requests, "failures": s.failures})
+                         "requests": s.requests, "failures": s.failures, "tokens_today": self._tokens_today(s)})
         return rows
 
     def snapshot(self) -> dict[str, Any]:
@@ -164,6 +184,7 @@ class KeyPool:
             "disabled": s.disabled, "reason": s.reason,
             "since_probe": max(now - s.probe_from, 0.0) if s.disabled else 0.0,
             "requests": s.requests, "failures": s.failures,
+            "tokens": list(s.tokens), "tokens_day": s.tokens_day,
         } for key, s in self._states.items()}
         return {"version": _SNAPSHOT_VERSION, "keys": keys}
 
@@ -184,6 +205,11 @@ class KeyPool:
         for name in ("streak", "requests", "failures"):
             if (count := _number(entry.get(name), 2.0**53)) is not None:
                 setattr(state, name, int(count))
+        tokens, day = entry.get("tokens"), entry.get("tokens_day")
+        if isinstance(tokens, list) and len(tokens) == 3 and isinstance(day, str):
+            counts = [_number(n, 2.0**53) for n in tokens]
+            if all(n is not None for n in counts):
+                state.tokens, state.tokens_day = [int(n or 0) for n in counts], day
         if entry.get("disabled") is True:
             state.disabled = True
             reason = entry.get("reason")

@@ -46,11 +46,11 @@ def public_error(exc: BaseException, pool_key: str | None) -> ServiceError:
     """What the client is told of an upstream failure. A refusal of one of the server's keys is the
     operator's business (its message names the key or the organisation): the client gets a generic
     failure instead. On the caller's own key, the upstream's message is relayed as is."""
-    error = from_upstream(exc)
+    error = from_upstream(exc, own_key=pool_key is None)
     if pool_key is not None and isinstance(exc, UpstreamError) and (
             exc.status in (401, 403, 429) or exc.code == "insufficient_quota"):
         return ServiceError("500001", texts.UPSTREAM_FAILED, http_status=503, error_type="api_error",
-                            retry_after=error.retry_after)
+                            retry_after=error.retry_after, detail=error.detail)
     return error
 
 
@@ -113,11 +113,13 @@ class ChatPipeline:
         history = fit_context(question.messages, upstream.context_chars) if question.trim else question.messages
         if upstream.system_prompt and question.payer.kind != "own":
             history = [{"role": "system", "content": upstream.system_prompt}, *history]
-        max_tokens = question.max_tokens or upstream.max_tokens
+        # The server's defaults and cap apply when the operator pays; on the caller's own key the
+        # request is the caller's (what it did not set is not sent).
+        max_tokens, temperature = question.max_tokens, question.temperature
         if question.payer.kind != "own":
-            max_tokens = min(max_tokens, upstream.max_tokens)  # the operator pays: cap it
-        temperature = upstream.temperature if question.temperature is None else question.temperature
-        return ChatRequest(history, question.model, temperature, max_tokens, question.extra)
+            max_tokens = min(max_tokens or upstream.max_tokens, upstream.max_tokens)
+            temperature = upstream.temperature if temperature is None else temperature
+        return ChatRequest(history, question.model, temperature, max_tokens, question.extra, question.stream)
 
     def _charge(self, question: Question, debug: bool) -> DailyQuota | None:
         """Count an anonymous question against its day quota; the quota to refund, if any."""
@@ -142,8 +144,10 @@ class ChatPipeline:
             source = self._relay(self.debug_provider, request, None, None) if debug else self._stream(question, request)
             async with aclosing(source) as deltas:
                 async for delta in deltas:
-                    if delta.text:
+                    if delta.text or delta.reasoning or delta.tool_call:
                         record.token()
+                    if delta.usage is not None:
+                        record.usage = delta.usage
                     yield delta
         except BaseException as exc:
             record.outcome = outcome_of(exc)
@@ -157,6 +161,9 @@ class ChatPipeline:
 
     def _record(self, question: Question, kind: str) -> QuestionRecord:
         record = self.metrics.start(question.entry, question.identity, kind)
+        # An own-key caller may name any model: only the offered ones become metric labels.
+        record.model = question.model if question.model in self.settings.upstream.models else "other"
+        record.payer = {"anonymous": "pool", "trusted": "trusted", "own": "own"}[question.payer.kind]
         if self.settings.logging.prompts:
             users = [m.get("content") for m in question.messages if m.get("role") == "user"]
             record.prompt = str(users[-1])[:2000] if users else ""
@@ -255,6 +262,9 @@ class ChatPipeline:
         try:
             async with aclosing(provider.stream(request, key)) as deltas:
                 async for delta in deltas:
+                    if delta.usage is not None and pool_key is not None:
+                        self.keys.record_usage(pool_key, delta.usage.prompt, delta.usage.completion,
+                                               delta.usage.reasoning)
                     yield delta
         except UPSTREAM_FAILURES as exc:
             self._failed(provider.name, pool_key, exc)

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from chatgpt import jsontext
+from chatgpt.domain import texts
 from chatgpt.faces.markdown import IncrementalRenderer, to_html
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ def text_frame(cid: Any, answer_id: str, content: str, html: str | None = None) 
     """The whole answer so far (cumulative) with its Markdown rendered."""
     return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content) if html is None else html,
                   createTime=now_text(), isDone=False, isSuccess=True)
+
+
+def thinking_quote(reasoning: str) -> str:
+    """What a bubble shows while only reasoning has arrived: a Markdown quote, the line `> 思考中…`
+    then the reasoning so far, every line prefixed `> `."""
+    return f"> {texts.THINKING}\n> " + reasoning.replace("\n", "\n> ")
 
 
 def done_frame(cid: Any) -> dict[str, Any]:
@@ -71,7 +78,8 @@ def pong_frame() -> dict[str, Any]:
 class _PendingText:
     cid: Any
     answer_id: str
-    content: str
+    parts: list[str]  # the answer (or the reasoning) so far: joined only when a frame is sent
+    thinking: bool = False
 
 
 class FrameWriter:
@@ -89,19 +97,22 @@ class FrameWriter:
         self._last_answer: str | None = None
         self._last_text_at = 0.0
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
+        self._thinking = IncrementalRenderer()  # of its reasoning, inside the quote
         self._closing: asyncio.Task[bool] | None = None
 
     def send(self, frame: dict[str, Any]) -> None:
         """Queue a frame to be sent after everything queued before it."""
         self._push(frame)
 
-    def send_text(self, cid: Any, answer_id: str, content: str) -> None:
-        """Queue the cumulative text of an answer, replacing its queued older text if any."""
+    def send_text(self, cid: Any, answer_id: str, parts: list[str], thinking: bool = False) -> None:
+        """Queue the cumulative text of an answer (`parts`, still growing: it is joined when the frame
+        goes out), replacing its queued older text if any. `thinking`: the parts are reasoning, shown
+        as a quote (`thinking_quote`) until the answer's own text replaces it."""
         tail = self._queue[-1] if self._queue else None
         if isinstance(tail, _PendingText) and tail.answer_id == answer_id:
-            tail.content = content
+            tail.parts, tail.thinking = parts, thinking
             return
-        self._push(_PendingText(cid, answer_id, content))
+        self._push(_PendingText(cid, answer_id, parts, thinking))
 
     def _push(self, item: dict[str, Any] | _PendingText) -> None:
         if len(self._queue) >= MAX_QUEUED:
@@ -163,8 +174,16 @@ class FrameWriter:
         if isinstance(head, _PendingText):
             await self._wait_interval(head)  # head stays queued, so newer text can still replace it
             if head.answer_id != self._last_answer:
-                self._renderer = IncrementalRenderer()
-            frame = text_frame(head.cid, head.answer_id, head.content, self._renderer.render(head.content))
+                self._renderer, self._thinking = IncrementalRenderer(), IncrementalRenderer()
+            text = "".join(head.parts)
+            if head.thinking:
+                # The quote's HTML is a blockquote around the rendering of its unquoted lines (the
+                # same HTML, CommonMark defines a quote's content that way), so the reasoning renders
+                # incrementally instead of whole for every frame.
+                html = "<blockquote>\n" + self._thinking.render(f"{texts.THINKING}\n{text}") + "</blockquote>\n"
+                frame = text_frame(head.cid, head.answer_id, thinking_quote(text), html)
+            else:
+                frame = text_frame(head.cid, head.answer_id, text, self._renderer.render(text))
             self._last_answer, self._last_text_at = head.answer_id, time.monotonic()
         else:
             frame = head

@@ -152,13 +152,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
                     parts.append(delta.text)
                     yield (_event(None, {"content": delta.text}) if sse
                            else delta.text.encode(errors="replace")), False
+                elif delta.reasoning and sse and not parts:  # the model's thinking, before its answer
+                    yield _event("reasoning", {"content": delta.reasoning}), False
                 delta = await anext(deltas, None)
             memory.remember(cid, content, "".join(parts))  # only a finished answer is remembered
             yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True
 
         def error_event(failure: ServiceError) -> bytes:
-            return (_event("error", {"message": failure.message}) if sse
-                    else f"\n[error] {failure.message}\n".encode(errors="replace"))
+            message = failure.detail or failure.message
+            return (_event("error", {"message": message}) if sse
+                    else f"\n[error] {message}\n".encode(errors="replace"))
 
         return await send_stream(request, response, body(), error_event)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -20,8 +21,9 @@ from chatgpt.domain.provider import Delta
 from chatgpt.domain.question import Payer, Question
 from chatgpt.server.streaming import Piece, StreamingAnswer, send_stream
 
-PASSED_THROUGH = {"top_p": (int, float), "stop": (str, list), "presence_penalty": (int, float),
-                  "frequency_penalty": (int, float), "user": (str,), "seed": (int,)}
+# Fields the server decides itself; every other request field goes to the upstream as it came
+# (tools, tool_choice, response_format, logprobs, seed, stop, user, stream_options, metadata...).
+SERVER_OWNED = frozenset({"model", "messages", "stream", "n", "temperature"})
 IMAGE_SIZE = re.compile(r"^\d{2,4}x\d{2,4}$")
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
@@ -47,21 +49,24 @@ async def read_body(request: web.Request) -> dict[str, Any]:
 
 
 def parse_messages(value: Any) -> list[dict[str, Any]]:
-    """`messages`: a non-empty list of {role, content}; content a string or a list of parts."""
+    """`messages`: a non-empty list of objects with a string `role`; content a string, a list of parts
+    or null. Every other field (tool_calls, tool_call_id, name, reasoning_content...) is kept."""
     if not isinstance(value, list) or not value:
         raise _invalid("'messages' must be a non-empty array.", "messages")
-    cleaned = []
     for i, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("role"), str):
             raise _invalid(f"'messages.{i}' must be an object with a string 'role'.", "messages")
         content = item.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise _invalid(f"'messages.{i}.content' must be a string or an array.", "messages")
-        message = {"role": item["role"], "content": content if content is not None else ""}
-        if isinstance(item.get("name"), str):
-            message["name"] = item["name"]
-        cleaned.append(message)
-    return cleaned
+    return [dict(item) for item in value]
+
+
+def _positive(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise _invalid(f"'{name}' must be a positive integer.", name)
+    return value
 
 
 def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question, bool]:
@@ -74,21 +79,20 @@ def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question
         raise _invalid("'stream' must be a boolean.", "stream")
     if body.get("n", 1) != 1:
         raise _invalid("Only n=1 is supported.", "n")
-    temperature, max_tokens = body.get("temperature"), body.get("max_tokens", body.get("max_completion_tokens"))
+    temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0 <= temperature <= 2):
         raise _invalid("'temperature' must be a number between 0 and 2.", "temperature")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise _invalid("'max_tokens' must be a positive integer.", "max_tokens")
-    extra = {k: v for k, v in body.items() if k in PASSED_THROUGH and isinstance(v, PASSED_THROUGH[k])}
+    limits = [n for n in (_positive(body, "max_completion_tokens"), _positive(body, "max_tokens")) if n]
+    extra = {k: v for k, v in body.items() if k not in SERVER_OWNED}
     model = body.get("model")
     if payer.kind == "own" and isinstance(model, str) and model.strip():
         chosen = model  # the caller pays: any model its key allows
     else:
         chosen = app[pipeline_key].choose_model(model, strict=True)
     question = Question("v1", identity, payer, parse_messages(body.get("messages")), chosen,
-                        max_tokens=max_tokens, temperature=temperature, extra=extra,
-                        trim=payer.kind != "own")
+                        max_tokens=min(limits) if limits else None, temperature=temperature, extra=extra,
+                        trim=payer.kind != "own", stream=stream)
     return question, stream
 
 
@@ -100,66 +104,92 @@ def _chunk(answer_id: str, created: int, model: str, delta: dict[str, Any], fini
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """`POST /v1/chat/completions`, streamed (SSE) or as one JSON answer."""
-    question, stream = parse_question(await read_body(request), request)
+    body = await read_body(request)
+    question, stream = parse_question(body, request)
     pipeline = request.app[pipeline_key]
     await pipeline.admit("v1", question.identity)
     created = int(time.time())
     async with aclosing(pipeline.answer(question)) as deltas:
         if stream:
-            return await _stream(request, deltas, question.model, created)
-        parts: list[str] = []
-        answer_id, finish = "", "stop"
-        async for delta in deltas:
-            answer_id = delta.answer_id
-            parts.append(delta.text)
-            finish = delta.finish_reason or finish
-    return web.json_response({
-        "id": answer_id, "object": "chat.completion", "created": created, "model": question.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                     "finish_reason": finish}],
-    }, dumps=jsontext.dumps)
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            return await _stream(request, deltas, question.model, created, usage)
+        answer = [delta async for delta in deltas]
+    return web.Response(body=_whole(answer, question.model, created), content_type="application/json")
 
 
-async def _stream(request: web.Request, deltas: Any, model: str, created: int) -> web.StreamResponse:
+def _whole(deltas: list[Delta], model: str, created: int) -> bytes:
+    """A non-streamed answer: the upstream's own JSON when it answered whole (its id kept, or one
+    minted when it has none), else one assembled from the deltas of a provider without OpenAI JSON."""
+    if len(deltas) == 1 and deltas[0].payload:
+        if deltas[0].answer_id:
+            return deltas[0].payload.encode()
+        answer = jsontext.parse(deltas[0].payload)  # parsed once already: a JSON object
+        answer["id"] = mint_id()
+        return jsontext.dumpb(answer)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(d.text for d in deltas)}
+    reasoning = "".join(d.reasoning for d in deltas)
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    finish = next((d.finish_reason for d in reversed(deltas) if d.finish_reason), "stop")
+    answer_id = next((d.answer_id for d in deltas if d.answer_id), "") or mint_id()
+    whole: dict[str, Any] = {"id": answer_id, "object": "chat.completion", "created": created, "model": model,
+                             "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+    usage = next((d.usage for d in reversed(deltas) if d.usage), None)
+    if usage is not None:
+        whole["usage"] = {"prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
+                          "total_tokens": usage.prompt + usage.completion}
+    return jsontext.dumpb(whole)
+
+
+def mint_id() -> str:
+    """An answer id in OpenAI's style, for an upstream that sent none."""
+    return f"chatcmpl-{secrets.token_hex(12)}"
+
+
+async def _stream(request: web.Request, deltas: AsyncIterator[Delta], model: str, created: int,
+                  usage: bool) -> web.StreamResponse:
     # The first delta is awaited before the headers go out, so a refusal or an upstream error
-    # before any text still gets its real HTTP status and OpenAI's error JSON.
+    # before any event still gets its real HTTP status and OpenAI's error JSON.
     first: Delta | None = await anext(deltas, None)
     response = StreamingAnswer(headers=SSE_HEADERS)
     await response.prepare(request)
-    return await send_stream(request, response, _sse_body(first, deltas, model, created), _error_event)
+    return await send_stream(request, response, _sse_body(first, deltas, model, created, usage), _error_event)
 
 
-async def _sse_body(first: Delta | None, deltas: Any, model: str, created: int) -> AsyncIterator[Piece]:
-    """The answer as OpenAI SSE: the upstream's own chunks when it sent some, else our encoding."""
-    answer_id = first.answer_id if first else ""
+def _event(payload: str) -> bytes:
+    """One SSE event carrying `payload` untouched; a payload of several lines needs a `data:` field per line."""
+    if "\n" in payload:
+        payload = payload.replace("\n", "\ndata: ")
+    return f"data: {payload}\n\n".encode()
+
+
+async def _sse_body(first: Delta | None, deltas: AsyncIterator[Delta], model: str, created: int,
+                    usage: bool) -> AsyncIterator[Piece]:
+    """The answer as OpenAI SSE: each upstream event re-framed with its data untouched (the usage-only
+    chunk only for a caller that asked for it); our own chunks for a provider without OpenAI events."""
+    answer_id = (first.answer_id if first else "") or mint_id()
     relayed, encoded, finish = False, False, None
-    held = b""
     delta = first
     while delta is not None:
-        data = b""
-        if delta.raw:
-            # The upstream's own chunks, byte for byte: one write for all a network read brought.
+        if delta.payload:
             relayed = True
-            data = delta.raw
+            if usage or not delta.usage_only:
+                yield _event(delta.payload), False
         elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
             role = {} if encoded else {"role": "assistant"}
             encoded = True
-            data = _chunk(answer_id, created, model, {**role, "content": delta.text}, None)
-        if delta.finish_reason:
-            finish = delta.finish_reason
-        if delta.last:
-            held = data  # nothing follows: it leaves with the tail and the end of the body, in one write
-        elif data:
-            yield data, False
+            yield _chunk(answer_id, created, model, {**role, "content": delta.text}, None), False
+        finish = delta.finish_reason or finish
         # Also after the last piece: the pipeline finishes its accounting when the answer ends.
         delta = await anext(deltas, None)
     tail = b"data: [DONE]\n\n"
-    yield held + (tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail), True
+    yield (tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail), True
 
 
 def _error_event(failure: ServiceError) -> bytes:
     """Headers are gone: report the failure the way OpenAI does inside a stream."""
-    payload = {"error": {"message": failure.message, "type": failure.error_type, "param": None,
+    payload = {"error": {"message": failure.detail or failure.message, "type": failure.error_type, "param": None,
                          "code": failure.error_code}}
     return b"data: " + jsontext.dumpb(payload) + b"\n\n"
 

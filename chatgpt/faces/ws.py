@@ -146,12 +146,18 @@ class SocketSession:
             history = [{"role": "user", "content": prompt}]
         question = Question("ws", self.identity, payer, history,
                             self.pipeline.choose_model(frame.get("model"), strict=False))
-        content = ""
+        answer: list[str] = []
+        thinking: list[str] | None = [] if self.settings.ws.reasoning == "live" else None
+        answer_id = ""  # one id for the thinking frames and the answer's
         async with aclosing(self.pipeline.answer(question)) as deltas:
             async for delta in deltas:
+                answer_id = answer_id or delta.answer_id
                 if delta.text:
-                    content += delta.text
-                    self.writer.send_text(cid, delta.answer_id, content)
+                    answer.append(delta.text)
+                    self.writer.send_text(cid, answer_id, answer)
+                elif delta.reasoning and thinking is not None and not answer:
+                    thinking.append(delta.reasoning)
+                    self.writer.send_text(cid, answer_id, thinking, thinking=True)
         self.writer.send(done_frame(cid))
 
 

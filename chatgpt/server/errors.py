@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def openai_error_response(error: ServiceError) -> web.Response:
     """OpenAI's error JSON with a real HTTP status (and Retry-After on 429)."""
-    body: dict[str, Any] = {"error": {"message": error.message, "type": error.error_type,
+    body: dict[str, Any] = {"error": {"message": error.detail or error.message, "type": error.error_type,
                                       "param": error.param, "code": error.error_code}}
     headers = {}
     if error.retry_after is not None:

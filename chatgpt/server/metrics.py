@@ -10,6 +10,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from chatgpt.domain.provider import Usage
+
 log = logging.getLogger("chatgpt.questions")
 
 _SALT = os.urandom(16)  # identities in logs are hashed with a per-process salt: not reversible by a reader
@@ -34,6 +36,9 @@ class QuestionRecord:
     tokens: int = 0
     outcome: str = "ok"
     prompt: str | None = None  # logged only when settings.logging.prompts is on
+    model: str = "other"  # an offered model, or "other" (metric labels stay bounded)
+    payer: str = "pool"  # pool | trusted | own
+    usage: Usage | None = None  # the upstream's count of the answer's tokens, when it gave one
 
     def token(self) -> None:
         """Count one delta with text; the first one stamps the time to first token."""
@@ -56,6 +61,8 @@ class Metrics:
         self.duration = Histogram("chatgpt_answer_duration_seconds", "Time to the end of an answer",
                                   ["entry"], buckets=_DURATION, registry=r)
         self.tokens = Counter("chatgpt_relayed_deltas", "Answer pieces relayed to clients", ["entry"], registry=r)
+        self.token_usage = Counter("chatgpt_tokens", "Tokens the upstream counted, by kind, payer and model",
+                                   ["kind", "payer", "model"], registry=r)
         self.upstream_errors = Counter("chatgpt_upstream_errors", "Upstream failures by status and masked key",
                                        ["status", "key"], registry=r)
         self.limiter_refusals = Counter("chatgpt_limiter_refusals", "Requests refused by a per-IP limiter",
@@ -89,9 +96,17 @@ class Metrics:
             self._child(self.first_token, record.entry).observe(record.first_token - record.started)
         if record.tokens:
             self._child(self.tokens, record.entry).inc(record.tokens)
+        usage = record.usage
+        if usage is not None:
+            for kind, count in (("prompt", usage.prompt), ("completion", usage.completion),
+                                ("reasoning", usage.reasoning)):
+                if count:
+                    self._child(self.token_usage, kind, record.payer, record.model).inc(count)
         if not log.isEnabledFor(logging.INFO):
             return  # the line is not wanted: spare the hash and the formatting
         ttft = f"{(record.first_token - record.started) * 1000:.0f}" if record.first_token else "-"
-        log.info("question entry=%s kind=%s who=%s outcome=%s deltas=%d first_ms=%s ms=%.0f%s",
+        log.info("question entry=%s kind=%s who=%s outcome=%s deltas=%d first_ms=%s ms=%.0f "
+                 "prompt_tokens=%s completion_tokens=%s%s",
                  record.entry, record.kind, hashed(record.identity), record.outcome, record.tokens, ttft,
-                 (now - record.started) * 1000, f" prompt={record.prompt!r}" if record.prompt is not None else "")
+                 (now - record.started) * 1000, usage.prompt if usage else "-", usage.completion if usage else "-",
+                 f" prompt={record.prompt!r}" if record.prompt is not None else "")

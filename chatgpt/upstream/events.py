@@ -1,0 +1,93 @@
+"""The one upstream stream reader: aiohttp-sse-client's EventSource, wrapped so that it is safe.
+
+The library alone would, for an answer stream: re-POST the same body when the stream ends (a second
+billed completion), wait without limit while the upstream sends only comments, and log and swallow a
+refused request. Here: one POST and never a reconnect (`max_connect_retry=0` and an `on_error` that
+raises once the stream was open), the session's status middleware refuses a non-2xx answer before the
+library sees it, every event is awaited under a deadline, and `[DONE]` ends the stream."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from datetime import timedelta
+
+import aiohttp
+from aiohttp_sse_client.client import EventSource  # type: ignore[import-untyped]
+
+from chatgpt.domain import texts
+from chatgpt.domain.errors import UpstreamBroken, UpstreamTimeout
+from chatgpt.upstream.network import upstream_call
+from chatgpt.upstream.session import raise_for_upstream_status
+
+DONE = "[DONE]"
+
+
+async def event_payloads(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], *,
+                         host: str, read_timeout: float, answer_timeout: float) -> AsyncIterator[str]:
+    """POST `body` once and yield the `data` of each event until `[DONE]`. Comments are not events:
+    they do not restart `read_timeout`, the longest wait for the next event (the response headers
+    included); `answer_timeout` caps the whole answer. Raises our upstream exceptions."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + answer_timeout
+    response: aiohttp.ClientResponse | None = None
+    opened = False
+
+    async def keep(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+        # Holds the accepted response so that it can be released (its connection reused) at the end:
+        # the library only ever closes it.
+        nonlocal response
+        response = await handler(request)
+        return response
+
+    def on_open() -> None:
+        nonlocal opened
+        opened = True
+
+    def on_error() -> None:
+        # Called when the stream ends (the library would then POST the same body again) and when
+        # connecting fails (the library re-raises that failure after this returns).
+        if opened:
+            raise UpstreamBroken(texts.EN_BROKEN.format(host=host, cause="the stream ended before [DONE]"))
+
+    def timed_out(when: float) -> UpstreamTimeout:
+        if when >= deadline:
+            return UpstreamTimeout(texts.EN_ANSWER_TIMEOUT.format(host=host, seconds=answer_timeout))
+        return UpstreamTimeout(texts.EN_READ_TIMEOUT.format(host=host, seconds=read_timeout))
+
+    # The per-request middlewares replace the session's, so its status check is listed again.
+    # reconnection_time=0: were a reconnect ever to slip through, the tests would see the second POST
+    # at once instead of after the library's 10 s.
+    source = EventSource(url, option={"method": "POST"}, max_connect_retry=0, reconnection_time=timedelta(0),
+                         session=session, on_open=on_open, on_error=on_error, data=body, headers=headers,
+                         middlewares=(keep, raise_for_upstream_status))
+    with upstream_call(host, lambda: opened):
+        async with AsyncExitStack() as stack:
+            stack.callback(_release, lambda: response)
+            deadline_now = asyncio.timeout_at(min(loop.time() + read_timeout, deadline))
+            try:
+                async with deadline_now:
+                    await stack.enter_async_context(source)
+            except TimeoutError:
+                if not deadline_now.expired():
+                    raise  # aiohttp's own connect timeout: an unreachable upstream
+                raise timed_out(deadline_now.when() or deadline) from None
+            while True:
+                deadline_now = asyncio.timeout_at(min(loop.time() + read_timeout, deadline))
+                try:
+                    async with deadline_now:
+                        event = await anext(source)
+                except TimeoutError:
+                    if not deadline_now.expired():
+                        raise
+                    raise timed_out(deadline_now.when() or deadline) from None
+                if event.data == DONE:
+                    return
+                yield event.data
+
+
+def _release(response: Callable[[], aiohttp.ClientResponse | None]) -> None:
+    """Give the connection back to the pool when its body ended cleanly (aiohttp closes it otherwise)."""
+    accepted = response()
+    if accepted is not None:
+        accepted.release()
