@@ -316,7 +316,7 @@ async def test_a_stream_broken_mid_answer_ends_with_an_error_line_and_is_not_rem
     fake.script.append(Stream(pieces=["partial ", "answer"], done=False))
     response = await post_chat(client, "lost question", "c-broken")
     assert response.status == 200
-    assert await response.text() == f"partial answer\n[error] {texts.UPSTREAM_FAILED}\n"
+    assert await response.text() == f"partial answer\n[error] {broke_off(fake)}\n"
     await (await post_chat(client, "retry", "c-broken")).read()
     assert fake.chat_requests()[1].body["messages"] == [{"role": "user", "content": "retry"}]
     assert len(fake.chat_requests()) == 2  # the broken stream was not re-POSTed
@@ -328,7 +328,13 @@ async def test_a_stream_broken_mid_answer_ends_with_an_sse_error_event(client: T
                                  headers={"Accept": "text/event-stream"})
     assert sse_events(await response.text()) == [
         ("conversation", {"conversationId": "c-b"}), (None, {"content": "partial "}), (None, {"content": "answer"}),
-        ("error", {"message": texts.UPSTREAM_FAILED})]
+        ("error", {"message": broke_off(fake)})]
+
+
+def broke_off(fake: FakeOpenAI) -> str:
+    """What a curl user reads when the upstream's stream ended before [DONE]."""
+    host = fake.base_url.split("/")[2]  # type: ignore[attr-defined]
+    return f"The upstream {host} broke off its answer: the stream ended before [DONE]."
 
 
 async def test_the_remembered_context_is_trimmed_to_the_budget_oldest_turns_first(

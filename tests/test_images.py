@@ -425,8 +425,8 @@ async def test_v1_a_download_that_is_not_an_image_is_a_502_and_leaves_no_file(
     client = await start(make_client, upstream)
     response = await client.post("/v1/images/generations", json={"prompt": "a cat"})
     assert response.status == 502
-    assert await response.json() == {"error": {"message": texts.UPSTREAM_FAILED, "type": "api_error",
-                                               "param": None, "code": None}}
+    assert await response.json() == {"error": {"message": "The downloaded picture is not an image.",
+                                               "type": "api_error", "param": None, "code": None}}
     assert files_in(folder) == []
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -203,8 +203,32 @@ def test_health_and_snapshot_never_contain_a_full_key(pool: KeyPool) -> None:
 def test_health_lists_every_field_per_key_in_order(pool: KeyPool) -> None:
     assert pool.health()[2] == {
         "key": "…3333", "state": "healthy", "until": None, "reason": None,
-        "requests": 0, "failures": 0,
+        "requests": 0, "failures": 0, "tokens_today": {"prompt": 0, "completion": 0, "reasoning": 0},
     }
+
+
+def test_token_usage_is_counted_per_key_for_today_and_starts_again_the_next_day(clock: FakeClock) -> None:
+    day = [date(2026, 3, 1)]
+    pool = KeyPool(KEYS, clock=clock, today=lambda: day[0])
+    pool.record_usage(A, 10, 20, 5)
+    pool.record_usage(A, 1, 2, 0)
+    pool.record_usage("sk-not-configured-0000", 100, 100, 100)
+    rows = {row["key"]: row["tokens_today"] for row in pool.health()}
+    assert rows["…1111"] == {"prompt": 11, "completion": 22, "reasoning": 5}
+    assert rows["…2222"] == {"prompt": 0, "completion": 0, "reasoning": 0}
+    day[0] = date(2026, 3, 2)
+    assert pool.health()[0]["tokens_today"] == {"prompt": 0, "completion": 0, "reasoning": 0}
+    pool.record_usage(A, 3, 4, 0)
+    assert pool.health()[0]["tokens_today"] == {"prompt": 3, "completion": 4, "reasoning": 0}
+
+
+def test_todays_token_counts_survive_a_restart(clock: FakeClock) -> None:
+    today = date(2026, 3, 1)
+    pool = KeyPool(KEYS, clock=clock, today=lambda: today)
+    pool.record_usage(B, 7, 8, 1)
+    restored = KeyPool(KEYS, clock=clock, today=lambda: today)
+    restored.restore(json.loads(json.dumps(pool.snapshot())))
+    assert restored.health()[1]["tokens_today"] == {"prompt": 7, "completion": 8, "reasoning": 1}
 
 
 def test_snapshot_restore_keeps_a_disabled_key_disabled_and_a_cooling_key_cooling(

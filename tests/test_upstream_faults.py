@@ -53,7 +53,8 @@ class Fault:
     """One upstream failure and what the client, the quota and the key pool must make of it."""
 
     behaviour: Callable[[], Behaviour] | None  # None: the upstream address itself fails (see `upstream`)
-    message: str  # the error text the client gets
+    message: str  # the error text the mini-program gets
+    detail: str  # the English error an SDK or curl user gets on /v1 ("{host}": the upstream's host:port)
     v1_status: int  # HTTP status of a /v1 error answered before any of the answer was sent
     key_state: str = "healthy"  # the server key's health afterwards: healthy | cooling | disabled
     text: str = ""  # answer text relayed before the fault; "" means the quota is given back
@@ -62,6 +63,9 @@ class Fault:
     retry_after: str | None = None  # Retry-After the /v1 error must carry
     cooling: float | None = None  # seconds the key cools for (429)
     seconds: float = QUICK  # the question must have ended within this
+    timeout: float | None = None  # the question must not have ended before this (a read or answer timeout)
+    # A non-streamed /v1 call asks the upstream for one whole answer: a fault of a stream does not apply.
+    entries: tuple[str, ...] = ("websocket", "v1", "v1 stream")
 
 
 def completion_json() -> bytes:
@@ -76,61 +80,105 @@ NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r
 IN_STREAM_ERROR = b'data: {"error": {"message": "The server had an error while processing your request.", ' \
                   b'"type": "server_error", "param": null, "code": null}}\n\n'
 TWO_MB_LINE = b"data: " + b"x" * (2 * 1024 * 1024) + b"\n\n"
-FAILED, UNREACHABLE = texts.UPSTREAM_FAILED, texts.UPSTREAM_UNREACHABLE
+FAILED, UNREACHABLE, TIMEOUT = texts.UPSTREAM_FAILED, texts.UPSTREAM_UNREACHABLE, texts.UPSTREAM_TIMEOUT
+STREAMED = ("websocket", "v1 stream")
+REFUSED_KEY = "The upstream refused this server's API key (HTTP {status}); try again later."
+BROKE_OFF = "The upstream {host} broke off its answer: "
+SILENT = "The upstream {host} sent no answer event for 0.5 s (upstream.read_timeout)."
+REFUSED_PORT = closed_port()
 
 FAULTS: dict[str, Fault] = {
     # A refusal of the server's own key is the operator's business: the client gets the generic text.
     "401 invalid key": Fault(lambda: Fail(401, "Incorrect API key provided: sk-ser***0001.", "invalid_api_key"),
-                             FAILED, 503, key_state="disabled"),
+                             FAILED, REFUSED_KEY.format(status=401), 503, key_state="disabled"),
     "403 forbidden": Fault(lambda: Fail(403, "Country, region, or territory not supported.",
-                                        "unsupported_country_region_territory"), FAILED, 503),
+                                        "unsupported_country_region_territory"), FAILED,
+                           REFUSED_KEY.format(status=403), 503),
     "404 no such model": Fault(lambda: Fail(404, "The model `gpt-9` does not exist.", "model_not_found"),
-                               "The model `gpt-9` does not exist.", 404),
+                               "The model `gpt-9` does not exist.", "The model `gpt-9` does not exist.", 404),
+    "404 without an error object (a base URL without /v1)": Fault(
+        lambda: Fail(404, raw=b"404 page not found", headers={"Content-Type": "text/plain"}),
+        FAILED, "The upstream {host} answered 404 — does the base URL end in /v1?", 404),
     "429 with Retry-After": Fault(lambda: Fail(429, "Rate limit reached for requests.", "rate_limit_exceeded",
                                                headers={"Retry-After": "7"}),
-                                  FAILED, 503, key_state="cooling", retry_after="7", cooling=7.0),
+                                  FAILED, REFUSED_KEY.format(status=429), 503, key_state="cooling", retry_after="7",
+                                  cooling=7.0),
     "429 without Retry-After": Fault(lambda: Fail(429, "Rate limit reached for requests.", "rate_limit_exceeded"),
-                                     FAILED, 503, key_state="cooling", cooling=20.0),
+                                     FAILED, REFUSED_KEY.format(status=429), 503, key_state="cooling", cooling=20.0),
     "429 insufficient quota": Fault(lambda: Fail(429, "You exceeded your current quota.", "insufficient_quota"),
-                                    FAILED, 503, key_state="disabled"),
-    "500 json": Fault(lambda: Fail(500, "upstream says 500"), "upstream says 500", 502),
-    "502 json": Fault(lambda: Fail(502, "upstream says 502"), "upstream says 502", 502),
-    "503 json": Fault(lambda: Fail(503, "upstream says 503"), "upstream says 503", 502),
+                                    FAILED, REFUSED_KEY.format(status=429), 503, key_state="disabled"),
+    "500 json": Fault(lambda: Fail(500, "upstream says 500"), "upstream says 500", "upstream says 500", 502),
+    "502 json": Fault(lambda: Fail(502, "upstream says 502"), "upstream says 502", "upstream says 502", 502),
+    "503 json": Fault(lambda: Fail(503, "upstream says 503"), "upstream says 503", "upstream says 503", 502),
     "500 plain text body": Fault(lambda: Fail(500, raw=b"Internal Server Error",
-                                              headers={"Content-Type": "text/plain"}), FAILED, 502),
+                                              headers={"Content-Type": "text/plain"}), FAILED,
+                                 "The upstream {host} answered HTTP 500.", 502),
     "503 json without an error object": Fault(lambda: Fail(503, raw=b'{"detail": "overloaded"}',
                                                            headers={"Content-Type": "application/json"}),
-                                              FAILED, 502),
-    "502 html page": Fault(lambda: Fail(502, raw=NGINX_502, headers={"Content-Type": "text/html"}), FAILED, 502),
+                                              FAILED, "The upstream {host} answered HTTP 503.", 502),
+    "502 html page": Fault(lambda: Fail(502, raw=NGINX_502, headers={"Content-Type": "text/html"}), FAILED,
+                           "The upstream {host} answered HTTP 502.", 502),
     "200 json instead of sse": Fault(lambda: RawStream([completion_json()], content_type="application/json"),
-                                     FAILED, 502),
-    "garbage sse line first": Fault(lambda: RawStream([b"data: {not json\n\n"]), FAILED, 502),
+                                     FAILED, "The upstream {host} answered HTTP 200 application/json instead of "
+                                     "an event stream.", 502, entries=STREAMED),
+    "200 sse instead of a whole answer": Fault(lambda: RawStream([sse_chunk(None), sse_chunk("Hi"), SSE_DONE]),
+                                               FAILED, "The upstream {host} answered something that is not JSON.",
+                                               502, entries=("v1",)),
+    "a whole answer without choices": Fault(lambda: RawStream([b'{"id": "x", "object": "chat.completion"}'],
+                                                              content_type="application/json"),
+                                            FAILED, "The upstream {host} answered without choices.", 502,
+                                            entries=("v1",)),
+    "garbage sse line first": Fault(lambda: RawStream([b"data: {not json\n\n"]), FAILED,
+                                    "The upstream {host} sent an event that is not JSON.", 502, entries=STREAMED),
     "sse line that is not utf-8": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("Hel"), b'data: {"choices": "\xff\xfe"}\n\n'], delay=0.02),
-        FAILED, 502, text="Hel", opened=True),
+        FAILED, BROKE_OFF + "it sent bytes that are not UTF-8.", 502, text="Hel", opened=True, entries=STREAMED),
     "garbage sse line after text": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("Hel"), b"data: {not json\n\n"], delay=0.02),
-        FAILED, 502, text="Hel", opened=True),
+        FAILED, "The upstream {host} sent an event that is not JSON.", 502, text="Hel", opened=True,
+        entries=STREAMED),
     "error event inside the stream": Fault(
         lambda: RawStream([sse_chunk(None), IN_STREAM_ERROR], delay=0.02),
-        "The server had an error while processing your request.", 502, opened=True),
-    "2 MB sse line": Fault(lambda: RawStream([sse_chunk(None), TWO_MB_LINE], delay=0.02), FAILED, 502, opened=True),
+        "The server had an error while processing your request.",
+        "The server had an error while processing your request.", 502, opened=True, entries=STREAMED),
+    "2 MB sse line": Fault(lambda: RawStream([sse_chunk(None), TWO_MB_LINE], delay=0.02), FAILED,
+                           BROKE_OFF + "it sent a line over the length limit.", 502, opened=True, entries=STREAMED),
     "stream ends without done": Fault(lambda: Stream(pieces=["partial ", "answer"], delay=0.02, done=False),
-                                      FAILED, 502, text="partial answer", opened=True),
+                                      FAILED, BROKE_OFF + "the stream ended before [DONE].", 502,
+                                      text="partial answer", opened=True, entries=STREAMED),
     "connection reset mid-answer": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("partial")], delay=0.02, end="reset"),
-        FAILED, 502, text="partial", opened=True),
-    "connection reset before any event": Fault(lambda: RawStream([], end="reset"), FAILED, 502),
+        FAILED, BROKE_OFF + "the connection closed mid-answer.", 502, text="partial", opened=True, entries=STREAMED),
+    "connection reset before any event": Fault(lambda: RawStream([], end="reset"), FAILED,
+                                               BROKE_OFF + "the connection closed mid-answer.", 502),
     "stream hangs before any text": Fault(
-        lambda: Stream(pieces=[], hang=True), FAILED, 504, opened=True,  # a read timeout is a gateway timeout
-        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
+        lambda: Stream(pieces=[], hang=True), TIMEOUT, SILENT, 504, opened=True,  # a read timeout is a gateway timeout
+        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0, timeout=HANG_READ_TIMEOUT,
+        entries=STREAMED),
     "stream hangs after some text": Fault(
-        lambda: Stream(pieces=["partial"], hang=True), FAILED, 504, text="partial", opened=True,
-        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
-    "connection refused": Fault(None, UNREACHABLE, 502,
-                                upstream={"base_url": f"http://127.0.0.1:{closed_port()}/v1"}),
+        lambda: Stream(pieces=["partial"], hang=True), TIMEOUT, SILENT, 504, text="partial", opened=True,
+        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0, timeout=HANG_READ_TIMEOUT,
+        entries=STREAMED),
+    # DeepSeek while a request waits in its queue: comments, never an event. Comments are not progress.
+    "only keep-alive comments, forever": Fault(
+        lambda: RawStream([b": keep-alive\n\n"] * 1000, delay=0.05), TIMEOUT, SILENT, 504,
+        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0, timeout=HANG_READ_TIMEOUT,
+        entries=STREAMED),
+    "keep-alive comments after some text": Fault(
+        lambda: Stream(pieces=["partial"], hang=True, keep_alive=0.05), TIMEOUT, SILENT, 504, text="partial",
+        opened=True, upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0,
+        timeout=HANG_READ_TIMEOUT, entries=STREAMED),
+    "a whole answer that never comes": Fault(
+        lambda: RawStream([], content_type="application/json", end="hang"), TIMEOUT,
+        "The upstream {host} took longer than 0.5 s for one answer (upstream.answer_timeout).", 504,
+        upstream={"answer_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0, timeout=HANG_READ_TIMEOUT,
+        entries=("v1",)),
+    "connection refused": Fault(None, UNREACHABLE, f"Could not reach the upstream 127.0.0.1:{REFUSED_PORT} "
+                                "(the connection was refused or failed).", 502,
+                                upstream={"base_url": f"http://127.0.0.1:{REFUSED_PORT}/v1"}),
     # .invalid never resolves (RFC 6761): the resolver fails, so no connection to anywhere is attempted.
-    "dns failure": Fault(None, UNREACHABLE, 502, upstream={"base_url": "http://no-such-host.invalid/v1"}),
+    "dns failure": Fault(None, UNREACHABLE, "Could not reach the upstream no-such-host.invalid "
+                         "(its name does not resolve).", 502, upstream={"base_url": "http://no-such-host.invalid/v1"}),
 }
 
 
@@ -186,7 +234,7 @@ def sse_payloads(raw: bytes) -> list[Any]:
     return payloads
 
 
-async def ask_on_v1(client: TestClient, fault: Fault, stream: bool) -> float:
+async def ask_on_v1(client: TestClient, fault: Fault, stream: bool, detail: str) -> float:
     """Ask once on `/v1`; check the error (JSON, or inside a begun stream); return how long it took."""
     started = time.monotonic()
     response = await asyncio.wait_for(client.post(
@@ -199,7 +247,7 @@ async def ask_on_v1(client: TestClient, fault: Fault, stream: bool) -> float:
         assert response.status == 200 and response.content_type == "text/event-stream"
         *chunks, last = sse_payloads(raw)
         assert set(last) == {"error"} and set(last["error"]) == ERROR_KEYS, raw[-300:]
-        assert last["error"]["message"] == fault.message
+        assert last["error"]["message"] == detail
         assert all(isinstance(c, dict) and "error" not in c for c in chunks), "one error event, and only at the end"
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == fault.text
         assert not raw.endswith(SSE_DONE)
@@ -208,7 +256,7 @@ async def ask_on_v1(client: TestClient, fault: Fault, stream: bool) -> float:
     assert response.content_type == "application/json"
     body = json.loads(raw)
     assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
-    assert body["error"]["message"] == fault.message
+    assert body["error"]["message"] == detail
     if fault.retry_after is not None:
         assert response.headers.get("Retry-After") == fault.retry_after
     return elapsed
@@ -265,6 +313,9 @@ async def server_key_health(client: TestClient) -> dict[str, Any]:
 async def test_an_upstream_fault_ends_the_question_with_one_clear_error_and_leaves_nothing_behind(
         make_client: MakeClient, fake: FakeOpenAI, tmp_path: Path, name: str, entry: str) -> None:
     fault = FAULTS[name]
+    if entry not in fault.entries:
+        pytest.skip("a non-streamed /v1 call asks for one whole answer" if entry == "v1"
+                    else "only a non-streamed /v1 call asks for one whole answer")
     client = await make_client(upstream=fault.upstream, quota={"daily_questions": DAILY}, admin={"token": ADMIN_TOKEN},
                                limits={"http_per_second": 100})
     if fault.behaviour is not None:
@@ -275,11 +326,12 @@ async def test_an_upstream_fault_ends_the_question_with_one_clear_error_and_leav
     if entry == "websocket":
         elapsed = await ask_on_the_websocket(client, fault)
     else:
-        elapsed = await ask_on_v1(client, fault, stream=entry == "v1 stream")
+        host = fault.upstream.get("base_url", fake.base_url).split("/")[2]  # type: ignore[attr-defined]
+        elapsed = await ask_on_v1(client, fault, entry == "v1 stream", fault.detail.format(host=host))
 
     assert elapsed < fault.seconds, f"the question took {elapsed:.2f} s"
-    if fault.upstream.get("read_timeout"):
-        assert elapsed >= HANG_READ_TIMEOUT * 0.9, "it ended before the upstream was silent for read_timeout"
+    if fault.timeout is not None:
+        assert elapsed >= fault.timeout * 0.9, "it ended before the timeout"
     # Charged only when the user got text (PROTOCOL.md A.5, C.2).
     assert pipeline.remaining(IDENTITY) == DAILY - (1 if fault.text else 0)
     # Exactly one POST: a failed question is never re-sent (it may already be billed).

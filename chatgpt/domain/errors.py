@@ -54,8 +54,10 @@ def unexpected() -> ServiceError:
 class UpstreamError(Exception):
     """The upstream answered with a non-2xx status (or a 2xx that is not what was asked for)."""
 
-    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None, host: str = "") -> None:
-        super().__init__(f"the upstream {host} answered HTTP {status}" if host else f"the upstream answered HTTP {status}")
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None, host: str = "",
+                 description: str | None = None) -> None:
+        where = f"the upstream {host}" if host else "the upstream"
+        super().__init__(description or f"{where} answered HTTP {status}")
         self.status = status
         self.body = body
         self.headers = headers or {}

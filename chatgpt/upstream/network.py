@@ -58,6 +58,7 @@ def upstream_call(host: str, answering: Callable[[], bool] = _never) -> Iterator
         raise UpstreamTimeout(texts.EN_UPSTREAM_TIMEOUT) from None
     except UnicodeDecodeError:
         raise UpstreamBroken(texts.EN_BROKEN.format(host=host, cause="it sent bytes that are not UTF-8")) from None
-    except (ValueError, HttpProcessingError):
-        # aiohttp's LineTooLong (an HttpProcessingError) for an over-long line; JSON that does not parse.
+    except HttpProcessingError:  # aiohttp's LineTooLong: a line over twice the session's read buffer
+        raise UpstreamBroken(texts.EN_BROKEN.format(host=host, cause="it sent a line over the length limit")) from None
+    except ValueError:
         raise UpstreamBroken(texts.EN_BROKEN.format(host=host, cause="it sent data that cannot be read")) from None

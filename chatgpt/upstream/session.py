@@ -50,7 +50,12 @@ async def raise_for_upstream_status(
     finally:
         response.close()
     headers = {k.lower(): v for k, v in response.headers.items() if k.lower().startswith("retry-after")}
-    raise UpstreamError(response.status, body, headers, host=_host(request))
+    host = _host(request)
+    description = None
+    if 200 <= response.status < 300:
+        description = (f"the upstream {host} answered HTTP {response.status} "
+                       f"{response.content_type or 'without a content type'} instead of an event stream")
+    raise UpstreamError(response.status, body, headers, host=host, description=description)
 
 
 def make_session(connect_timeout: float) -> aiohttp.ClientSession:
