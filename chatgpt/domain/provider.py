@@ -29,7 +29,7 @@ class Usage:
     reasoning: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per upstream event, and frozen ones cost twice as much
 class Delta:
     """One event of an answer: what it adds to the answer text, to the reasoning, whether it carries
     (part of) a tool call, the usage when the upstream reports it, and the event's own data text

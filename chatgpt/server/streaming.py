@@ -26,20 +26,74 @@ class StreamingAnswer(web.StreamResponse):
     _send_headers_immediately = False
 
 
+BACKLOG_BYTES = 256 * 1024  # body bytes waiting for a client that reads slowly; past this the answer waits
+
+
+class _Coalescer:
+    """Writes a body with as few socket writes as the answer allows. A piece is queued and a flush task
+    takes every piece queued by the time the answer's own task waits again (for the upstream): the
+    events of one upstream read leave in one write instead of one write (one send() call) each."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self._response = response
+        self._queued: list[bytes] = []
+        self._size = 0
+        self._flushing: asyncio.Task[None] | None = None
+
+    def add(self, data: bytes) -> bool:
+        """Queue `data`; True when the client is far behind (then `wait()` before adding more)."""
+        self._queued.append(data)
+        self._size += len(data)
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+            return False
+        return self._size > BACKLOG_BYTES
+
+    async def wait(self) -> None:
+        """Wait until what is queued has been written (raises what the write met)."""
+        if self._flushing is not None:
+            await asyncio.shield(self._flushing)
+
+    async def _flush(self) -> None:
+        while self._queued:
+            data = b"".join(self._queued)
+            self._queued.clear()
+            self._size = 0
+            await self._response.write(data)
+        self._flushing = None
+
+    async def finish(self, data: bytes) -> None:
+        """Write what is queued and `data` with the end of the body."""
+        if self._flushing is not None:
+            await self._flushing  # raises what the flush met (a client gone)
+        await self._response.write_eof(b"".join([*self._queued, data]))
+        self._queued.clear()
+
+    async def stop(self) -> None:
+        """The answer failed or the client left: end the flush task, whatever it was doing."""
+        task, self._flushing = self._flushing, None
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            with suppress(BaseException):
+                await task
+
+
 async def send_stream(request: web.Request, response: web.StreamResponse, body: AsyncIterator[Piece],
                       error_event: Callable[[ServiceError], bytes]) -> web.StreamResponse:
     """Write `body` to the prepared `response`. A failure once the headers are gone ends the body
     with `error_event(failure)`; so does a shutdown (SIGTERM); a client that left gets nothing more."""
     inflight = request.app[inflight_key]
     failure: ServiceError | None = None
+    writer = _Coalescer(response)
     inflight.enter()
     try:
         async with aclosing(body) as pieces:
             async for data, last in pieces:
                 if last:
-                    await response.write_eof(data)
-                else:
-                    await response.write(data)
+                    await writer.finish(data)
+                elif writer.add(data):
+                    await writer.wait()
     except ServiceError as error:
         failure = error
     except asyncio.CancelledError:
@@ -50,7 +104,14 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
         return response  # the client left while we wrote: the upstream is closed on the way out
     finally:
         inflight.leave()
+        if failure is None:
+            await writer.stop()
+    if failure is not None:
+        # What was queued before the failure still goes out first.
+        with suppress(ConnectionResetError):
+            await writer.finish(error_event(failure))
+        return response
     with suppress(ConnectionResetError):  # the client may be gone by now: nothing to tell it
         # write_eof() is a no-op once the last piece has ended the body.
-        await response.write_eof(error_event(failure) if failure is not None else b"")
+        await response.write_eof(b"")
     return response

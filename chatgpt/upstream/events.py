@@ -64,26 +64,60 @@ async def event_payloads(session: aiohttp.ClientSession, url: str, body: bytes, 
     with upstream_call(host, lambda: opened):
         async with AsyncExitStack() as stack:
             stack.callback(_release, lambda: response)
-            deadline_now = asyncio.timeout_at(min(loop.time() + read_timeout, deadline))
+            connecting = asyncio.timeout_at(min(loop.time() + read_timeout, deadline))
             try:
-                async with deadline_now:
+                async with connecting:
                     await stack.enter_async_context(source)
             except TimeoutError:
-                if not deadline_now.expired():
+                if not connecting.expired():
                     raise  # aiohttp's own connect timeout: an unreachable upstream
-                raise timed_out(deadline_now.when() or deadline) from None
+                raise timed_out(connecting.when() or deadline) from None
+            assert response is not None  # accepted: the library opened the stream
+            watchdog = _Watchdog(loop, response.content, read_timeout, deadline, timed_out)
+            stack.callback(watchdog.stop)
             while True:
-                deadline_now = asyncio.timeout_at(min(loop.time() + read_timeout, deadline))
-                try:
-                    async with deadline_now:
-                        event = await anext(source)
-                except TimeoutError:
-                    if not deadline_now.expired():
-                        raise
-                    raise timed_out(deadline_now.when() or deadline) from None
+                watchdog.waiting_since = now = loop.time()
+                if now >= deadline:
+                    raise timed_out(deadline)
+                event = await anext(source)
+                watchdog.waiting_since = None
                 if event.data == DONE:
                     return
                 yield event.data
+
+
+class _Watchdog:
+    """The deadline of each wait for an event, at the cost of two assignments per event: one timer
+    per stream, re-armed only when it fires (an `asyncio.timeout` per event costs a timer handle, a
+    heap push and a cancel, several microseconds each time). A wait that outlives `read_timeout` (or
+    the answer's deadline) ends with `UpstreamTimeout` raised from the stream's read, the way aiohttp's
+    own `sock_read` ends one. Time spent by our own side between events does not count."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, content: aiohttp.StreamReader, read_timeout: float,
+                 deadline: float, timed_out: Callable[[float], UpstreamTimeout]) -> None:
+        self.waiting_since: float | None = None  # loop time the current wait for an event began
+        self._loop = loop
+        self._content = content
+        self._read_timeout = read_timeout
+        self._deadline = deadline
+        self._timed_out = timed_out
+        self._handle = loop.call_at(min(loop.time() + read_timeout, deadline), self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.waiting_since
+        if since is None:  # not waiting: our side is busy; the loop checks the deadline itself
+            self._handle = self._loop.call_at(now + self._read_timeout, self._check)
+            return
+        due = min(since + self._read_timeout, self._deadline)
+        if now >= due:
+            self._content.set_exception(self._timed_out(due))
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def stop(self) -> None:
+        """The stream is over."""
+        self._handle.cancel()
 
 
 def _release(response: Callable[[], aiohttp.ClientResponse | None]) -> None:
