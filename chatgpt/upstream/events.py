@@ -1,8 +1,8 @@
 """The one upstream stream reader: aiohttp-sse-client's EventSource, wrapped so that it is safe.
 
 The library alone would, for an answer stream: re-POST the same body when the stream ends (a second
-billed completion), wait without limit while the upstream sends only comments, and log and swallow a
-refused request. Here: one POST and never a reconnect (`max_connect_retry=0` and an `on_error` that
+billed completion), wait without limit while the upstream sends only comments, and turn a refused
+request into a bare ConnectionError (its error JSON lost). Here: one POST and never a reconnect (`max_connect_retry=0` and an `on_error` that
 raises once the stream was open), the session's status middleware refuses a non-2xx answer before the
 library sees it, every event is awaited under a deadline, and `[DONE]` ends the stream."""
 from __future__ import annotations
@@ -34,8 +34,8 @@ async def event_payloads(session: aiohttp.ClientSession, url: str, body: bytes, 
     opened = False
 
     async def keep(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
-        # Holds the accepted response so that it can be released (its connection reused) at the end:
-        # the library only ever closes it.
+        # Holds the accepted response: the deadlines end a wait through its body's reader. (Its
+        # connection goes back to the pool by itself when the body ended with [DONE].)
         nonlocal response
         response = await handler(request)
         return response
@@ -63,7 +63,6 @@ async def event_payloads(session: aiohttp.ClientSession, url: str, body: bytes, 
                          middlewares=(keep, raise_for_upstream_status))
     with upstream_call(host, lambda: opened):
         async with AsyncExitStack() as stack:
-            stack.callback(_release, lambda: response)
             connecting = asyncio.timeout_at(min(loop.time() + read_timeout, deadline))
             try:
                 async with connecting:
@@ -118,10 +117,3 @@ class _Watchdog:
     def stop(self) -> None:
         """The stream is over."""
         self._handle.cancel()
-
-
-def _release(response: Callable[[], aiohttp.ClientResponse | None]) -> None:
-    """Give the connection back to the pool when its body ended cleanly (aiohttp closes it otherwise)."""
-    accepted = response()
-    if accepted is not None:
-        accepted.release()
