@@ -164,6 +164,20 @@ def test_secrets_from_the_environment_override_the_file(tmp_path: Path) -> None:
     assert settings.admin == AdminSettings(token="admin-env")
 
 
+def test_a_bad_value_from_the_environment_names_the_variable_and_shows_the_value(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, "upstream:\n  base_url: https://file.example/v1\n"),
+                      env={"OPENAI_BASE_URL": "api.deepseek.com/v1"})
+    assert str(caught.value) == ("environment variable OPENAI_BASE_URL='api.deepseek.com/v1': expected an http:// "
+                                 "or https:// URL (it sets upstream.base_url)")
+
+
+def test_a_bad_value_from_the_file_still_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, "upstream:\n  answer_timeout: 0\n"), env={"OPENAI_BASE_URL": "https://x/v1"})
+    assert str(caught.value) == "setting upstream.answer_timeout: expected a positive number"
+
+
 def test_blank_environment_variables_leave_the_file_alone(tmp_path: Path) -> None:
     path = write(tmp_path, "upstream:\n  api_keys: [sk-file]\nadmin:\n  token: admin-file\n")
     settings = load_settings(path, env={"OPENAI_API_KEY": " ", "CHATGPT_ADMIN_TOKEN": "", "OPENAI_BASE_URL": ""})

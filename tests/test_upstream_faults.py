@@ -374,3 +374,42 @@ async def test_comments_and_multi_line_events_from_the_upstream_reach_an_sdk_as_
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello"
     assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
     assert {c.id for c in chunks} == {"chatcmpl-fake-1"}
+
+
+@pytest.mark.parametrize("accept", ["text/plain", "text/event-stream"])
+async def test_chat_is_504_before_any_byte_when_the_upstream_sends_only_keep_alive_comments(
+        make_client: MakeClient, fake: FaultyOpenAI, accept: str) -> None:
+    client = await make_client(upstream={"read_timeout": 0.3})
+    fake.script.append(RawStream([b": keep-alive\n\n"] * 1000, delay=0.05))
+    response = await client.post("/chat", json={"content": "Hi"}, headers={"Accept": accept})
+    assert response.status == 504
+    host = fake.base_url.split("/")[2]  # type: ignore[attr-defined]
+    assert (await response.json())["error"]["message"] == (
+        f"The upstream {host} sent no answer event for 0.3 s (upstream.read_timeout).")
+
+
+async def test_chat_ends_with_an_error_event_when_the_upstream_falls_silent_after_some_text(
+        make_client: MakeClient, fake: FaultyOpenAI) -> None:
+    client = await make_client(upstream={"read_timeout": 0.3})
+    fake.script.append(Stream(pieces=["partial"], hang=True, keep_alive=0.05))
+    response = await client.post("/chat", json={"content": "Hi"}, headers={"Accept": "text/event-stream"})
+    assert response.status == 200
+    text = await response.text()
+    host = fake.base_url.split("/")[2]  # type: ignore[attr-defined]
+    assert text.endswith('event: error\ndata: {"message":"The upstream %s sent no answer event for 0.3 s '
+                         '(upstream.read_timeout)."}\n\n' % host)
+    assert 'data: {"content":"partial"}' in text
+
+
+async def test_the_answer_timeout_ends_a_websocket_answer_that_keeps_coming(
+        make_client: MakeClient, fake: FaultyOpenAI) -> None:
+    client = await make_client(upstream={"answer_timeout": 0.5}, quota={"daily_questions": DAILY})
+    fake.script.append(Stream(pieces=["word "] * 100, delay=0.05))
+    async with ws_connect(client) as ws:
+        await ws.send_json(ws_question())
+        frames = await ws_frames_until_done(ws, 5)
+    *pieces, end = frames
+    assert (end["content"], end["isDone"], end["isSuccess"]) == (TIMEOUT, True, False)
+    assert pieces and pieces[-1]["content"].startswith("word word")
+    # Text was produced: the question is charged.
+    assert client.app[pipeline_key].remaining(IDENTITY) == DAILY - 1
