@@ -16,6 +16,7 @@ from aiohttp import web
 from chatgpt.faces import admin
 from chatgpt.faces import v1 as openai_api
 from chatgpt.faces import ops
+from chatgpt.faces import wxlogin
 from chatgpt.faces import miniprogram as views
 from chatgpt.keys import (
     flags_key,
@@ -26,6 +27,7 @@ from chatgpt.keys import (
     page_key,
     pipeline_key,
     pruner_key,
+    routes_key,
     session_key,
     settings_key,
     sockets_key,
@@ -33,6 +35,7 @@ from chatgpt.keys import (
     state_key,
     trusted_key,
     upstream_key,
+    wechat_login_key,
 )
 from chatgpt.domain.pipeline import ChatPipeline
 from chatgpt.server.clientip import TrustedProxies
@@ -40,6 +43,7 @@ from chatgpt.server.errors import error_middleware
 from chatgpt.server.guards import rate_limit_middleware
 from chatgpt.server.images import ImageStore, Pruner
 from chatgpt.server.inflight import InFlight
+from chatgpt.domain.failover import Upstream, host_of
 from chatgpt.domain.keypool import KeyPool, mask, probe_forever
 from chatgpt.domain.limits import LimiterTable
 from chatgpt.server.logs import quiet_bad_requests, setup_logging
@@ -49,10 +53,14 @@ from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
 from chatgpt.upstream.openai import OpenAIProvider
 from chatgpt.upstream.session import make_session
+from chatgpt.upstream.wechat import WeChatClient
+from chatgpt.domain.wxlogin import WeChatLogin
+from chatgpt.domain.wxtoken import TokenSigner, secret_from_setting
 from chatgpt.domain.quota import DailyQuota
 from chatgpt.server.routing import merge_slashes
+from chatgpt.domain.routes import RouteTable
 from chatgpt.domain.runtime import RuntimeFlags
-from chatgpt.settings import Settings, SettingsError, load_settings, replace_section
+from chatgpt.settings import Settings, SettingsError, load_settings, notes, replace_section
 from chatgpt.server.state import StateFile
 from chatgpt.faces.ws import close_sockets, websocket_handler
 
@@ -63,30 +71,47 @@ SHUTDOWN_SECONDS = 5.0  # in-flight requests get this long at SIGTERM; systemd w
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The one upstream ClientSession, the pipeline built on it and the key re-probe task."""
+    """The one upstream ClientSession, one provider and key pool per upstream, the pipeline built on
+    them and each pool's key re-probe task."""
     settings = app[settings_key]
     upstream = settings.upstream
     session = make_session(upstream.connect_timeout)
-    openai = OpenAIProvider(session, upstream.base_url, read_timeout=upstream.read_timeout,
-                            answer_timeout=upstream.answer_timeout, usage=upstream.usage)
-    pool_provider = openai if settings.pool_provider == "openai" else OfflineProvider()
+    providers = {e.name: OpenAIProvider(session, e.base_url, read_timeout=upstream.read_timeout,
+                                        answer_timeout=upstream.answer_timeout, usage=e.usage)
+                 for e in settings.upstream_entries}
+    upstreams = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name], KeyPool(e.api_keys))
+                 for e in settings.upstream_entries]
+    routes = RouteTable(upstreams, settings.default_model, settings.models.aliases, settings.models.image)
+    offline = OfflineProvider() if settings.pool_provider == "offline" else None
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key, upstream.answer_timeout)
-    keys = KeyPool(upstream.api_keys)
     images = ImageStore(settings.images.folder, settings.public_url, session,
                         int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds)
     app[session_key] = session
-    app[upstream_key] = openai
+    app[routes_key] = routes
+    app[upstream_key] = providers[routes.for_own_key(settings.default_model).name]
     app[pipeline_key] = ChatPipeline(
-        settings, app[flags_key], keys, DailyQuota(settings.quota.daily_questions),
+        settings, app[flags_key], routes, DailyQuota(settings.quota.daily_questions),
         DailyQuota(settings.quota.baixing_daily_questions),
-        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, pool_provider, openai, baixing, images,
-        app[metrics_key])
-    probes = asyncio.create_task(probe_forever(keys, openai.key_works, every=60.0))
+        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, offline, baixing, images, app[metrics_key])
+    probes = [asyncio.create_task(probe_forever(u.keys, providers[u.name].key_works, every=60.0))
+              for u in upstreams if u.keys]
     yield
-    probes.cancel()
-    with suppress(asyncio.CancelledError):
-        await probes
+    for probe in probes:
+        probe.cancel()
+    for probe in probes:
+        with suppress(asyncio.CancelledError):
+            await probe
     await session.close()
+
+
+async def wechat_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The WeChat client on the upstream session (when wechat.appid is set) and the login built on it."""
+    wechat = app[settings_key].wechat
+    client = WeChatClient(app[session_key], appid=wechat.appid, secret=wechat.secret,
+                          api_base=wechat.api_base) if wechat.appid else None
+    signer = TokenSigner(secret_from_setting(wechat.token_secret))
+    app[wechat_login_key] = WeChatLogin(client, signer, wechat.session_days * 86400)
+    yield
 
 
 async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -105,9 +130,11 @@ async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     """Restore quotas, flags and key health at start; save periodically and at shutdown."""
     pipeline = app[pipeline_key]
+    # Key health per upstream: "keys" for the one of the `upstream:` shorthand (as before), "keys.<name>" else.
+    pools = {"keys" if u.name == "default" else f"keys.{u.name}": u.keys for u in app[routes_key].upstreams}
     state = StateFile(app[settings_key].state.file, {
         "flags": app[flags_key], "quota": pipeline.quota, "debug_quota": pipeline.debug_quota,
-        "keys": pipeline.keys, "chat": app[memory_key]})
+        **pools, "chat": app[memory_key]})
     state.load()
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
@@ -129,12 +156,27 @@ async def end_http_streams(app: web.Application) -> None:
 
 def describe(settings: Settings) -> str:
     """One line saying where answers come from, without revealing any key."""
-    upstream = settings.upstream
+    names = ", ".join(e.name for e in settings.upstream_entries)
     if settings.pool_provider == "offline":
-        return ("provider: offline (built-in, no network) — no OPENAI_API_KEY is set, so anonymous "
-                "questions get a canned notice; users' own API keys still go to " + upstream.base_url)
-    keys = ", ".join(mask(k) for k in upstream.api_keys) or "none"
-    return f"provider: openai at {upstream.base_url}, model {upstream.model}, server keys: {keys}"
+        return ("provider: offline (built-in, no network) — no upstream has a key, so anonymous questions "
+                f"get a canned notice; users' own API keys still go to their upstream ({names})")
+    return f"provider: openai, upstreams {names}, default model {settings.default_model}"
+
+
+def describe_routes(settings: Settings) -> list[str]:
+    """Which upstream serves what, with masked keys: one line per upstream, one for the models."""
+    lines = []
+    for e in settings.upstream_entries:
+        keys = ", ".join(mask(k) for k in e.api_keys) or (f"none ({e.api_keys_env} unset)" if e.api_keys_env
+                                                            else "none")
+        draws = "; draws pictures" if e.images else ""
+        lines.append(f"upstream {e.name} at {host_of(e.base_url)} serves {', '.join(e.models)}{draws}; "
+                     f"keys: {keys}")
+    models = settings.models
+    aliases = ", ".join(f"{a} -> {t}" for a, t in models.aliases.items()) or "none"
+    lines.append(f"models: default {settings.default_model}, pictures "
+                 f"{models.image or '(the upstream default)'}, aliases {aliases}")
+    return lines
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -160,7 +202,9 @@ def create_app(settings: Settings) -> web.Application:
     openai_api.add_routes(app)
     admin.add_routes(app)
     ops.add_routes(app)
+    wxlogin.add_routes(app)
     app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(wechat_ctx)  # after upstream_ctx: it uses its session
     app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(pruner_ctx)
     app.on_shutdown.append(close_sockets)
@@ -195,9 +239,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(settings.logging.level, args.log_format or settings.logging.format)
     if args.check:
         print(f"settings OK; {describe(settings)}")
+        for line in describe_routes(settings):
+            print(f"  {line}")
+        for line in notes(settings):
+            print(f"  warning: {line}")
         return
     log.info("chatgpt-api starting on http://%s:%s; %s", settings.server.host, settings.server.port,
              describe(settings))
+    for line in describe_routes(settings):
+        log.info("%s", line)
+    for line in notes(settings):
+        log.warning("%s", line)
     web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
                 print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
 

@@ -6,7 +6,9 @@ import weakref
 import aiohttp
 from aiohttp import web
 
+from chatgpt.domain.failover import Upstream
 from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.domain.routes import RouteTable
 from chatgpt.server.clientip import TrustedProxies
 from chatgpt.server.images import Pruner
 from chatgpt.server.inflight import InFlight
@@ -15,13 +17,15 @@ from chatgpt.domain.memory import ConversationMemory
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
 from chatgpt.domain.runtime import RuntimeFlags
+from chatgpt.domain.wxlogin import WeChatLogin
 from chatgpt.settings import Settings
 from chatgpt.server.state import StateFile
 
 settings_key = web.AppKey("settings", Settings)
 flags_key = web.AppKey("flags", RuntimeFlags)
 session_key = web.AppKey("session", aiohttp.ClientSession)
-upstream_key = web.AppKey("upstream", OpenAIProvider)
+upstream_key = web.AppKey("upstream", OpenAIProvider)  # checks a mini-program user's key (/api/auth/apikey/verify)
+routes_key = web.AppKey("routes", RouteTable[Upstream])  # every upstream with its provider and key pool
 pipeline_key = web.AppKey("pipeline", ChatPipeline)
 sockets_key = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
 trusted_key = web.AppKey("trusted_proxies", TrustedProxies)
@@ -33,3 +37,4 @@ metrics_key = web.AppKey("metrics", Metrics)
 page_key = web.AppKey("page", bytes)
 started_key = web.AppKey("started", float)
 inflight_key = web.AppKey("inflight", InFlight)
+wechat_login_key = web.AppKey("wechat_login", WeChatLogin)

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from chatgpt.domain.routes import RouteError, RouteTable
+
 
 class SettingsError(Exception):
     """A setting is unknown, of the wrong type or out of range; the message names the key (or the
@@ -19,6 +21,8 @@ class SettingsError(Exception):
 
     def __init__(self, message: str, key: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
+        if key is None and message.startswith("setting ") and ": " in message:
+            key, _, reason = message.removeprefix("setting ").partition(": ")
         self.key = key  # the dotted setting, e.g. "upstream.base_url", when one is at fault
         self.reason = reason or message
 
@@ -48,6 +52,34 @@ class UpstreamSettings:
     usage: bool = True  # ask streamed answers for stream_options.include_usage
     baixing_url: str = "https://gpt.baixing.com"
     baixing_key: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamEntry:
+    """One of `upstreams:` (PROTOCOL.md E.4): where questions for its models go, with which keys."""
+
+    name: str = ""
+    base_url: str = ""
+    api_keys: tuple[str, ...] = ()
+    api_keys_env: str = ""  # the variable the keys were read from (kept to explain an empty pool)
+    models: tuple[str, ...] = ()
+    images: bool = False
+    usage: bool = True  # the upstream honours stream_options.include_usage
+
+
+@dataclass(frozen=True)
+class ModelsSettings:
+    """What clients may name: the default model, aliases (client name -> upstream model), the image model."""
+
+    default: str = ""  # empty: upstream.model with the `upstream:` shorthand, else the first upstream's first
+    aliases: dict[str, str] = field(default_factory=dict)
+    image: str = ""  # empty: no model is named, the picture upstream draws with its own default
+
+
+# `upstream:` keys that describe the one upstream of the shorthand; with `upstreams:` they go on each entry.
+SHORTHAND_KEYS = ("base_url", "api_keys", "model", "models", "usage")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # shown in metrics labels, logs and state keys
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -118,9 +150,45 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class WechatSettings:
+    appid: str = ""  # empty: WeChat login is off
+    secret: str = field(default="", repr=False)  # or WECHAT_APP_SECRET
+    api_base: str = "https://api.weixin.qq.com"
+    session_days: int = 30
+    msg_sec_check: bool = False
+    fail_open: bool = True
+    token_secret: str = field(default="", repr=False)  # empty: 32 random bytes at start
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.api_base.startswith(("http://", "https://")), "api_base: expected an http:// or https:// URL"),
+            (1 <= self.session_days <= 365, "session_days: expected 1..365"),
+            (bool(self.appid) or not self.secret, "appid: needed when wechat.secret (or WECHAT_APP_SECRET) is set"),
+            (bool(self.secret) or not self.appid, "secret: needed when wechat.appid is set (or set WECHAT_APP_SECRET)"),
+            (bool(self.appid) or not self.msg_sec_check, "msg_sec_check: needs wechat.appid and wechat.secret"),
+            (not self.token_secret or len(self.token_secret) >= 16, "token_secret: expected 16 characters or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(f"setting wechat.{message}")
+
+
+@dataclass(frozen=True)
+class ModerationSettings:
+    words_file: str = ""  # UTF-8, one word a line; empty: no listed words
+    action: str = "mask"  # mask | refuse
+
+    def __post_init__(self) -> None:
+        if self.action not in ("mask", "refuse"):
+            raise SettingsError("setting moderation.action: expected mask or refuse")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    upstreams: tuple[UpstreamEntry, ...] = ()
+    models: ModelsSettings = field(default_factory=ModelsSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     quota: QuotaSettings = field(default_factory=QuotaSettings)
     ws: WsSettings = field(default_factory=WsSettings)
@@ -131,12 +199,55 @@ class Settings:
     chat: ChatSettings = field(default_factory=ChatSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    wechat: WechatSettings = field(default_factory=WechatSettings)
+    moderation: ModerationSettings = field(default_factory=ModerationSettings)
+
+    def __post_init__(self) -> None:
+        """The upstreams and models must agree: one line naming the first setting that does not."""
+        if self.upstreams:
+            default = UpstreamSettings()
+            for name in SHORTHAND_KEYS:
+                if getattr(self.upstream, name) != getattr(default, name):
+                    raise SettingsError(f"setting upstream.{name}: not used with upstreams: "
+                                        f"(set {name} on each upstream, or drop upstreams:)")
+        for index, entry in enumerate(self.upstreams):
+            where = f"setting upstreams[{index}]"
+            if not _NAME.match(entry.name):
+                raise SettingsError(f"{where}.name: expected letters, digits, '.', '_' or '-', got {entry.name!r}")
+            if not entry.base_url.startswith(("http://", "https://")):
+                raise SettingsError(f"{where}.base_url: expected an http:// or https:// URL")
+            if entry.api_keys_env and not _ENV_NAME.match(entry.api_keys_env):
+                raise SettingsError(f"{where}.api_keys_env: {entry.api_keys_env!r} is not a variable name")
+        try:
+            self.routes()
+        except RouteError as error:
+            raise SettingsError(str(error)) from None
+
+    @property
+    def upstream_entries(self) -> tuple[UpstreamEntry, ...]:
+        """The upstreams in routing order; the `upstream:` shorthand is one upstream named "default"."""
+        if self.upstreams:
+            return self.upstreams
+        u = self.upstream
+        models = tuple(dict.fromkeys((*u.models, u.model)))
+        return (UpstreamEntry("default", u.base_url, u.api_keys, "", models, images=True, usage=u.usage),)
+
+    @property
+    def default_model(self) -> str:
+        """The model of a question that names none."""
+        if self.models.default:
+            return self.models.default
+        return self.upstream.model if not self.upstreams else self.upstreams[0].models[0]
+
+    def routes(self) -> RouteTable[UpstreamEntry]:
+        """The routing table of these settings (raises RouteError when they contradict each other)."""
+        return RouteTable(self.upstream_entries, self.default_model, self.models.aliases, self.models.image)
 
     @property
     def pool_provider(self) -> str:
-        """The provider that answers on the server's pool: `openai` or `offline`."""
+        """The provider that answers on the server's pools: `openai`, or `offline` when no upstream has a key."""
         if self.upstream.provider == "auto":
-            return "openai" if self.upstream.api_keys else "offline"
+            return "openai" if any(e.api_keys for e in self.upstream_entries) else "offline"
         return self.upstream.provider
 
     @property
@@ -156,7 +267,20 @@ def _type_name(kind: Any) -> str:
 
 def _convert(key: str, kind: Any, value: Any) -> Any:
     """Check one leaf value against its declared type; numbers from YAML ints are accepted as floats."""
-    if typing.get_origin(kind) is tuple:
+    origin = typing.get_origin(kind)
+    if origin is tuple and dataclasses.is_dataclass(item := typing.get_args(kind)[0]):
+        if value is None:  # `upstreams:` with every entry commented out
+            return ()
+        if not isinstance(value, list):
+            raise SettingsError(f"setting {key}: expected a list of mappings, got {value!r}")
+        return tuple(_build(typing.cast(type, item), entry, f"{key}[{i}].") for i, entry in enumerate(value))
+    if origin is dict:
+        value = {} if value is None else value
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in value.items()):
+            raise SettingsError(f"setting {key}: expected a mapping of names to names, got {value!r}")
+        return dict(value)
+    if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             reason = f"expected a list of strings, got {value!r}"
             raise SettingsError(f"setting {key}: {reason}", key, reason)
@@ -203,8 +327,28 @@ def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
 
 # Environment variable → the setting it fills; a secret's value is never shown in an error.
 ENV_SETTINGS = {"OPENAI_API_KEY": "upstream.api_keys", "OPENAI_BASE_URL": "upstream.base_url",
-                "BAIXING_API_KEY": "upstream.baixing_key", "CHATGPT_ADMIN_TOKEN": "admin.token"}
-SECRET_ENV = frozenset({"OPENAI_API_KEY", "BAIXING_API_KEY", "CHATGPT_ADMIN_TOKEN"})
+                "BAIXING_API_KEY": "upstream.baixing_key", "CHATGPT_ADMIN_TOKEN": "admin.token",
+                "WECHAT_APP_SECRET": "wechat.secret"}
+SECRET_ENV = frozenset({"OPENAI_API_KEY", "BAIXING_API_KEY", "CHATGPT_ADMIN_TOKEN", "WECHAT_APP_SECRET"})
+SHORTHAND_ENV = frozenset({"OPENAI_API_KEY", "OPENAI_BASE_URL"})
+
+
+def _keys_of(value: str) -> list[str]:
+    """Keys from an environment variable: comma-separated, blanks dropped."""
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
+def _env_keys(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Each upstream's `api_keys_env` is read into its `api_keys`. An unset variable gives an empty pool,
+    not a refusal: the shipped settings name providers an operator may not use, and an upstream without
+    keys still serves callers' own keys. The start-up log says so (`notes`)."""
+    entries = raw.get("upstreams")
+    for index, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("api_keys_env"), str):
+            continue  # a wrong type is reported by _build
+        if "api_keys" in entry:
+            raise SettingsError(f"setting upstreams[{index}].api_keys_env: give api_keys or api_keys_env, not both")
+        entry["api_keys"] = _keys_of(env.get(entry["api_keys_env"].strip(), ""))
 
 
 def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
@@ -212,14 +356,14 @@ def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str
     applied: dict[str, str] = {}
     for variable, setting in ENV_SETTINGS.items():
         value = env.get(variable, "").strip()
-        if not value:
+        # OPENAI_API_KEY / OPENAI_BASE_URL fill the one-upstream shorthand only; with `upstreams:` an
+        # upstream names its variable in api_keys_env.
+        if not value or (variable in SHORTHAND_ENV and raw.get("upstreams")):
             continue
         section, name = setting.split(".")
-        if variable == "OPENAI_API_KEY":
-            _section(raw, section)[name] = [k.strip() for k in value.split(",") if k.strip()]
-        else:
-            _section(raw, section)[name] = value
+        _section(raw, section)[name] = _keys_of(value) if variable == "OPENAI_API_KEY" else value
         applied[setting] = variable
+    _env_keys(raw, env)
     return applied
 
 
@@ -307,6 +451,30 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         return validate(_build(Settings, raw, ""))
     except SettingsError as error:
         raise _env_error(error, applied, env) from None
+
+
+def notes(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for the start-up log: settings that load but probably do not do what was meant."""
+    env = os.environ if env is None else env
+    lines = [f"upstream {e.name}: {e.api_keys_env} is not set, so its key pool is empty "
+             f"(callers' own keys still reach it)" for e in settings.upstreams if e.api_keys_env and not e.api_keys]
+    routes = settings.routes()
+    if settings.pool_provider == "openai" and not any(e.api_keys for e in routes.serving(settings.default_model)):
+        lines.append(f"no upstream serving the default model {settings.default_model} has a key: questions "
+                     f"on the server's keys will be refused")
+    if not routes.drawing():
+        lines.append("no upstream draws pictures (images: true): pictures will be refused")
+    elif settings.pool_provider == "openai" and not any(e.api_keys for e in routes.drawing()):
+        lines.append("no upstream that draws pictures has a key: pictures on the server's keys will be refused")
+    if settings.upstreams:
+        if env.get("OPENAI_API_KEY", "").strip() and all(e.api_keys_env != "OPENAI_API_KEY"
+                                                           for e in settings.upstreams):
+            lines.append("OPENAI_API_KEY is ignored: the settings list their upstreams (upstreams:) "
+                         "and none names it in api_keys_env")
+        if env.get("OPENAI_BASE_URL", "").strip():
+            lines.append("OPENAI_BASE_URL is ignored: the settings list their upstreams (upstreams:), "
+                         "each with its base_url")
+    return lines
 
 
 def replace_section(settings: Settings, section: str, **changes: Any) -> Settings:

@@ -190,15 +190,18 @@ class SecretCapture:
             self.secrets.setdefault(value.strip(), set()).add(source)
 
     def add_settings(self, settings: object) -> None:
-        """Every credential in an app's Settings: server keys, admin token, client tokens, Baixing key."""
+        """Every credential in an app's Settings: server keys, admin token, client tokens, Baixing key, WeChat."""
         if not isinstance(settings, Settings):
             return
-        for key in settings.upstream.api_keys:
-            self.add_secret(key, "upstream.api_keys")
+        for entry in settings.upstream_entries:  # the `upstream:` shorthand's keys are the "default" upstream's
+            for key in entry.api_keys:
+                self.add_secret(key, f"upstream {entry.name} api_keys")
         self.add_secret(settings.upstream.baixing_key, "upstream.baixing_key")
         self.add_secret(settings.admin.token, ADMIN_SECRET_SOURCE)
         for token in settings.api.client_tokens:
             self.add_secret(token, "api.client_tokens")
+        self.add_secret(settings.wechat.secret, "wechat.secret")
+        self.add_secret(settings.wechat.token_secret, "wechat.token_secret")
 
     def add_lines(self, text: str) -> None:
         """Log lines from elsewhere, e.g. a server subprocess's output."""

@@ -168,10 +168,11 @@ async def test_admin_keys_lists_each_key_masked_with_its_health_and_never_the_fu
     text = await response.text()
     assert json.loads(text) == {"usable": 1, "keys": [
         {"key": "…1111", "state": "disabled", "until": None, "reason": "invalid_api_key",
-         "requests": 1, "failures": 1, "tokens_today": {"prompt": 0, "completion": 0, "reasoning": 0}},
+         "requests": 1, "failures": 1, "tokens_today": {"prompt": 0, "completion": 0, "reasoning": 0},
+         "upstream": "default"},
         # The answer's usage (the fake's last chunk), counted on the key that paid for it.
         {"key": "…2222", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 0,
-         "tokens_today": {"prompt": 9, "completion": 12, "reasoning": 0}},
+         "tokens_today": {"prompt": 9, "completion": 12, "reasoning": 0}, "upstream": "default"},
     ]}
     for secret in (KEY_A, KEY_B, "sk-key", "aaaa", "bbbb"):
         assert secret not in text

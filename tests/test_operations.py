@@ -124,7 +124,7 @@ async def test_metrics_count_questions_refusals_errors_images_and_sockets(
     assert value(after, "chatgpt_time_to_first_token_seconds_count", entry="ws") == 1.0
     assert value(after, "chatgpt_time_to_first_token_seconds_count", entry="v1") == 1.0
     assert value(after, "chatgpt_answer_duration_seconds_count", entry="v1") == 3.0
-    assert series(after, "chatgpt_upstream_errors_total") == {labels(status="500", key="…0001"): 1.0}
+    assert series(after, "chatgpt_upstream_errors_total") == {labels(upstream="default", status="500", key="…0001"): 1.0}
     assert series(after, "chatgpt_quota_refusals_total") == {labels(entry="v1"): 1.0}
     assert series(after, "chatgpt_limiter_refusals_total") == {labels(entry="ws"): 1.0}
     assert value(after, "chatgpt_images_on_disk") == 1.0

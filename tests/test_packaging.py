@@ -6,8 +6,8 @@ from importlib import metadata
 
 def test_the_installed_distribution_holds_every_module_and_the_demo_page() -> None:
     files = {str(f) for f in metadata.files("chatgpt-api") or []}
-    for needed in ("app.py", "chatgpt/__init__.py", "chatgpt/chat.py", "chatgpt/providers/__init__.py",
-                   "chatgpt/providers/openai.py", "chatgpt/web/index.html"):
+    for needed in ("app.py", "chatgpt/__init__.py", "chatgpt/domain/pipeline.py", "chatgpt/domain/provider.py",
+                   "chatgpt/upstream/openai.py", "chatgpt/faces/ws.py", "chatgpt/server/state.py", "chatgpt/web/index.html"):
         assert needed in files, f"{needed} is missing from the installed package"
 
 

@@ -103,7 +103,7 @@ async def test_the_session_capture_sees_app_logs_responses_and_the_secrets_of_ev
     keys = await response.read()
     assert frame["content"] == "upstream exploded"
     new_lines = secret_capture.lines[lines_before:]
-    assert any("upstream openai failed" in line for line in new_lines)  # the app's WARNING, through the root logger
+    assert any("upstream default failed" in line for line in new_lines)  # the app's WARNING, through the root logger
     new_bodies = secret_capture.bodies[responses_before:]
     assert any(b"upstream exploded" in body for body in new_bodies)  # a websocket frame
     assert any(bytes(body) == keys for body in new_bodies)  # an HTTP body

@@ -17,10 +17,14 @@ import pytest
 import yaml
 
 from chatgpt.settings import (
+    SHORTHAND_KEYS,
     AdminSettings,
+    ImagesSettings,
+    ModelsSettings,
     ServerSettings,
     Settings,
     SettingsError,
+    UpstreamEntry,
     UpstreamSettings,
     load_settings,
 )
@@ -193,25 +197,46 @@ def test_secrets_from_the_environment_apply_when_the_file_has_empty_sections(tmp
     assert settings.admin.token == "admin-env"
 
 
-def test_the_repository_settings_file_is_exactly_the_defaults() -> None:
+def test_the_repository_settings_file_is_the_defaults_but_for_its_upstreams_and_models() -> None:
     path = REPO / "settings.yaml"
     assert path.is_file(), "settings.yaml is part of the repository (DESIGN.md layout)"
-    assert load_settings(path, env={}) == Settings()
+    settings = load_settings(path, env={})
+    assert dataclasses.replace(settings, upstreams=(), models=ModelsSettings(),
+                               images=ImagesSettings()) == Settings()
+    assert dataclasses.replace(settings.images, size="256x256") == ImagesSettings()  # gpt-image-1 draws 1024 and up
+    assert [(e.name, e.api_keys_env, e.api_keys, e.images) for e in settings.upstreams] == [
+        ("deepseek", "DEEPSEEK_API_KEY", (), False), ("pictures", "OPENAI_API_KEY", (), True)]
+    assert settings.models == ModelsSettings("deepseek-chat", {"gpt-3.5-turbo": "deepseek-chat"}, "gpt-image-1")
+    assert settings.pool_provider == "offline"  # no key set: the server still starts, answering offline
 
 
 def test_the_repository_settings_file_lists_every_key() -> None:
     raw = yaml.safe_load((REPO / "settings.yaml").read_text(encoding="utf-8"))
     expected = {section.name: sorted(f.name for f in dataclasses.fields(getattr(Settings(), section.name)))
-                for section in dataclasses.fields(Settings)}
-    assert {name: sorted(values) for name, values in raw.items()} == expected
+                for section in dataclasses.fields(Settings) if section.name != "upstreams"}
+    # The shorthand's keys are documented in comments: the file uses `upstreams:`, which excludes them.
+    expected["upstream"] = sorted(set(expected["upstream"]) - set(SHORTHAND_KEYS))
+    entry_keys = sorted(f.name for f in dataclasses.fields(UpstreamEntry) if f.name != "api_keys")
+    assert {name: sorted(values) for name, values in raw.items() if name != "upstreams"} == expected
+    assert [sorted(entry) for entry in raw["upstreams"]] == [entry_keys, entry_keys]
 
 
-def test_check_with_defaults_exits_zero_and_names_the_offline_provider() -> None:
+def test_check_with_the_repository_settings_exits_zero_and_says_which_upstream_serves_what() -> None:
     result = run_cli("--check")
     assert (result.returncode, result.stderr) == (0, "")
     lines = result.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("settings OK; ")
-    assert "offline" in lines[0]
+    assert lines[0].startswith("settings OK; provider: offline")
+    assert lines[1:] == [
+        "  upstream deepseek at api.deepseek.com serves deepseek-chat, deepseek-reasoner; keys: none "
+        "(DEEPSEEK_API_KEY unset)",
+        "  upstream pictures at api.openai.com serves gpt-4o-mini, gpt-image-1; draws pictures; keys: none "
+        "(OPENAI_API_KEY unset)",
+        "  models: default deepseek-chat, pictures gpt-image-1, aliases gpt-3.5-turbo -> deepseek-chat",
+        "  warning: upstream deepseek: DEEPSEEK_API_KEY is not set, so its key pool is empty "
+        "(callers' own keys still reach it)",
+        "  warning: upstream pictures: OPENAI_API_KEY is not set, so its key pool is empty "
+        "(callers' own keys still reach it)",
+    ]
 
 
 def test_check_with_an_unknown_key_exits_two_with_one_line_naming_it(tmp_path: Path) -> None:
@@ -286,4 +311,5 @@ async def test_the_server_starts_without_an_api_key_answers_and_stops_on_termina
     assert returncode == 0
     log_text = log_path.read_text(encoding="utf-8")
     assert f"chatgpt-api starting on http://127.0.0.1:{port}; provider: offline" in log_text
+    assert "upstream default at api.openai.com serves gpt-3.5-turbo; draws pictures; keys: none" in log_text
     assert "Traceback" not in log_text

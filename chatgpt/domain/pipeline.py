@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -16,12 +16,14 @@ from chatgpt.domain.errors import (
     from_upstream,
 )
 from chatgpt.server.images import ImageStore, StoredImage
+from chatgpt.domain.failover import NoKeyLeft, Upstream, call_first_good, stream_first_good
 from chatgpt.domain.keypool import KeyPool, mask, retry_after_from_headers
 from chatgpt.domain.limits import LimiterTable
 from chatgpt.server.metrics import Metrics, QuestionRecord
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage, Provider
 from chatgpt.domain.question import Question, fit_context
 from chatgpt.domain.quota import DailyQuota
+from chatgpt.domain.routes import RouteTable
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings
 
@@ -63,18 +65,17 @@ def _retryable(error: ServiceError, tried: list[str]) -> bool:
 class ChatPipeline:
     """Turns a question into answer deltas, charging and refunding as PROTOCOL.md says."""
 
-    def __init__(self, settings: Settings, flags: RuntimeFlags, keys: KeyPool, quota: DailyQuota,
-                 debug_quota: DailyQuota, limiters: dict[str, LimiterTable], pool_provider: Provider,
-                 own_key_provider: Provider, debug_provider: Provider, images: ImageStore,
-                 metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, flags: RuntimeFlags, routes: RouteTable[Upstream], quota: DailyQuota,
+                 debug_quota: DailyQuota, limiters: dict[str, LimiterTable], offline: Provider | None,
+                 debug_provider: Provider, images: ImageStore, metrics: Metrics) -> None:
         self.settings = settings
         self.flags = flags
-        self.keys = keys
+        self.routes = routes
+        self.keys: KeyPool = routes.upstreams[0].keys  # the first upstream's pool (one-upstream callers)
         self.quota = quota
         self.debug_quota = debug_quota  # the Baixing relay's own per-IP day limit
         self.limiters = limiters
-        self.pool_provider = pool_provider
-        self.own_key_provider = own_key_provider
+        self.offline = offline  # set when no upstream has a key: it answers every question on the pools
         self.debug_provider = debug_provider
         self.images = images
         self.metrics = metrics
@@ -93,15 +94,14 @@ class ChatPipeline:
 
     def choose_model(self, requested: Any, *, strict: bool) -> str:
         """A client's model is honoured only when listed; `strict` refuses an unlisted one instead."""
-        upstream = self.settings.upstream
         if not isinstance(requested, str) or not requested.strip():
-            return upstream.model
-        if requested in upstream.models:
+            return self.routes.default
+        if self.routes.offers(requested):
             return requested
         if strict:
             raise ServiceError("300001", f"The model `{requested[:100]}` is not available on this server.",
                                http_status=404, error_code="model_not_found")
-        return upstream.model
+        return self.routes.default
 
     def remaining(self, identity: str) -> int:
         """Questions an anonymous identity has left today."""
@@ -119,7 +119,8 @@ class ChatPipeline:
         if question.payer.kind != "own":
             max_tokens = min(max_tokens or upstream.max_tokens, upstream.max_tokens)
             temperature = upstream.temperature if temperature is None else temperature
-        return ChatRequest(history, question.model, temperature, max_tokens, question.extra, question.stream)
+        model = self.routes.resolve(question.model)  # what clients say -> what upstreams are asked
+        return ChatRequest(history, model, temperature, max_tokens, question.extra, question.stream)
 
     def _charge(self, question: Question, debug: bool) -> DailyQuota | None:
         """Count an anonymous question against its day quota; the quota to refund, if any."""
@@ -141,7 +142,7 @@ class ChatPipeline:
         quota = None
         try:
             quota = self._charge(question, debug)
-            source = self._relay(self.debug_provider, request, None, None) if debug else self._stream(question, request)
+            source = self._relay(None, self.debug_provider, request, None, None) if debug else self._stream(question, request)
             async with aclosing(source) as deltas:
                 async for delta in deltas:
                     if delta.text or delta.reasoning or delta.tool_call:
@@ -162,7 +163,7 @@ class ChatPipeline:
     def _record(self, question: Question, kind: str) -> QuestionRecord:
         record = self.metrics.start(question.entry, question.identity, kind)
         # An own-key caller may name any model: only the offered ones become metric labels.
-        record.model = question.model if question.model in self.settings.upstream.models else "other"
+        record.model = question.model if self.routes.offers(question.model) else "other"
         record.payer = {"anonymous": "pool", "trusted": "trusted", "own": "own"}[question.payer.kind]
         if self.settings.logging.prompts:
             users = [m.get("content") for m in question.messages if m.get("role") == "user"]
@@ -170,19 +171,29 @@ class ChatPipeline:
         return record
 
     async def _stream(self, question: Question, request: ChatRequest) -> AsyncIterator[Delta]:
-        if question.payer.kind == "own" or self.pool_provider.name == "offline":
-            provider = self.own_key_provider if question.payer.kind == "own" else self.pool_provider
-            async with aclosing(self._relay(provider, request, question.payer.key, None)) as deltas:
+        if question.payer.kind == "own" or self.offline is not None:
+            # A caller's own key goes to one upstream only: it must not be shown to another provider.
+            upstream = self.routes.for_own_key(request.model)
+            provider = upstream.provider if question.payer.kind == "own" else self.offline
+            assert provider is not None
+            async with aclosing(self._relay(upstream, provider, request, question.payer.key, None)) as deltas:
                 async for delta in deltas:
                     yield delta
             return
+        candidates = self.routes.serving(request.model)
+        async with aclosing(stream_first_good(candidates, lambda up: self._stream_on(up, request))) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def _stream_on(self, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Delta, None]:
+        """One upstream's answer on its own pool: one retry on its next key after a key refusal."""
         tried: list[str] = []
         refused: ServiceError | None = None
         while True:
-            key = self._next_key(tried, refused)
+            key = self._next_key(upstream.keys, tried, refused)
             produced = False
             try:
-                async with aclosing(self._relay(self.pool_provider, request, key, key)) as deltas:
+                async with aclosing(self._relay(upstream, upstream.provider, request, key, key)) as deltas:
                     async for delta in deltas:
                         produced = True
                         yield delta
@@ -196,13 +207,14 @@ class ChatPipeline:
                 log.info("key %s refused (HTTP %s); retrying once on the next key", mask(key),
                          getattr(error.__cause__, "status", "?"))
 
-    def _next_key(self, tried: list[str], refused: ServiceError | None) -> str:
+    def _next_key(self, keys: KeyPool, tried: list[str], refused: ServiceError | None) -> str:
         """The next usable pool key; with none left, the refusal that made us look (or 'no key')."""
-        key = self.keys.pick(exclude=tried)
+        key = keys.pick(exclude=tried)
         if key is None:
             if refused is not None:
                 raise refused
-            raise ServiceError("500001", texts.NO_SERVER_KEY, http_status=503, error_type="api_error")
+            raise ServiceError("500001", texts.NO_SERVER_KEY, http_status=503,
+                               error_type="api_error") from NoKeyLeft()
         tried.append(key)
         return key
 
@@ -213,7 +225,7 @@ class ChatPipeline:
         try:
             quota = self._charge(question, debug=False)
             generated = await self._generate(question, prompt, size or self.settings.images.size)
-            stored = await self._call(self.images.store(generated), None)
+            stored = await self._call(None, self.images.store(generated), None)  # a download, for URL answers
             record.token()
             return stored
         except BaseException as exc:
@@ -225,72 +237,87 @@ class ChatPipeline:
             self.metrics.finish(record)
 
     async def _generate(self, question: Question, prompt: str, size: str) -> GeneratedImage:
-        if question.payer.kind == "own":
-            return await self._call(self.own_key_provider.generate_image(prompt, size, question.payer.key), None)
-        if self.pool_provider.name == "offline":
-            return await self._call(self.pool_provider.generate_image(prompt, size, None), None)
+        model = self.routes.resolve(self.routes.image) if self.routes.image else None
+        if self.offline is not None and question.payer.kind != "own":
+            return await self.offline.generate_image(prompt, size, None, model)
+        drawing = self.routes.drawing()
+        if not drawing:
+            raise ServiceError("500001", texts.NO_IMAGES, http_status=400, error_code="images_not_offered")
+        if question.payer.kind == "own":  # the first upstream that draws, and that one only
+            upstream = drawing[0]
+            return await self._call(upstream, upstream.provider.generate_image(prompt, size, question.payer.key,
+                                                                               model), None)
+        return await call_first_good(drawing, lambda up: self._draw_on(up, prompt, size, model))
+
+    async def _draw_on(self, upstream: Upstream, prompt: str, size: str, model: str | None) -> GeneratedImage:
+        """One picture from one upstream on its own pool, with one retry on its next key."""
         tried: list[str] = []
         refused: ServiceError | None = None
         while True:
-            key = self._next_key(tried, refused)
+            key = self._next_key(upstream.keys, tried, refused)
             try:
-                return await self._call(self.pool_provider.generate_image(prompt, size, key), key)
+                return await self._call(upstream, upstream.provider.generate_image(prompt, size, key, model), key)
             except ServiceError as error:
                 if not _retryable(error, tried):
                     raise
                 refused = error
 
-    async def _call(self, call: Awaitable[T], pool_key: str | None) -> T:
-        """Await one upstream call, mapping failures and reporting key health like `_relay`."""
-        if pool_key is not None:
-            self.keys.record_request(pool_key)
+    async def _call(self, upstream: Upstream | None, call: Awaitable[T], pool_key: str | None) -> T:
+        """Await one upstream call (None: a picture download), mapping failures and reporting key health
+        like `_relay`."""
+        if upstream is not None and pool_key is not None:
+            upstream.keys.record_request(pool_key)
         try:
             result = await call
         except UPSTREAM_FAILURES as exc:
-            self._failed("images", pool_key, exc)
+            self._failed(upstream, pool_key, exc)
             raise public_error(exc, pool_key) from exc
-        self.upstream_ok = True
-        if pool_key is not None:
-            self.keys.report_success(pool_key)
+        if upstream is not None:
+            self.upstream_ok = upstream.reachable = True
+            if pool_key is not None:
+                upstream.keys.report_success(pool_key)
         return result
 
-    async def _relay(self, provider: Provider, request: ChatRequest, key: str | None,
+    async def _relay(self, upstream: Upstream | None, provider: Provider, request: ChatRequest, key: str | None,
                      pool_key: str | None) -> AsyncIterator[Delta]:
         """Relay one provider stream, mapping upstream failures and reporting key health."""
-        if pool_key is not None:
-            self.keys.record_request(pool_key)
+        if upstream is not None and pool_key is not None:
+            upstream.keys.record_request(pool_key)
         try:
             async with aclosing(provider.stream(request, key)) as deltas:
                 async for delta in deltas:
-                    if delta.usage is not None and pool_key is not None:
-                        self.keys.record_usage(pool_key, delta.usage.prompt, delta.usage.completion,
-                                               delta.usage.reasoning)
+                    if delta.usage is not None and upstream is not None and pool_key is not None:
+                        upstream.keys.record_usage(pool_key, delta.usage.prompt, delta.usage.completion,
+                                                   delta.usage.reasoning)
                     yield delta
         except UPSTREAM_FAILURES as exc:
-            self._failed(provider.name, pool_key, exc)
+            self._failed(upstream, pool_key, exc)
             raise public_error(exc, pool_key) from exc
-        if provider.name != "offline":  # the built-in provider says nothing about the upstream
-            self.upstream_ok = True
+        if upstream is None or provider.name == "offline":
+            return  # the Baixing relay and the built-in provider say nothing about the upstreams
+        self.upstream_ok = upstream.reachable = True
         if pool_key is not None:
-            self.keys.report_success(pool_key)
+            upstream.keys.report_success(pool_key)
 
-    def _failed(self, provider: str, pool_key: str | None, exc: BaseException) -> None:
+    def _failed(self, upstream: Upstream | None, pool_key: str | None, exc: BaseException) -> None:
         """Account one upstream failure: key health, the reachable flag, metrics and one log line."""
         status = str(exc.status) if isinstance(exc, UpstreamError) else type(exc).__name__
-        if pool_key is not None:
-            self._report(pool_key, exc)
-        if isinstance(exc, (UpstreamUnreachable, asyncio.TimeoutError)) or (
-                isinstance(exc, UpstreamError) and exc.status >= 500):
-            self.upstream_ok = False
-        self.metrics.upstream_errors.labels(status, mask(pool_key) if pool_key else provider).inc()
-        log.warning("upstream %s failed (%s, key %s): %s", provider, status,
+        name = upstream.name if upstream is not None else "picture download"
+        if upstream is not None:
+            if pool_key is not None:
+                self._report(upstream.keys, pool_key, exc)
+            if isinstance(exc, (UpstreamUnreachable, asyncio.TimeoutError)) or (
+                    isinstance(exc, UpstreamError) and exc.status >= 500):
+                self.upstream_ok = upstream.reachable = False
+        self.metrics.upstream_errors.labels(name, status, mask(pool_key) if pool_key else "own").inc()
+        log.warning("upstream %s failed (%s, key %s): %s", name, status,
                     mask(pool_key) if pool_key else "caller's own", exc)
 
-    def _report(self, key: str, exc: BaseException) -> None:
+    def _report(self, keys: KeyPool, key: str, exc: BaseException) -> None:
         """Key health from an upstream failure: cool on 429, disable on 401 / insufficient_quota."""
         if isinstance(exc, UpstreamError) and (exc.status == 401 or exc.code == "insufficient_quota"):
-            self.keys.report_invalid(key, exc.code or f"HTTP {exc.status}")
+            keys.report_invalid(key, exc.code or f"HTTP {exc.status}")
         elif isinstance(exc, UpstreamError) and exc.status == 429:
-            self.keys.report_rate_limited(key, retry_after_from_headers(exc.headers))
+            keys.report_rate_limited(key, retry_after_from_headers(exc.headers))
         else:
-            self.keys.report_error(key)
+            keys.report_error(key)

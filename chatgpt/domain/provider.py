@@ -67,6 +67,7 @@ class Provider(Protocol):
         """Yield the answer's deltas; raise an upstream exception from `chatgpt.domain.errors` on failure."""
         ...
 
-    async def generate_image(self, prompt: str, size: str, key: str | None) -> GeneratedImage:
-        """One picture for `prompt`; raise an upstream exception from `chatgpt.domain.errors` on failure."""
+    async def generate_image(self, prompt: str, size: str, key: str | None,
+                             model: str | None = None) -> GeneratedImage:
+        """One picture for `prompt` (by `model`, else the upstream's default); raise an upstream exception from `chatgpt.domain.errors` on failure."""
         ...

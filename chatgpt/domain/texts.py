@@ -29,6 +29,7 @@ BUSY = "上一个问题还在回答中, 请稍后再试。"
 SHUTTING_DOWN = "服务器正在重启, 请稍后再试。"
 PROMPT_EMPTY = "请输入图片描述。"
 NO_SERVER_KEY = "服务器未配置API Key, 请使用自己的API Key。"
+NO_IMAGES = "这台服务器不提供图片生成。"
 
 # Obsolete ChatGPT web login (PROTOCOL.md C.1).
 LOGIN_GONE = "账号密码和Token登录已停用, 请使用API Key登录。"

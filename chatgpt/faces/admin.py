@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from chatgpt import jsontext
-from chatgpt.keys import flags_key, pipeline_key, pruner_key, settings_key, state_key
+from chatgpt.keys import flags_key, pipeline_key, pruner_key, routes_key, settings_key, state_key
 from chatgpt.server.bodies import read_raw
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,19 @@ async def patch_runtime(request: web.Request) -> web.Response:
 
 
 async def get_keys(request: web.Request) -> web.Response:
-    """Health of each server key, masked to its last 4 characters."""
+    """Health of each server key, masked to its last 4 characters, with the upstream it belongs to."""
     require_admin(request)
-    pool = request.app[pipeline_key].keys
-    return _json({"usable": pool.usable(), "keys": pool.health()})
+    upstreams = request.app[routes_key].upstreams
+    return _json({"usable": sum(u.keys.usable() for u in upstreams),
+                  "keys": [{**row, "upstream": u.name} for u in upstreams for row in u.keys.health()]})
+
+
+async def get_upstreams(request: web.Request) -> web.Response:
+    """Each upstream in routing order: host, models, pictures, health and its keys (masked)."""
+    require_admin(request)
+    routes = request.app[routes_key]
+    return _json({"upstreams": [u.status() for u in routes.upstreams], "default": routes.default,
+                  "image": routes.image, "aliases": routes.aliases})
 
 
 async def reset_quota(request: web.Request) -> web.Response:
@@ -97,5 +106,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/runtime", get_runtime)
     app.router.add_patch("/admin/runtime", patch_runtime)
     app.router.add_get("/admin/keys", get_keys)
+    app.router.add_get("/admin/upstreams", get_upstreams)
     app.router.add_post("/admin/quota/reset", reset_quota)
     app.router.add_post("/admin/images/prune", prune_images)

@@ -7,7 +7,7 @@ import time
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from chatgpt.keys import metrics_key, pipeline_key, settings_key, sockets_key, started_key
+from chatgpt.keys import metrics_key, pipeline_key, routes_key, settings_key, sockets_key, started_key
 from chatgpt.server.images import folder_usage
 
 
@@ -15,12 +15,14 @@ async def healthz(request: web.Request) -> web.Response:
     """200 while the process serves: uptime, where answers come from, key health, upstream reachability."""
     app = request.app
     pipeline = app[pipeline_key]
+    upstreams = app[routes_key].upstreams
     return web.json_response({
         "status": "ok",
         "uptime_s": round(time.monotonic() - app[started_key], 1),
         "provider": app[settings_key].pool_provider,
         "serving": pipeline.flags.serving,
-        "keys": {"configured": len(pipeline.keys), "healthy": pipeline.keys.usable()},
+        "keys": {"configured": sum(len(u.keys) for u in upstreams),
+                 "healthy": sum(u.keys.usable() for u in upstreams)},
         "upstream_reachable": pipeline.upstream_ok,
     })
 

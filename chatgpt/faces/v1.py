@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from chatgpt import jsontext
-from chatgpt.keys import pipeline_key, settings_key
+from chatgpt.keys import pipeline_key, routes_key, settings_key
 from chatgpt.server.bodies import read_raw
 from chatgpt.domain.errors import ServiceError, bad_request
 from chatgpt.server.guards import identity_of
@@ -227,8 +227,8 @@ async def image_generations(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """`GET /v1/models`: the models this server allows on its own keys."""
-    models = request.app[settings_key].upstream.models
+    """`GET /v1/models`: every model and alias this server offers on its own keys."""
+    models = request.app[routes_key].offered()
     return web.json_response({"object": "list", "data": [
         {"id": m, "object": "model", "created": 0, "owned_by": "chatgpt-api"} for m in models]})
 

@@ -63,8 +63,8 @@ class Metrics:
         self.tokens = Counter("chatgpt_relayed_deltas", "Answer pieces relayed to clients", ["entry"], registry=r)
         self.token_usage = Counter("chatgpt_tokens", "Tokens the upstream counted, by kind, payer and model",
                                    ["kind", "payer", "model"], registry=r)
-        self.upstream_errors = Counter("chatgpt_upstream_errors", "Upstream failures by status and masked key",
-                                       ["status", "key"], registry=r)
+        self.upstream_errors = Counter("chatgpt_upstream_errors", "Upstream failures by upstream, status and masked key",
+                                       ["upstream", "status", "key"], registry=r)
         self.limiter_refusals = Counter("chatgpt_limiter_refusals", "Requests refused by a per-IP limiter",
                                         ["entry"], registry=r)
         self.quota_refusals = Counter("chatgpt_quota_refusals", "Questions refused by a daily quota",

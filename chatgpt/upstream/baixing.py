@@ -11,7 +11,8 @@ import aiohttp
 from chatgpt import jsontext
 from chatgpt.domain.errors import UpstreamBroken, UpstreamError
 from chatgpt.domain.provider import ChatRequest, Delta
-from chatgpt.upstream.network import host_of, upstream_call
+from chatgpt.domain.failover import host_of
+from chatgpt.upstream.network import upstream_call
 
 ANSWER_LIMIT = 1024 * 1024
 

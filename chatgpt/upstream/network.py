@@ -6,17 +6,9 @@ from contextlib import contextmanager
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
-from yarl import URL
 
 from chatgpt.domain import texts
 from chatgpt.domain.errors import UpstreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-
-
-def host_of(url: str) -> str:
-    """The host (and an explicit port) of an upstream URL, for messages: never its user or password."""
-    parsed = URL(url)
-    host = parsed.host or "?"
-    return f"{host}:{parsed.explicit_port}" if parsed.explicit_port else host
 
 
 def _never() -> bool:

@@ -34,7 +34,8 @@ class OfflineProvider:
             await asyncio.sleep(self._delay)
         yield Delta(finish_reason="stop", answer_id=answer_id)
 
-    async def generate_image(self, prompt: str, size: str, key: str | None) -> GeneratedImage:
+    async def generate_image(self, prompt: str, size: str, key: str | None,
+                             model: str | None = None) -> GeneratedImage:
         """A plain grey placeholder picture of the asked size: honest, and needs no network."""
         width, height = (int(n) for n in size.split("x"))
         return GeneratedImage(b64=base64.b64encode(placeholder_png(width, height)).decode())

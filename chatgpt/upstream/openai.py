@@ -15,7 +15,8 @@ from chatgpt.domain.errors import UpstreamBroken, UpstreamError, UpstreamTimeout
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 from chatgpt.upstream.chunks import answer_of, delta_of
 from chatgpt.upstream.events import event_payloads
-from chatgpt.upstream.network import host_of, upstream_call
+from chatgpt.domain.failover import host_of
+from chatgpt.upstream.network import upstream_call
 from chatgpt.upstream.session import SSE, read_capped
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,12 @@ class OpenAIProvider:
             return False
         return True
 
-    async def generate_image(self, prompt: str, size: str, key: str | None) -> GeneratedImage:
+    async def generate_image(self, prompt: str, size: str, key: str | None,
+                             model: str | None = None) -> GeneratedImage:
         """`POST {base_url}/images/generations` (n=1); exactly one POST, never retried here."""
-        body = {"prompt": prompt, "n": 1, "size": size}
+        body: dict[str, Any] = {"prompt": prompt, "n": 1, "size": size}
+        if model:
+            body["model"] = model
         with upstream_call(self._host):
             async with asyncio.timeout(self._answer_timeout):  # drawing takes a minute or more
                 async with self._session.post(f"{self._base_url}/images/generations", json=body,
