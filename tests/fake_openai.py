@@ -123,8 +123,12 @@ class FakeOpenAI:
     async def _write(self, response: web.StreamResponse, s: Stream, model: str, request: dict[str, Any]) -> None:
         def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
             data: dict[str, Any] = {"id": s.answer_id, "object": "chat.completion.chunk", "created": 1,
-                                    "model": model, "choices": [] if delta is None else
-                                    [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+                                    "model": model, "system_fingerprint": "fp_fake", "choices": [] if delta is None
+                                    else [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            text = (delta or {}).get("content")
+            if request.get("logprobs") and data["choices"]:
+                data["choices"][0]["logprobs"] = {"content": [{"token": text, "logprob": -0.5, "bytes": list(
+                    text.encode()), "top_logprobs": []}] if text else [], "refusal": None}
             if s.omit_id:
                 del data["id"]
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()

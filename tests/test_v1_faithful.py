@@ -49,7 +49,7 @@ async def test_every_field_the_server_does_not_own_reaches_the_upstream(client: 
     assert {k: sent[k] for k in fields} == fields
     assert sent["messages"] == messages
     assert sent["max_completion_tokens"] == 100 and "max_tokens" not in sent
-    assert "n" not in sent and sent["stream"] is False
+    assert "n" not in sent and sent["stream"] is True
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
@@ -72,7 +72,7 @@ async def test_on_the_callers_own_key_nothing_is_capped_or_added(client: TestCli
     assert response.status == 200
     sent = fake.chat_requests()[0].body
     assert sent == {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50000,
-                    "stream": False}
+                    "stream": True, "stream_options": {"include_usage": True}}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])

@@ -120,7 +120,7 @@ class ChatPipeline:
             max_tokens = min(max_tokens or upstream.max_tokens, upstream.max_tokens)
             temperature = upstream.temperature if temperature is None else temperature
         model = self.routes.resolve(question.model)  # what clients say -> what upstreams are asked
-        return ChatRequest(history, model, temperature, max_tokens, question.extra, question.stream)
+        return ChatRequest(history, model, temperature, max_tokens, question.extra)
 
     def _charge(self, question: Question, debug: bool) -> DailyQuota | None:
         """Count an anonymous question against its day quota; the quota to refund, if any."""

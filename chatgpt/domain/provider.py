@@ -10,14 +10,13 @@ from typing import Any, Protocol
 class ChatRequest:
     """What is asked of a provider: OpenAI-shaped messages and sampling options. `extra` holds the
     other request fields of an OpenAI caller (tools, response_format, stream_options...), passed on
-    as they came; `stream` False asks the upstream for one whole answer (a non-streamed `/v1` call)."""
+    as they came."""
 
     messages: list[dict[str, Any]]
     model: str
     temperature: float | None = None
     max_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    stream: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +32,7 @@ class Usage:
 class Delta:
     """One event of an answer: what it adds to the answer text, to the reasoning, whether it carries
     (part of) a tool call, the usage when the upstream reports it, and the event's own data text
-    (`payload`, relayed as is on `/v1`; "" when the provider has no OpenAI events of its own).
-    A whole non-streamed answer is a single Delta whose payload is the upstream's JSON answer."""
+    (`payload`, relayed as is on `/v1`; "" when the provider has no OpenAI events of its own)."""
 
     text: str = ""
     reasoning: str = ""

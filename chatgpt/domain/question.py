@@ -45,7 +45,6 @@ class Question:
     temperature: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     trim: bool = True  # fit the context to the budget (not for an SDK caller paying with its own key)
-    stream: bool = True  # False: one whole answer from the upstream (a non-streamed /v1 call)
 
 
 def content_size(content: Any) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -19,6 +18,7 @@ from chatgpt.domain.errors import ServiceError, bad_request
 from chatgpt.server.guards import identity_of
 from chatgpt.domain.provider import Delta
 from chatgpt.domain.question import Payer, Question
+from chatgpt.faces.completion import Completion, mint_id
 from chatgpt.server.streaming import Piece, StreamingAnswer, send_stream
 
 # Fields the server decides itself; every other request field goes to the upstream as it came
@@ -92,7 +92,7 @@ def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question
         chosen = app[pipeline_key].choose_model(model, strict=True)
     question = Question("v1", identity, payer, parse_messages(body.get("messages")), chosen,
                         max_tokens=min(limits) if limits else None, temperature=temperature, extra=extra,
-                        trim=payer.kind != "own", stream=stream)
+                        trim=payer.kind != "own")
     return question, stream
 
 
@@ -114,37 +114,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
             return await _stream(request, deltas, question.model, created, usage)
-        answer = [delta async for delta in deltas]
-    return web.Response(body=_whole(answer, question.model, created), content_type="application/json")
-
-
-def _whole(deltas: list[Delta], model: str, created: int) -> bytes:
-    """A non-streamed answer: the upstream's own JSON when it answered whole (its id kept, or one
-    minted when it has none), else one assembled from the deltas of a provider without OpenAI JSON."""
-    if len(deltas) == 1 and deltas[0].payload:
-        if deltas[0].answer_id:
-            return deltas[0].payload.encode()
-        answer = jsontext.parse(deltas[0].payload)  # parsed once already: a JSON object
-        answer["id"] = mint_id()
-        return jsontext.dumpb(answer)
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(d.text for d in deltas)}
-    reasoning = "".join(d.reasoning for d in deltas)
-    if reasoning:
-        message["reasoning_content"] = reasoning
-    finish = next((d.finish_reason for d in reversed(deltas) if d.finish_reason), "stop")
-    answer_id = next((d.answer_id for d in deltas if d.answer_id), "") or mint_id()
-    whole: dict[str, Any] = {"id": answer_id, "object": "chat.completion", "created": created, "model": model,
-                             "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
-    usage = next((d.usage for d in reversed(deltas) if d.usage), None)
-    if usage is not None:
-        whole["usage"] = {"prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
-                          "total_tokens": usage.prompt + usage.completion}
-    return jsontext.dumpb(whole)
-
-
-def mint_id() -> str:
-    """An answer id in OpenAI's style, for an upstream that sent none."""
-    return f"chatcmpl-{secrets.token_hex(12)}"
+        # Assembled from the stream: the same timeouts and fall-over as every other door (completion.py).
+        answer = Completion()
+        async for delta in deltas:
+            answer.add(delta)
+    return web.Response(body=jsontext.dumpb(answer.answer(question.model, created)), content_type="application/json")
 
 
 async def _stream(request: web.Request, deltas: AsyncIterator[Delta], model: str, created: int,

@@ -1,4 +1,4 @@
-"""What one OpenAI-compatible event (or whole answer) says, checked without trusting its shape:
+"""What one OpenAI-compatible event says, checked without trusting its shape:
 answer text, reasoning (`reasoning_content` as DeepSeek, Qwen, Ark and SiliconFlow send it, `reasoning`
 as OpenRouter does), tool calls, usage (top level, or in `choices[0]` as Kimi sends it)."""
 from __future__ import annotations
@@ -61,32 +61,3 @@ def delta_of(payload: str, host: str) -> Delta:
     answer_id = data.get("id")
     return Delta(_text(text), _text(reasoning), tool_call, usage, payload,
                  finish if isinstance(finish, str) else None, answer_id if isinstance(answer_id, str) else "")
-
-
-def answer_of(raw: bytes, host: str) -> Delta:
-    """The Delta of a whole non-streamed `chat.completion` answer (payload: the answer's JSON text)."""
-    try:
-        payload = raw.decode()
-        data = jsontext.parse(payload)
-    except ValueError:  # UnicodeDecodeError included
-        raise UpstreamBroken(f"The upstream {host} answered something that is not JSON.") from None
-    if not isinstance(data, dict):
-        raise UpstreamBroken(f"The upstream {host} answered something that is not a JSON object.")
-    _error_in(data, host)
-    choices = data.get("choices")
-    if not isinstance(choices, list):
-        raise UpstreamBroken(f"The upstream {host} answered without choices.")
-    text = reasoning = ""
-    tool_call = False
-    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message")
-    if isinstance(message, dict):
-        text = _text(message.get("content"))
-        reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
-        tool_call = bool(message.get("tool_calls") or message.get("function_call"))
-    finish = choice.get("finish_reason")
-    usage = usage_of(data.get("usage"))
-    usage = usage or usage_of(choice.get("usage"))
-    answer_id = data.get("id")
-    return Delta(text, reasoning, tool_call, usage, payload, finish if isinstance(finish, str) else None,
-                 answer_id if isinstance(answer_id, str) else "")

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible upstream: chat completions (streamed through `events`, or one whole answer),
-key checks and pictures. Exactly one POST per question, never a retry here."""
+"""The OpenAI-compatible upstream: streamed chat completions (read through `events`), key checks and
+pictures. Exactly one POST per question, never a retry here."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +13,7 @@ from chatgpt import jsontext
 from chatgpt.domain import texts
 from chatgpt.domain.errors import UpstreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
-from chatgpt.upstream.chunks import answer_of, delta_of
+from chatgpt.upstream.chunks import delta_of
 from chatgpt.upstream.events import event_payloads
 from chatgpt.domain.failover import host_of
 from chatgpt.upstream.network import upstream_call
@@ -22,7 +22,6 @@ from chatgpt.upstream.session import SSE, read_capped
 log = logging.getLogger(__name__)
 
 IMAGE_ANSWER_LIMIT = 32 * 1024 * 1024  # one base64 picture of the largest size fits
-ANSWER_LIMIT = 16 * 1024 * 1024  # one non-streamed answer, logprobs of a long answer included
 
 
 class OpenAIProvider:
@@ -43,7 +42,7 @@ class OpenAIProvider:
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = dict(request.extra)
-        body.update(model=request.model, messages=request.messages, stream=request.stream)
+        body.update(model=request.model, messages=request.messages, stream=True)
         if request.temperature is not None:
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
@@ -51,7 +50,7 @@ class OpenAIProvider:
             # `max_tokens` and want `max_completion_tokens`.
             for name in [n for n in ("max_tokens", "max_completion_tokens") if n in body] or ["max_tokens"]:
                 body[name] = request.max_tokens
-        if request.stream and self._usage:
+        if self._usage:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return body
@@ -60,35 +59,13 @@ class OpenAIProvider:
         return {"Authorization": f"Bearer {key or ''}", "Accept": accept, "Content-Type": "application/json"}
 
     async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
-        """The answer's deltas, one per upstream event, until `[DONE]`; a non-streamed request
-        yields the whole answer as one Delta."""
+        """The answer's deltas, one per upstream event, until `[DONE]`."""
         body = jsontext.dumpb(self._body(request))
         url = f"{self._base_url}/chat/completions"
-        if not request.stream:
-            yield await self._whole_answer(url, body, key)
-            return
         host = self._host
         async for payload in event_payloads(self._session, url, body, self._headers(key, SSE), host=host,
                                             read_timeout=self._read_timeout, answer_timeout=self._answer_timeout):
             yield delta_of(payload, host)
-
-    async def _whole_answer(self, url: str, body: bytes, key: str | None) -> Delta:
-        """One non-streamed answer. A reasoning model may think for minutes before its first byte,
-        so only `answer_timeout` bounds it."""
-        with upstream_call(self._host):
-            try:
-                async with asyncio.timeout(self._answer_timeout):
-                    async with self._session.post(url, data=body,
-                                                  headers=self._headers(key, "application/json")) as response:
-                        raw = await read_capped(response, ANSWER_LIMIT + 1)
-            except TimeoutError as exc:
-                if isinstance(exc, aiohttp.ClientError):
-                    raise
-                raise UpstreamTimeout(texts.EN_ANSWER_TIMEOUT.format(host=self._host,
-                                                                     seconds=self._answer_timeout)) from None
-        if len(raw) > ANSWER_LIMIT:
-            raise UpstreamBroken(texts.EN_BROKEN.format(host=self._host, cause="its answer is over 16 MiB"))
-        return answer_of(raw, self._host)
 
     async def verify_key(self, key: str) -> None:
         """`GET /models` with `key`; returns on success, raises an upstream exception otherwise."""
