@@ -68,7 +68,7 @@ async def read(session: aiohttp.ClientSession, url: str, read_timeout: float = 5
                answer_timeout: float = 30.0, pause: float = 0.0) -> list[str]:
     payloads = []
     async for payload in event_payloads(session, url, b"{}", {"Content-Type": "application/json"}, host="fake",
-                                        read_timeout=read_timeout, answer_timeout=answer_timeout):
+                                        read_timeout=read_timeout, answer_timeout=answer_timeout, parse=str):
         payloads.append(payload)
         if pause:
             await asyncio.sleep(pause)
@@ -93,7 +93,7 @@ async def test_a_stream_that_ends_without_done_is_broken_and_never_posted_again(
     got: list[str] = []
     with pytest.raises(UpstreamBroken, match="ended before \\[DONE\\]"):
         async for payload in event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5,
-                                            answer_timeout=30):
+                                            answer_timeout=30, parse=str):
             got.append(payload)
     await asyncio.sleep(0.2)  # the library would have re-POSTed at once (reconnection_time is 0)
     assert got == ["one", "two"]
@@ -199,7 +199,8 @@ async def test_an_unreachable_upstream_is_told_as_such(session: aiohttp.ClientSe
 async def test_payload_of_the_reader_reaches_a_caller_that_stops_early_without_leaking(
         upstream: Upstream, session: aiohttp.ClientSession) -> None:
     upstream.scripts.append(writes(b"data: 1\n\n", *[b": keep-alive\n\n"] * 100, delay=0.02))
-    reader = event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5, answer_timeout=30)
+    reader = event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5, answer_timeout=30,
+                            parse=str)
     assert await anext(reader) == "1"
     await reader.aclose()  # a client that left: the connection is closed, nothing re-POSTed
     await asyncio.sleep(0.1)

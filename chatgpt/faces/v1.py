@@ -144,26 +144,28 @@ async def _sse_body(first: Delta | None, deltas: AsyncIterator[Delta], model: st
     chunk only for a caller that asked for it); our own chunks for a provider without OpenAI events."""
     answer_id = (first.answer_id if first else "") or mint_id()
     relayed, encoded, finish = False, False, None
+
+    def piece(delta: Delta) -> bytes | None:
+        nonlocal relayed, encoded, finish
+        finish = delta.finish_reason or finish
+        if delta.payload:
+            relayed = True
+            return _event(delta.payload) if usage or not delta.usage_only else None
+        if delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
+            role = {} if encoded else {"role": "assistant"}
+            encoded = True
+            return _chunk(answer_id, created, model, {**role, "content": delta.text}, None)
+        return None
+
     if first is not None:
+        if (data := piece(first)) is not None:
+            yield data, False
         # Also after the last piece: the pipeline finishes its accounting when the answer ends.
-        async for delta in _chain(first, deltas):
-            if delta.payload:
-                relayed = True
-                if usage or not delta.usage_only:
-                    yield _event(delta.payload), False
-            elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
-                role = {} if encoded else {"role": "assistant"}
-                encoded = True
-                yield _chunk(answer_id, created, model, {**role, "content": delta.text}, None), False
-            finish = delta.finish_reason or finish
+        async for delta in deltas:
+            if (data := piece(delta)) is not None:
+                yield data, False
     tail = b"data: [DONE]\n\n"
     yield (tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail), True
-
-
-async def _chain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-    yield first
-    async for delta in rest:
-        yield delta
 
 
 def _error_event(failure: ServiceError) -> bytes:

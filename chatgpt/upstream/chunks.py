@@ -23,10 +23,6 @@ def usage_of(value: Any) -> Usage | None:
     return Usage(_count(value.get("prompt_tokens")), _count(value.get("completion_tokens")), _count(reasoning))
 
 
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
 def _error_in(data: dict[str, Any], host: str) -> None:
     """An error reported in place of an answer (some upstreams do this with HTTP 200)."""
     if isinstance(data.get("error"), (dict, str)):
@@ -59,5 +55,5 @@ def delta_of(payload: str, host: str) -> Delta:
     if data.get("usage") is not None:
         usage = usage_of(data["usage"]) or usage
     answer_id = data.get("id")
-    return Delta(_text(text), _text(reasoning), tool_call, usage, payload,
-                 finish if isinstance(finish, str) else None, answer_id if isinstance(answer_id, str) else "")
+    return Delta(text if type(text) is str else "", reasoning if type(reasoning) is str else "", tool_call, usage,
+                 payload, finish if type(finish) is str else None, answer_id if type(answer_id) is str else "")

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
+from typing import TypeVar
 
 import aiohttp
 from aiohttp_sse_client.client import EventSource  # type: ignore[import-untyped]
@@ -21,13 +22,16 @@ from chatgpt.upstream.network import upstream_call
 from chatgpt.upstream.session import raise_for_upstream_status
 
 DONE = "[DONE]"
+T = TypeVar("T")
 
 
 async def event_payloads(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], *,
-                         host: str, read_timeout: float, answer_timeout: float) -> AsyncIterator[str]:
-    """POST `body` once and yield the `data` of each event until `[DONE]`. Comments are not events:
-    they do not restart `read_timeout`, the longest wait for the next event (the response headers
-    included); `answer_timeout` caps the whole answer. Raises our upstream exceptions."""
+                         host: str, read_timeout: float, answer_timeout: float,
+                         parse: Callable[[str], T]) -> AsyncIterator[T]:
+    """POST `body` once and yield `parse(data)` of each event until `[DONE]` (parsed here: one
+    generator fewer for every event to pass). Comments are not events: they do not restart
+    `read_timeout`, the longest wait for the next event (the response headers included);
+    `answer_timeout` caps the whole answer. Raises our upstream exceptions."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + answer_timeout
     response: aiohttp.ClientResponse | None = None
@@ -74,15 +78,17 @@ async def event_payloads(session: aiohttp.ClientSession, url: str, body: bytes, 
             assert response is not None  # accepted: the library opened the stream
             watchdog = _Watchdog(loop, response.content, read_timeout, deadline, timed_out)
             stack.callback(watchdog.stop)
+            next_event = source.__anext__
             while True:
                 watchdog.waiting_since = now = loop.time()
                 if now >= deadline:
                     raise timed_out(deadline)
-                event = await anext(source)
+                event = await next_event()
                 watchdog.waiting_since = None
-                if event.data == DONE:
+                data = event.data
+                if data == DONE:
                     return
-                yield event.data
+                yield parse(data)
 
 
 class _Watchdog:

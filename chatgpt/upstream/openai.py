@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,14 +59,12 @@ class OpenAIProvider:
     def _headers(self, key: str | None, accept: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or ''}", "Accept": accept, "Content-Type": "application/json"}
 
-    async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
+    def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
         """The answer's deltas, one per upstream event, until `[DONE]`."""
         body = jsontext.dumpb(self._body(request))
-        url = f"{self._base_url}/chat/completions"
-        host = self._host
-        async for payload in event_payloads(self._session, url, body, self._headers(key, SSE), host=host,
-                                            read_timeout=self._read_timeout, answer_timeout=self._answer_timeout):
-            yield delta_of(payload, host)
+        return event_payloads(self._session, f"{self._base_url}/chat/completions", body, self._headers(key, SSE),
+                              host=self._host, read_timeout=self._read_timeout, answer_timeout=self._answer_timeout,
+                              parse=partial(delta_of, host=self._host))
 
     async def verify_key(self, key: str) -> None:
         """`GET /models` with `key`; returns on success, raises an upstream exception otherwise."""
