@@ -77,7 +77,7 @@ def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _invalid("'stream' must be a boolean.", "stream")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise _invalid("Only n=1 is supported.", "n")
     temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
@@ -182,7 +182,7 @@ async def image_generations(request: web.Request) -> web.Response:
     prompt, size, response_format = body.get("prompt"), body.get("size"), body.get("response_format", "url")
     if not isinstance(prompt, str) or not prompt.strip():
         raise _invalid("'prompt' must be a non-empty string.", "prompt")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise _invalid("Only n=1 is supported.", "n")
     if response_format not in ("url", "b64_json"):
         raise _invalid("'response_format' must be 'url' or 'b64_json'.", "response_format")

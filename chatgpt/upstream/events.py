@@ -75,7 +75,8 @@ async def event_payloads(session: aiohttp.ClientSession, url: str, body: bytes, 
                 if not connecting.expired():
                     raise  # aiohttp's own connect timeout: an unreachable upstream
                 raise timed_out(connecting.when() or deadline) from None
-            assert response is not None  # accepted: the library opened the stream
+            if response is None:  # cannot happen: the library opened the stream through `keep`
+                raise UpstreamBroken(texts.EN_BROKEN.format(host=host, cause="no response to read"))
             watchdog = _Watchdog(loop, response.content, read_timeout, deadline, timed_out)
             stack.callback(watchdog.stop)
             next_event = source.__anext__

@@ -3,24 +3,20 @@ pictures. Exactly one POST per question, never a retry here."""
 from __future__ import annotations
 
 import asyncio
-import logging
-from functools import partial
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import aiohttp
 
 from chatgpt import jsontext
-from chatgpt.domain import texts
-from chatgpt.domain.errors import UpstreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from chatgpt.domain.errors import UpstreamBroken, UpstreamError, UpstreamUnreachable
+from chatgpt.domain.failover import host_of
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 from chatgpt.upstream.chunks import delta_of
 from chatgpt.upstream.events import event_payloads
-from chatgpt.domain.failover import host_of
 from chatgpt.upstream.network import upstream_call
 from chatgpt.upstream.session import SSE, read_capped
-
-log = logging.getLogger(__name__)
 
 IMAGE_ANSWER_LIMIT = 32 * 1024 * 1024  # one base64 picture of the largest size fits
 
@@ -56,13 +52,13 @@ class OpenAIProvider:
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return body
 
-    def _headers(self, key: str | None, accept: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {key or ''}", "Accept": accept, "Content-Type": "application/json"}
+    def _headers(self, key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or ''}", "Accept": SSE, "Content-Type": "application/json"}
 
     def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
         """The answer's deltas, one per upstream event, until `[DONE]`."""
         body = jsontext.dumpb(self._body(request))
-        return event_payloads(self._session, f"{self._base_url}/chat/completions", body, self._headers(key, SSE),
+        return event_payloads(self._session, f"{self._base_url}/chat/completions", body, self._headers(key),
                               host=self._host, read_timeout=self._read_timeout, answer_timeout=self._answer_timeout,
                               parse=partial(delta_of, host=self._host))
 
