@@ -3,26 +3,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import socket
 import sys
 import time
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from importlib import resources
 
 from aiohttp import web
 
-from chatgpt.faces import admin
-from chatgpt.faces import v1 as openai_api
-from chatgpt.faces import ops
-from chatgpt.faces import wxlogin
+from chatgpt.faces import admin, curl, ops, wxlogin
 from chatgpt.faces import miniprogram as views
+from chatgpt.faces import v1 as openai_api
+from chatgpt.faces.envelope import error_middleware
 from chatgpt.keys import (
+    admin_failures_key,
     flags_key,
-    http_limits_key,
+    image_usage_key,
     inflight_key,
     memory_key,
+    metrics_allow_key,
     metrics_key,
     page_key,
     pipeline_key,
@@ -33,19 +35,21 @@ from chatgpt.keys import (
     sockets_key,
     started_key,
     state_key,
+    state_lock_key,
     trusted_key,
     upstream_key,
     wechat_login_key,
 )
+from chatgpt.domain.accounts import Accounts
+from chatgpt.domain.gate import Gate
 from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.domain.upstreams import Upstreams
 from chatgpt.server.clientip import TrustedProxies
-from chatgpt.server.errors import error_middleware
-from chatgpt.server.guards import rate_limit_middleware
-from chatgpt.server.images import ImageStore, Pruner
+from chatgpt.server.images import ImageStore, ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
 from chatgpt.domain.failover import Upstream, host_of
 from chatgpt.domain.keypool import KeyPool, mask, probe_forever
-from chatgpt.domain.limits import LimiterTable
+from chatgpt.domain.limits import FailureLimit, LimiterTable
 from chatgpt.server.logs import quiet_bad_requests, setup_logging
 from chatgpt.domain.memory import ConversationMemory
 from chatgpt.server.metrics import Metrics
@@ -61,12 +65,14 @@ from chatgpt.server.routing import merge_slashes
 from chatgpt.domain.routes import RouteTable
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings, SettingsError, load_settings, notes, replace_section
-from chatgpt.server.state import StateFile
+from chatgpt.server.state import StateFile, StateLock, StateLocked
+from chatgpt.faces.sockets import SocketRegistry
 from chatgpt.faces.ws import close_sockets, websocket_handler
 
 log = logging.getLogger("chatgpt")
 
 SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
+ADMIN_FAILURES = 10  # wrong admin tokens per address per minute, then 429 (PROTOCOL.md E.3)
 SHUTDOWN_SECONDS = 5.0  # in-flight requests get this long at SIGTERM; systemd waits 15 s
 
 
@@ -79,22 +85,27 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     providers = {e.name: OpenAIProvider(session, e.base_url, read_timeout=upstream.read_timeout,
                                         answer_timeout=upstream.answer_timeout, usage=e.usage)
                  for e in settings.upstream_entries}
-    upstreams = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name], KeyPool(e.api_keys))
-                 for e in settings.upstream_entries]
-    routes = RouteTable(upstreams, settings.default_model, settings.models.aliases, settings.models.image)
+    live = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name], KeyPool(e.api_keys))
+            for e in settings.upstream_entries]
+    routes = RouteTable(live, settings.default_model, settings.models.aliases, settings.models.image)
     offline = OfflineProvider() if settings.pool_provider == "offline" else None
     baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key, upstream.answer_timeout)
     images = ImageStore(settings.images.folder, settings.public_url, session,
-                        int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds)
+                        int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds,
+                        app[image_usage_key])
+    flags, meter, limits = app[flags_key], app[metrics_key], settings.limits
+    gate = Gate(flags, {"ws": LimiterTable(limits.ws_per_minute, 60.0),
+                        **{door: LimiterTable(limits.http_per_second, 1.0) for door in ("http", "v1", "chat")}},
+                meter)
+    accounts = Accounts(flags, DailyQuota(settings.quota.daily_questions),
+                        DailyQuota(settings.quota.baixing_daily_questions), meter)
+    upstreams = Upstreams(routes, offline, baixing, meter)
     app[session_key] = session
     app[routes_key] = routes
     app[upstream_key] = providers[routes.for_own_key(settings.default_model).name]
-    app[pipeline_key] = ChatPipeline(
-        settings, app[flags_key], routes, DailyQuota(settings.quota.daily_questions),
-        DailyQuota(settings.quota.baixing_daily_questions),
-        {"ws": LimiterTable(settings.limits.ws_per_minute, 60.0)}, offline, baixing, images, app[metrics_key])
+    app[pipeline_key] = ChatPipeline(settings, gate, accounts, upstreams, images, meter)
     probes = [asyncio.create_task(probe_forever(u.keys, providers[u.name].key_works, every=60.0))
-              for u in upstreams if u.keys]
+              for u in routes.upstreams if u.keys]
     yield
     for probe in probes:
         probe.cancel()
@@ -118,8 +129,9 @@ async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
     """The picture-pruning task: daily at images.prune_at and whenever the folder is over its cap."""
     images = app[settings_key].images
     pruner = Pruner(images.folder, images.retention_hours * 3600, int(images.max_total_mb * 1024 * 1024),
-                    images.prune_at)
+                    images.prune_at, usage=app[image_usage_key])
     app[pruner_key] = pruner
+    await pruner.measure()  # the one folder scan; from here on saves and passes keep the count
     task = asyncio.create_task(pruner.run_forever())
     yield
     task.cancel()
@@ -127,15 +139,23 @@ async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def state_lock_ctx(app: web.Application) -> AsyncIterator[None]:
+    """First of all: hold the state file's lock, so a second process on the same file stops before it
+    touches anything (PROTOCOL.md E.3)."""
+    lock = StateLock(app[settings_key].state.file)
+    lock.acquire()
+    app[state_lock_key] = lock
+    yield
+    lock.release()
+
+
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     """Restore quotas, flags and key health at start; save periodically and at shutdown."""
-    pipeline = app[pipeline_key]
     # Key health per upstream: "keys" for the one of the `upstream:` shorthand (as before), "keys.<name>" else.
     pools = {"keys" if u.name == "default" else f"keys.{u.name}": u.keys for u in app[routes_key].upstreams}
     state = StateFile(app[settings_key].state.file, {
-        "flags": app[flags_key], "quota": pipeline.quota, "debug_quota": pipeline.debug_quota,
-        **pools, "chat": app[memory_key]})
-    state.load()
+        "flags": app[flags_key], **app[pipeline_key].stores(), **pools, "chat": app[memory_key]})
+    state.load(app[state_lock_key])
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
     yield
@@ -182,27 +202,30 @@ def describe_routes(settings: Settings) -> list[str]:
 def create_app(settings: Settings) -> web.Application:
     """Build the application; used alike by production, tests and `adev runserver`."""
     quiet_bad_requests()
-    app = web.Application(middlewares=[error_middleware, rate_limit_middleware],
-                          client_max_size=settings.ws.max_message_bytes)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.ws.max_message_bytes)
     app[settings_key] = settings
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions)
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
-    app[sockets_key] = weakref.WeakSet()
+    app[metrics_allow_key] = TrustedProxies(settings.ops.metrics_allow)  # an address set, like the proxies
+    app[sockets_key] = SocketRegistry(settings.ws.max_sockets_per_ip, settings.ws.max_sockets)
     app[metrics_key] = Metrics()
+    app[image_usage_key] = ImageUsage(app[metrics_key].set_images)
     app[started_key] = time.monotonic()
     app[inflight_key] = InFlight()
+    app[admin_failures_key] = FailureLimit(ADMIN_FAILURES, 60.0)
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
     chat = settings.chat
-    app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600)
-    app[http_limits_key] = {"http": LimiterTable(settings.limits.http_per_second, 1.0),
-                            "v1": LimiterTable(settings.limits.http_per_second, 1.0)}
+    app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600,
+                                         settings.upstream.context_chars)
     merge_slashes(app, aliases={"/api1/": "/api/"})
     views.add_routes(app)
+    curl.add_routes(app)
     app.router.add_get("/websocket", websocket_handler)
-    openai_api.add_routes(app)
-    admin.add_routes(app)
+    app.add_subapp("/v1", openai_api.make_app())
+    app.add_subapp("/admin", admin.make_app())
     ops.add_routes(app)
     wxlogin.add_routes(app)
+    app.cleanup_ctx.append(state_lock_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(wechat_ctx)  # after upstream_ctx: it uses its session
     app.cleanup_ctx.append(state_ctx)
@@ -216,7 +239,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="chatgpt-api", description=__doc__)
     parser.add_argument("--config", help="settings file (default: ./settings.yaml when present)")
     parser.add_argument("--host", help="address to listen on (overrides server.host)")
-    parser.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    parser.add_argument("--port", type=int,
+                        help="port to listen on (overrides server.port; 0: any free port, named in the log)")
     parser.add_argument("--check", action="store_true", help="validate the settings and exit")
     parser.add_argument("--log-format", choices=("text", "json"), help="overrides logging.format")
     return parser.parse_args(argv)
@@ -227,10 +251,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         settings = load_settings(args.config)
-        if args.host or args.port:
+        if args.host or args.port is not None:
             settings = replace_section(settings, "server", host=args.host or settings.server.host,
-                                       port=args.port or settings.server.port)
-            if not 0 < settings.server.port < 65536:
+                                       port=settings.server.port if args.port is None else args.port)
+            if not 0 <= settings.server.port < 65536:
                 raise SettingsError("setting server.port: expected 1..65535")
         TrustedProxies(settings.server.trusted_proxies)
     except (SettingsError, ValueError) as error:
@@ -244,14 +268,70 @@ def main(argv: Sequence[str] | None = None) -> None:
         for line in notes(settings):
             print(f"  warning: {line}")
         return
+    listener = None
+    try:
+        # Before anything is logged or the state file touched: a second instance, a busy port or a bad
+        # host ends in one line naming what to change (run_app would fail the same way, later).
+        probe = StateLock(settings.state.file)  # first: the same instance started twice says so
+        probe.acquire()
+        probe.release()
+        if settings.server.port == 0:
+            # `--port 0` (tests): bind here so the log line below names the port the OS picked; nobody can
+            # take it between choosing and binding, as with a port picked first and bound later.
+            host = settings.server.host
+            listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            settings = replace_section(settings, "server", port=listener.getsockname()[1])
+        else:
+            check_listen(settings.server.host, settings.server.port)
+    except StateLocked as error:
+        print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, UnicodeError) as error:
+        print(f"chatgpt-api: {listen_failure(error, settings.server.host, settings.server.port)}", file=sys.stderr)
+        raise SystemExit(2) from None
     log.info("chatgpt-api starting on http://%s:%s; %s", settings.server.host, settings.server.port,
              describe(settings))
     for line in describe_routes(settings):
         log.info("%s", line)
     for line in notes(settings):
         log.warning("%s", line)
-    web.run_app(create_app(settings), host=settings.server.host, port=settings.server.port,
-                print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
+    try:
+        web.run_app(create_app(settings), host=None if listener else settings.server.host,
+                    port=None if listener else settings.server.port, sock=listener, print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
+    except StateLocked as error:
+        print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, UnicodeError) as error:  # UnicodeError: a host name IDNA cannot encode ("a..b")
+        print(f"chatgpt-api: {listen_failure(error, settings.server.host, settings.server.port)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_listen(host: str, port: int) -> None:
+    """Resolve `host` and bind each of its addresses as the server will (then let go); raise the
+    OSError (or UnicodeError for a name IDNA cannot encode) that listening would meet."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
+
+
+def listen_failure(error: OSError | UnicodeError, host: str, port: int) -> str:
+    """One line naming the setting that made listening fail, and why."""
+    if isinstance(error, UnicodeError):
+        return f"setting server.host: cannot resolve {host!r} (not a valid host name)"
+    reason = error.strerror or str(error)
+    if isinstance(error, socket.gaierror):
+        return f"setting server.host: cannot resolve {host!r} ({reason})"
+    if error.errno == errno.EADDRINUSE:
+        return f"setting server.port: port {port} on {host} is already in use ({reason})"
+    if error.errno == errno.EACCES:
+        return f"setting server.port: not allowed to listen on port {port} ({reason})"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"setting server.host: {host} is not an address of this machine ({reason})"
+    return f"settings server.host/server.port: cannot listen on {host}:{port} ({reason})"
 
 
 if __name__ == "__main__":

@@ -178,6 +178,9 @@ limits:
   ws_per_minute: 1000000
 quota:
   daily_questions: 100000000
+ws:
+  max_sockets_per_ip: 100000  # every bench socket comes from 127.0.0.1
+  max_sockets: 100000
 images:
   folder: {folder / 'static'}
 state:

@@ -642,19 +642,27 @@ class Soak:
 
     # ---------------------------------------------------------------- /chat and mini-program HTTP jobs
     async def chat_post(self, content: str, cid: str, headers: dict[str, str], sse: bool) -> tuple[int, str]:
+        status, text, _ = await self.chat_turn(content, cid, headers, sse)
+        return status, text
+
+    async def chat_turn(self, content: str, cid: str | None, headers: dict[str, str],
+                        sse: bool) -> tuple[int, str, str]:
+        """One /chat request: status, body and the conversation id the server issued."""
         assert self.session is not None
         if sse:
             headers = {**headers, "Accept": "text/event-stream"}
-        async with self.session.post(self.base + "/chat", json={"content": content, "conversationId": cid},
-                                     headers=headers) as resp:
-            return resp.status, (await resp.read()).decode(errors="replace")
+        body = {"content": content} if cid is None else {"content": content, "conversationId": cid}
+        async with self.session.post(self.base + "/chat", json=body, headers=headers) as resp:
+            return (resp.status, (await resp.read()).decode(errors="replace"),
+                    resp.headers.get("X-Conversation-Id", ""))
 
     async def chat2(self) -> None:
         n = self.n()
         _, headers = self.who()
-        cid, sse = f"soak-chat-{n}", n % 3 == 0
+        cid: str | None = None  # the server issues the id (and binds it to this client)
+        sse = n % 3 == 0
         for turn, want in ((1, "messages=1"), (2, "messages=3")):
-            status, text = await self.chat_post(f"Turn {turn} of {n} #count", cid, headers, sse)
+            status, text, cid = await self.chat_turn(f"Turn {turn} of {n} #count", cid, headers, sse)
             if status != 200 or want not in text or "[error]" in text or "event: error" in text:
                 raise Failed(f"/chat turn {turn}: HTTP {status} {text[:150]!r} (wanted {want})")
 

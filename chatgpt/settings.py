@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import typing
@@ -49,7 +50,7 @@ class UpstreamSettings:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0  # the longest wait for the next answer event (comments do not count)
     answer_timeout: float = 600.0  # the cap on one answer
-    usage: bool = True  # ask streamed answers for stream_options.include_usage
+    usage: bool = True  # the shorthand's upstream: ask streamed answers for stream_options.include_usage
     baixing_url: str = "https://gpt.baixing.com"
     baixing_key: str = ""
 
@@ -98,8 +99,13 @@ class QuotaSettings:
 class WsSettings:
     max_message_bytes: int = 1048576
     frame_interval_ms: int = 50
+    max_sockets_per_ip: int = 50
+    max_sockets: int = 10000
+    idle_seconds: float = 90.0
+    stall_seconds: float = 25.0
+    close_seconds: float = 5.0
+    max_answer_chars: int = 200000
     reasoning: str = "live"  # live: show the model's thinking as a quote until the answer starts; hide
-
 
 @dataclass(frozen=True)
 class ImagesSettings:
@@ -125,6 +131,11 @@ class ApiSettings:
 @dataclass(frozen=True)
 class AdminSettings:
     token: str = ""
+
+
+@dataclass(frozen=True)
+class OpsSettings:
+    metrics_allow: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -197,6 +208,7 @@ class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     wechat: WechatSettings = field(default_factory=WechatSettings)
@@ -282,14 +294,12 @@ def _convert(key: str, kind: Any, value: Any) -> Any:
         return dict(value)
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            reason = f"expected a list of strings, got {value!r}"
-            raise SettingsError(f"setting {key}: {reason}", key, reason)
+            raise SettingsError(f"setting {key}: expected a list of strings, got {value!r}")
         return tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        reason = f"expected {_type_name(kind)}, got {value!r}"
-        raise SettingsError(f"setting {key}: {reason}", key, reason)
+        raise SettingsError(f"setting {key}: expected {_type_name(kind)}, got {value!r}")
     return value
 
 
@@ -310,7 +320,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             continue
         kind = hints[name]
         key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             values[name] = _build(kind, data[name], key + ".")
         else:
             values[name] = _convert(key, kind, data[name])
@@ -323,14 +333,6 @@ def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
         raw[name] = {}
     section = raw[name]
     return section if isinstance(section, dict) else {}  # a wrong type is reported by _build
-
-
-# Environment variable → the setting it fills; a secret's value is never shown in an error.
-ENV_SETTINGS = {"OPENAI_API_KEY": "upstream.api_keys", "OPENAI_BASE_URL": "upstream.base_url",
-                "BAIXING_API_KEY": "upstream.baixing_key", "CHATGPT_ADMIN_TOKEN": "admin.token",
-                "WECHAT_APP_SECRET": "wechat.secret"}
-SECRET_ENV = frozenset({"OPENAI_API_KEY", "BAIXING_API_KEY", "CHATGPT_ADMIN_TOKEN", "WECHAT_APP_SECRET"})
-SHORTHAND_ENV = frozenset({"OPENAI_API_KEY", "OPENAI_BASE_URL"})
 
 
 def _keys_of(value: str) -> list[str]:
@@ -349,6 +351,14 @@ def _env_keys(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         if "api_keys" in entry:
             raise SettingsError(f"setting upstreams[{index}].api_keys_env: give api_keys or api_keys_env, not both")
         entry["api_keys"] = _keys_of(env.get(entry["api_keys_env"].strip(), ""))
+
+
+# Environment variable → the setting it fills; a secret's value is never shown in an error.
+ENV_SETTINGS = {"OPENAI_API_KEY": "upstream.api_keys", "OPENAI_BASE_URL": "upstream.base_url",
+                "BAIXING_API_KEY": "upstream.baixing_key", "CHATGPT_ADMIN_TOKEN": "admin.token",
+                "WECHAT_APP_SECRET": "wechat.secret"}
+SECRET_ENV = frozenset({"OPENAI_API_KEY", "BAIXING_API_KEY", "CHATGPT_ADMIN_TOKEN", "WECHAT_APP_SECRET"})
+SHORTHAND_ENV = frozenset({"OPENAI_API_KEY", "OPENAI_BASE_URL"})
 
 
 def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
@@ -375,6 +385,19 @@ def _env_error(error: SettingsError, applied: dict[str, str], env: Mapping[str, 
     shown = "(value hidden)" if variable in SECRET_ENV else repr(env[variable].strip())
     return SettingsError(f"environment variable {variable}={shown}: {error.reason} (it sets {error.key})",
                          error.key, error.reason)
+
+
+MIN_ADMIN_TOKEN = 16  # characters; a shorter token falls to guessing even at 10 tries a minute
+
+
+def _networks_ok(entries: tuple[str, ...]) -> bool:
+    """Every entry is an IP address or a CIDR network."""
+    try:
+        for entry in entries:
+            ipaddress.ip_network(entry.strip(), strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
@@ -405,6 +428,16 @@ def validate(settings: Settings) -> Settings:
         (settings.quota.baixing_daily_questions >= 0, "quota.baixing_daily_questions: expected 0 or more"),
         (1024 <= settings.ws.max_message_bytes <= 64 * 1048576, "ws.max_message_bytes: expected 1024..67108864"),
         (0 <= settings.ws.frame_interval_ms <= 10000, "ws.frame_interval_ms: expected 0..10000"),
+        (settings.ws.max_sockets_per_ip > 0, "ws.max_sockets_per_ip: expected a positive integer"),
+        (settings.ws.max_sockets > 0, "ws.max_sockets: expected a positive integer"),
+        (settings.ws.idle_seconds > 0, "ws.idle_seconds: expected a positive number"),
+        (settings.ws.stall_seconds > 0, "ws.stall_seconds: expected a positive number"),
+        (settings.ws.close_seconds > 0, "ws.close_seconds: expected a positive number"),
+        (settings.ws.max_answer_chars > 0, "ws.max_answer_chars: expected a positive integer"),
+        (_networks_ok(settings.ops.metrics_allow),
+         "ops.metrics_allow: expected IP addresses or CIDR networks"),
+        (not settings.admin.token or len(settings.admin.token) >= MIN_ADMIN_TOKEN,
+         f"admin.token: expected at least {MIN_ADMIN_TOKEN} characters (or none: the admin API is off)"),
         (bool(_SIZE.match(settings.images.size)), "images.size: expected WIDTHxHEIGHT, e.g. 256x256"),
         (bool(_HHMM.match(settings.images.prune_at)), "images.prune_at: expected HH:MM"),
         (settings.images.retention_hours > 0, "images.retention_hours: expected a positive number"),
@@ -422,8 +455,7 @@ def validate(settings: Settings) -> Settings:
     ]
     for ok, message in checks:
         if not ok:
-            key, _, reason = message.partition(": ")
-            raise SettingsError(f"setting {message}", key, reason)
+            raise SettingsError(f"setting {message}")
     return settings
 
 
@@ -447,6 +479,10 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         if not isinstance(raw, dict):
             raise SettingsError(f"settings file {path}: expected a mapping at the top level")
     applied = _env_overrides(raw, env)
+    token = env.get("CHATGPT_ADMIN_TOKEN", "").strip()
+    if token and len(token) < MIN_ADMIN_TOKEN:  # named as the variable it came from; never shown
+        raise SettingsError(f"environment variable CHATGPT_ADMIN_TOKEN: expected at least {MIN_ADMIN_TOKEN} "
+                            f"characters, got {len(token)}")
     try:
         return validate(_build(Settings, raw, ""))
     except SettingsError as error:

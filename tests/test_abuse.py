@@ -13,16 +13,22 @@ from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
-from chatgpt.keys import pipeline_key, upstream_key
 from chatgpt.domain.keypool import probe_forever
 from chatgpt.faces.markdown import to_html
+from chatgpt.keys import pipeline_key, routes_key, upstream_key
 from tests.conftest import CLIENT_TOKEN, USER_KEY, MakeClient, url, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI, Stream
-from tests.test_ws import question, receive_answer
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
+from tests.helpers.timewarp import skip
+
+EVENT_LOOP = "warp"  # the HTTP limit's recovery is shown by moving the loop's clock, not by waiting
 
 KEY_A = "sk-key-aaaa1111"
 KEY_B = "sk-key-bbbb2222"
 FAKE_TEXT = "Hello, **world**!"  # what the fake upstream answers by default
+# What an SDK or curl user reads when the daily quota is used up (English on /v1 and /chat, PROTOCOL.md E.2).
+QUOTA_USED_UP = ("Today's free questions from your address are used up; they come back at midnight "
+                 "(or send your own API key as the bearer token).")
 
 
 def chat_body(**fields: Any) -> dict[str, Any]:
@@ -79,7 +85,7 @@ async def test_http_limit_refuses_the_third_rapid_request_with_envelope_700001_t
     assert bodies[2] == {"status": "700001", "msg": texts.HTTP_TOO_FAST, "timestamp": bodies[2]["timestamp"]}
     other = await (await client.session.get(url(client, "//status"), headers=ip("10.0.0.2"))).json()
     assert (other["status"], other["state"]) == ("000000", True)
-    await asyncio.sleep(0.6)  # 2/s drains one request's worth every 0.5 s
+    skip(0.6)  # 2/s drains one request's worth every 0.5 s
     again = await (await client.session.get(url(client, "//status"), headers=ip("10.0.0.1"))).json()
     assert (again["status"], again["state"]) == ("000000", True)
 
@@ -92,8 +98,9 @@ async def test_v1_limit_refusal_is_429_with_retry_after_and_openai_error_json(ma
         statuses.append(response.status)
     assert statuses == [200, 200, 429]
     assert response.headers["Retry-After"] == "1"
-    assert await response.json() == {"error": {"message": texts.HTTP_TOO_FAST, "type": "rate_limit_exceeded",
-                                               "param": None, "code": "rate_limit_exceeded"}}
+    assert await response.json() == {"error": {"message": "Too many requests from your address; retry in 1 s.",
+                                               "type": "rate_limit_exceeded", "param": None,
+                                               "code": "rate_limit_exceeded"}}
 
 
 async def test_spoofed_forwarding_headers_from_an_untrusted_peer_do_not_dodge_the_http_limit(
@@ -216,7 +223,7 @@ async def test_anonymous_v1_requests_share_the_websocket_quota_and_client_tokens
     for headers in (who, {**who, "Authorization": "Bearer "}):
         over = await client.post("/v1/chat/completions", json=chat_body(), headers=headers)
         assert over.status == 429
-        assert await over.json() == {"error": {"message": texts.QUOTA_USED_UP, "type": "insufficient_quota",
+        assert await over.json() == {"error": {"message": QUOTA_USED_UP, "type": "insufficient_quota",
                                                "param": None, "code": "daily_quota_exceeded"}}
     trusted = await client.post("/v1/chat/completions", json=chat_body(),
                                 headers={**who, "Authorization": f"Bearer {CLIENT_TOKEN}"})
@@ -338,7 +345,7 @@ async def test_maintenance_flag_turns_status_false_and_refuses_questions_everywh
     response = await client.post("/v1/chat/completions", json=chat_body())
     assert response.status == 503
     error = (await response.json())["error"]
-    assert (error["message"], error["type"]) == (texts.MAINTENANCE, "server_error")
+    assert (error["message"], error["type"]) == ("The service is under maintenance; try again later.", "server_error")
     verify = await (await client.session.post(url(client, "//api/auth/apikey/verify"),
                                               json={"apiKey": USER_KEY})).json()
     assert (verify["status"], verify["msg"]) == ("700001", texts.MAINTENANCE)
@@ -419,21 +426,21 @@ async def test_the_baixing_quota_refuses_the_second_anonymous_question(
 async def test_a_disabled_server_key_is_reprobed_with_get_models_and_comes_back_when_it_works(
         make_client: MakeClient, fake: FakeOpenAI) -> None:
     client = await make_client(upstream={"api_keys": [KEY_A]})
-    pipeline = client.app[pipeline_key]
+    keys = client.app[routes_key].upstreams[0].keys
     fake.script.append(Fail(401, "Incorrect API key provided.", code="invalid_api_key"))
     async with ws_connect(client) as ws:
         assert (await ask(ws))[-1]["isSuccess"] is False
-    assert [row["state"] for row in pipeline.keys.health()] == ["disabled"]
+    assert [row["state"] for row in keys.health()] == ["disabled"]
     upstream = client.app[upstream_key]
     fake.valid_keys = {"sk-some-other-key"}  # the upstream still refuses KEY_A
-    probe = asyncio.create_task(probe_forever(pipeline.keys, upstream.key_works, every=0.02))
+    probe = asyncio.create_task(probe_forever(keys, upstream.key_works, every=0.02))
     try:
-        pipeline.keys.probe_interval = 0  # due at once instead of after 10 minutes
+        keys.probe_interval = 0  # due at once instead of after 10 minutes
         await asyncio.sleep(0.1)
-        assert [row["state"] for row in pipeline.keys.health()] == ["disabled"]
+        assert [row["state"] for row in keys.health()] == ["disabled"]
         fake.valid_keys = {KEY_A}  # the operator topped the account up
         await asyncio.sleep(0.1)
-        assert [row["state"] for row in pipeline.keys.health()] == ["healthy"]
+        assert [row["state"] for row in keys.health()] == ["healthy"]
     finally:
         probe.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -15,10 +15,10 @@ from chatgpt.domain.keypool import fingerprint
 from chatgpt.faces.markdown import to_html
 from chatgpt.settings import Settings
 from tests.conftest import MakeClient, build_settings, url, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI
-from tests.test_ws import question, receive_answer
+from tests.fakes.openai import Fail, FakeOpenAI
+from tests.helpers.frames import question, receive_answer
 
-ADMIN_TOKEN = "adm-secret-123"
+ADMIN_TOKEN = "adm-secret-123-state"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 KEY_A = "sk-key-aaaa1111"
 KEY_B = "sk-key-bbbb2222"

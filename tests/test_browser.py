@@ -1,7 +1,6 @@
 """The browser demo page at `/`, driven in headless Chromium against the real app and the fake upstream."""
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
@@ -15,27 +14,21 @@ from aiohttp.test_utils import TestClient
 
 from chatgpt.keys import sockets_key
 from tests.conftest import USER_KEY, MakeClient, url
-from tests.fake_openai import Fail, FakeOpenAI, Stream
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import wait_until
+from tests.helpers.programs import require_program
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Locator, Page, WebSocket
 
 from playwright.async_api import async_playwright, expect  # noqa: E402  (the `test` extra installs it)
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; `playwright install` downloads a browser and is never used
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO = Path(__file__).resolve().parents[1]
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 OpenDemo = Callable[[TestClient], Awaitable["Demo"]]
-
-
-
-@pytest.fixture(autouse=True)
-def chromium_installed() -> None:
-    """These tests need the real browser: fail loudly rather than pass without it."""
-    assert Path(CHROMIUM).exists(), "Debian's chromium is needed at /usr/bin/chromium: apt-get install chromium"
 
 
 @dataclass
@@ -77,18 +70,13 @@ class Demo:
         return done.nth(done_before)
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until `condition()` holds (for events Playwright reports from its own task)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    """A headless Chromium for one test, always closed (warnings are errors)."""
+    """A headless Chromium for one test, always closed (warnings are errors). Debian's package: the
+    browser `playwright install` would download is never used."""
+    executable = require_program("chromium", "chromium")
     async with async_playwright() as p:
-        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = await p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             yield chromium
         finally:
@@ -177,7 +165,9 @@ async def test_context_carries_the_last_four_items_on_screen(make_client: MakeCl
     frames = demo.questions()
     assert frames[2]["messages"] == [{"role": "assistant", "content": "one"}, {"role": "user", "content": "q2"},
                                      {"role": "assistant", "content": "two"}, {"role": "user", "content": "q3"}]
-    assert frames[2]["parentId"] == "a-2"
+    # The parent is the last answer's id: the server's own, one per answer (PROTOCOL.md E.1), not the upstream's.
+    parents = [f.get("parentId") for f in frames]
+    assert all(re.fullmatch(r"chatcmpl-[0-9a-f]{20}", str(p)) for p in parents[1:]) and parents[1] != parents[2]
     assert len({f["id"] for f in frames}) == 3 and len({f["conversationId"] for f in frames}) == 1
 
 
@@ -243,7 +233,7 @@ async def test_heartbeat_every_30_seconds_and_reconnect_after_the_socket_closes(
     await demo.page.reload()
     await expect(demo.page.locator("#status")).to_have_attribute("data-state", "open")
     await demo.page.clock.run_for(30_000)
-    await eventually(lambda: any(f.get("heart") == "pong" for f in demo.received))
+    await wait_until(lambda: any(f.get("heart") == "pong" for f in demo.received))
     assert demo.sent == [{"heart": "ping"}]
 
     for ws in list(client.app[sockets_key]):

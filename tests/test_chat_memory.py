@@ -12,9 +12,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from app import create_app
 from chatgpt.domain import texts
-from chatgpt.domain.memory import ConversationMemory
+from chatgpt.domain.memory import ConversationMemory, owner_of
+from chatgpt.domain.question import Payer
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, build_settings
-from tests.fake_openai import Fail, FakeOpenAI, Stream
+from tests.fakes.clock import FakeClock
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
 
 FAKE_TEXT = "Hello, **world**!"  # the fake upstream's default pieces, joined
 FRESH_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -22,19 +24,12 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 FAST = {"http_per_second": 100}  # tests that send many requests must not meet the per-IP HTTP limiter
 
 
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def turn(question: str, answer: str) -> list[dict[str, str]]:
     """One remembered turn as the OpenAI messages it becomes."""
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+OWNER = "203.0.113.7 anonymous"  # who a conversation belongs to: identity and payer
 
 
 def memory(clock: FakeClock, *, conversations: int = 10, turns: int = 10, ttl: float = 3600.0) -> ConversationMemory:
@@ -46,15 +41,15 @@ def memory(clock: FakeClock, *, conversations: int = 10, turns: int = 10, ttl: f
 
 def test_history_is_the_remembered_turns_as_openai_messages_oldest_first() -> None:
     mem = memory(FakeClock())
-    mem.remember("c-1", "q1", "a1")
-    mem.remember("c-1", "q2", "a2")
-    assert mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+    mem.remember("c-1", OWNER, "q1", "a1")
+    mem.remember("c-1", OWNER, "q2", "a2")
+    assert mem.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
 
 
 def test_an_unknown_conversation_has_no_history() -> None:
     mem = memory(FakeClock())
-    mem.remember("c-1", "q1", "a1")
-    assert mem.history("c-2") == []
+    mem.remember("c-1", OWNER, "q1", "a1")
+    assert mem.history("c-2", OWNER) == []
     assert len(mem) == 1
 
 
@@ -67,69 +62,69 @@ def test_new_ids_are_fresh_32_hex_strings() -> None:
 def test_only_the_newest_max_turns_are_kept() -> None:
     mem = memory(FakeClock(), turns=2)
     for n in range(1, 5):
-        mem.remember("c-1", f"q{n}", f"a{n}")
-    assert mem.history("c-1") == turn("q3", "a3") + turn("q4", "a4")
+        mem.remember("c-1", OWNER, f"q{n}", f"a{n}")
+    assert mem.history("c-1", OWNER) == turn("q3", "a3") + turn("q4", "a4")
 
 
 def test_past_max_conversations_the_least_recently_used_is_forgotten() -> None:
     clock = FakeClock()
     mem = memory(clock, conversations=2)
-    mem.remember("a", "qa", "aa")
+    mem.remember("a", OWNER, "qa", "aa")
     clock.now += 1
-    mem.remember("b", "qb", "ab")
+    mem.remember("b", OWNER, "qb", "ab")
     clock.now += 1
-    mem.remember("a", "qa2", "aa2")  # "a" is used again: "b" is now the least recently used
+    mem.remember("a", OWNER, "qa2", "aa2")  # "a" is used again: "b" is now the least recently used
     clock.now += 1
-    mem.remember("c", "qc", "ac")
+    mem.remember("c", OWNER, "qc", "ac")
     assert len(mem) == 2
-    assert mem.history("b") == []
-    assert mem.history("a") == turn("qa", "aa") + turn("qa2", "aa2")
-    assert mem.history("c") == turn("qc", "ac")
+    assert mem.history("b", OWNER) == []
+    assert mem.history("a", OWNER) == turn("qa", "aa") + turn("qa2", "aa2")
+    assert mem.history("c", OWNER) == turn("qc", "ac")
 
 
 def test_a_conversation_unused_for_the_ttl_is_forgotten() -> None:
     clock = FakeClock()
     mem = memory(clock, ttl=60)
-    mem.remember("old", "q", "a")
+    mem.remember("old", OWNER, "q", "a")
     clock.now += 30
-    mem.remember("new", "q", "a")
+    mem.remember("new", OWNER, "q", "a")
     clock.now += 29.9  # "old" unused for 59.9 s
-    assert mem.history("old") == turn("q", "a")
+    assert mem.history("old", OWNER) == turn("q", "a")
     clock.now += 0.2  # "old" unused for 60.1 s, "new" for 30.1 s
-    assert mem.history("old") == []
-    assert mem.history("new") == turn("q", "a")
+    assert mem.history("old", OWNER) == []
+    assert mem.history("new", OWNER) == turn("q", "a")
     assert len(mem) == 1
 
 
 def test_remembering_again_restarts_the_ttl() -> None:
     clock = FakeClock()
     mem = memory(clock, ttl=60)
-    mem.remember("c-1", "q1", "a1")
+    mem.remember("c-1", OWNER, "q1", "a1")
     clock.now += 50
-    mem.remember("c-1", "q2", "a2")
+    mem.remember("c-1", OWNER, "q2", "a2")
     clock.now += 50  # 100 s after the first turn, 50 s after the last
-    assert mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+    assert mem.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
 
 
 def test_snapshot_and_restore_round_trip_through_json() -> None:
     clock = FakeClock()
     saved = memory(clock)
-    saved.remember("c-1", "q1", "a1")
+    saved.remember("c-1", OWNER, "q1", "a1")
     clock.now += 1
-    saved.remember("c-2", "问题", "回答")
-    saved.remember("c-1", "q2", "a2")
+    saved.remember("c-2", OWNER, "问题", "回答")
+    saved.remember("c-1", OWNER, "q2", "a2")
     snapshot = json.loads(json.dumps(saved.snapshot()))
-    assert snapshot == {"c-2": {"used": 1001.0, "turns": [["问题", "回答"]]},
-                        "c-1": {"used": 1001.0, "turns": [["q1", "a1"], ["q2", "a2"]]}}
+    assert snapshot == {"c-2": {"owner": OWNER, "used": 1001.0, "turns": [["问题", "回答"]]},
+                        "c-1": {"owner": OWNER, "used": 1001.0, "turns": [["q1", "a1"], ["q2", "a2"]]}}
     restored = memory(clock)
     restored.restore(snapshot)
-    assert restored.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
-    assert restored.history("c-2") == turn("问题", "回答")
-    assert restored.snapshot() == snapshot
+    assert restored.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
+    assert restored.history("c-2", OWNER) == turn("问题", "回答")
+    assert json.loads(json.dumps(restored.snapshot())) == snapshot
 
 
 @pytest.mark.parametrize("garbage", [None, 42, "text", [["c-1", "q", "a"]], {"c-1": "turns"}, {"c-1": []},
-                                     {"c-1": {"turns": "q/a", "used": 1000}},
+                                     {"c-1": {"turns": "q/a", "owner": OWNER, "used": 1000}},
                                      {"c-1": {"turns": [["q", "a"]]}},
                                      {"c-1": {"turns": [["q", "a"]], "used": "1000"}},
                                      {"c-1": {"turns": [["q", "a"]], "used": True}}])
@@ -142,15 +137,16 @@ def test_garbage_is_ignored_on_restore(garbage: Any) -> None:
 
 def test_malformed_turns_are_skipped_and_the_good_ones_kept_on_restore() -> None:
     mem = memory(FakeClock())
-    mem.restore({"c-1": {"used": 1000, "turns": [["q1", "a1"], ["q"], ["q", "a", "x"], [1, "a"], ["q", None],
-                                                   "q/a", {"q": "a"}, ["q2", "a2"]]}})
-    assert mem.history("c-1") == turn("q1", "a1") + turn("q2", "a2")
+    mem.restore({"c-1": {"owner": OWNER, "used": 1000, "turns": [
+        ["q1", "a1"], ["q"], ["q", "a", "x"], [1, "a"], ["q", None], "q/a", {"q": "a"}, ["q2", "a2"]]}})
+    assert mem.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
 
 
 @pytest.mark.parametrize("bad_id", ["", "has space", "slash/id", "x" * 101, "ü-umlaut", "new\nline"])
 def test_conversation_ids_are_validated_on_restore(bad_id: str) -> None:
     mem = memory(FakeClock())
-    mem.restore({bad_id: {"used": 1000, "turns": [["q", "a"]]}, "ok_1.a:b-c": {"used": 1000, "turns": [["q", "a"]]}})
+    good = {"owner": OWNER, "used": 1000, "turns": [["q", "a"]]}
+    mem.restore({bad_id: good, "ok_1.a:b-c": good})
     assert list(mem.snapshot()) == ["ok_1.a:b-c"]
 
 
@@ -158,13 +154,60 @@ def test_restore_keeps_the_bounds_and_drops_what_has_expired() -> None:
     clock = FakeClock(10_000.0)
     mem = memory(clock, conversations=2, turns=1, ttl=60)
     mem.restore({
-        "expired": {"used": 9_000, "turns": [["q", "a"]]},
-        "older": {"used": 9_970, "turns": [["q", "a"]]},
-        "newer": {"used": 9_980, "turns": [["q1", "a1"], ["q2", "a2"]]},
-        "newest": {"used": 9_990, "turns": [["q", "a"]]},
+        "expired": {"owner": OWNER, "used": 9_000, "turns": [["q", "a"]]},
+        "older": {"owner": OWNER, "used": 9_970, "turns": [["q", "a"]]},
+        "newer": {"owner": OWNER, "used": 9_980, "turns": [["q1", "a1"], ["q2", "a2"]]},
+        "newest": {"owner": OWNER, "used": 9_990, "turns": [["q", "a"]]},
     })
     assert list(mem.snapshot()) == ["newer", "newest"]
-    assert mem.history("newer") == turn("q2", "a2")
+    assert mem.history("newer", OWNER) == turn("q2", "a2")
+
+
+def test_a_conversation_is_only_opened_by_its_owner_others_get_a_new_id() -> None:
+    mem = memory(FakeClock())
+    mem.remember("c-1", OWNER, "q1", "a1")
+    assert mem.open("c-1", OWNER) == ("c-1", turn("q1", "a1"))
+    for stranger in ("198.51.100.1 anonymous", "203.0.113.7 trusted", "203.0.113.7 own:0123456789abcdef"):
+        cid, history = mem.open("c-1", stranger)
+        assert FRESH_ID.match(cid) and history == []
+        assert mem.history("c-1", stranger) == []
+        mem.remember("c-1", stranger, "hijack", "no")  # cannot be written into either
+    assert mem.history("c-1", OWNER) == turn("q1", "a1")
+
+
+def test_unknown_or_missing_ids_open_a_new_conversation_under_a_new_id() -> None:
+    mem = memory(FakeClock())
+    first, second = mem.open(None, OWNER), mem.open("never-issued", OWNER)
+    assert first[1] == second[1] == []
+    assert FRESH_ID.match(first[0]) and FRESH_ID.match(second[0]) and first[0] != second[0] != "never-issued"
+
+
+def test_the_owner_is_identity_and_payer_and_an_own_key_is_only_a_hash() -> None:
+    anonymous = owner_of("203.0.113.7", Payer("anonymous"))
+    assert anonymous == "203.0.113.7 anonymous"
+    assert owner_of("203.0.113.7", Payer("trusted")) != anonymous
+    own = owner_of("203.0.113.7", Payer("own", USER_KEY))
+    assert USER_KEY not in own and USER_KEY[-4:] not in own
+    assert own == owner_of("203.0.113.7", Payer("own", USER_KEY)) != owner_of("203.0.113.7", Payer("own", "sk-other"))
+    assert owner_of("198.51.100.1", Payer("anonymous")) != anonymous
+
+
+def test_a_conversation_keeps_at_most_max_chars_the_oldest_turns_dropped() -> None:
+    mem = ConversationMemory(10, 100, 3600.0, max_chars=25, clock=FakeClock())
+    mem.remember("c", OWNER, "a" * 10, "b" * 10)  # 20
+    mem.remember("c", OWNER, "c" * 5, "d" * 5)  # 30 in all: the first turn goes
+    assert mem.history("c", OWNER) == turn("c" * 5, "d" * 5)
+    mem.remember("c", OWNER, "e" * 20, "f" * 10)  # alone over the budget: nothing of it can be kept
+    assert mem.history("c", OWNER) == []
+    assert mem.open("c", OWNER)[0] == "c"  # the conversation (and its owner) stays
+
+
+def test_restore_bounds_each_conversation_by_chars_and_skips_conversations_without_an_owner() -> None:
+    mem = ConversationMemory(10, 100, 3600.0, max_chars=25, clock=FakeClock())
+    mem.restore({"kept": {"owner": OWNER, "used": 1000, "turns": [["a" * 10, "b" * 10], ["c" * 5, "d" * 5]]},
+                 "ownerless": {"used": 1000, "turns": [["q", "a"]]}})
+    assert list(mem.snapshot()) == ["kept"]
+    assert mem.history("kept", OWNER) == turn("c" * 5, "d" * 5)
 
 
 # --- POST /chat through the app -----------------------------------------------------------------------------------
@@ -239,17 +282,43 @@ async def test_a_second_turn_sends_the_first_question_and_answer_upstream(client
         {"role": "user", "content": "And 2+3?"}]
 
 
-async def test_a_client_chosen_conversation_id_is_kept_and_other_ids_do_not_see_it(
+async def test_a_client_chosen_conversation_id_is_not_taken_a_new_id_is_issued(
         make_client: MakeClient, fake: FakeOpenAI) -> None:
     client = await make_client(limits=FAST)
-    await (await post_chat(client, "first", "my-chat.1")).read()
-    third = await post_chat(client, "elsewhere", "other_chat")
-    assert third.headers["X-Conversation-Id"] == "other_chat"
-    await third.read()
-    await (await post_chat(client, "second", "my-chat.1")).read()
+    first = await post_chat(client, "first", "my-chat.1")
+    cid = first.headers["X-Conversation-Id"]
+    assert FRESH_ID.match(cid)
+    await first.read()
+    other = await post_chat(client, "elsewhere", "my-chat.1")  # the id it chose is still nobody's
+    assert other.headers["X-Conversation-Id"] not in (cid, "my-chat.1")
+    await other.read()
+    await (await post_chat(client, "second", cid)).read()
     bodies = [r.body["messages"] for r in fake.chat_requests()]
     assert bodies[1] == [{"role": "user", "content": "elsewhere"}]
     assert bodies[2] == turn("first", FAKE_TEXT) + [{"role": "user", "content": "second"}]
+
+
+async def test_another_address_sending_a_conversation_id_gets_a_new_conversation_not_the_turns(
+        make_client: MakeClient, fake: FakeOpenAI) -> None:
+    client = await make_client(limits=FAST)
+    owner = {"X-Real-IP": "203.0.113.7"}  # through the trusted loopback proxy
+    first = await post_chat(client, "my secret is 42", headers=owner)
+    cid = first.headers["X-Conversation-Id"]
+    await first.read()
+    stolen = await post_chat(client, "what is my secret?", cid, headers={"X-Real-IP": "198.51.100.66"})
+    assert stolen.headers["X-Conversation-Id"] != cid
+    await stolen.read()
+    # The same address paying otherwise (its own key) is another caller too.
+    own = await post_chat(client, "and now?", cid, headers={**owner, "Authorization": f"Bearer {USER_KEY}"})
+    assert own.headers["X-Conversation-Id"] != cid
+    await own.read()
+    mine = await post_chat(client, "still there?", cid, headers=owner)
+    assert mine.headers["X-Conversation-Id"] == cid
+    await mine.read()
+    bodies = [r.body["messages"] for r in fake.chat_requests()]
+    assert bodies[1] == [{"role": "user", "content": "what is my secret?"}]
+    assert bodies[2] == [{"role": "user", "content": "and now?"}]
+    assert bodies[3] == turn("my secret is 42", FAKE_TEXT) + [{"role": "user", "content": "still there?"}]
 
 
 async def test_sse_starts_with_the_conversation_event_then_pieces_then_done(client: TestClient,
@@ -269,12 +338,19 @@ async def test_sse_starts_with_the_conversation_event_then_pieces_then_done(clie
     ]
 
 
-async def test_sse_echoes_a_given_conversation_id_in_the_first_event(client: TestClient) -> None:
-    response = await client.post("/chat", json={"content": "Hi", "conversationId": "c-42"},
+async def test_sse_names_the_issued_conversation_id_in_the_first_and_last_events(client: TestClient) -> None:
+    first = await client.post("/chat", json={"content": "Hi"}, headers={"Accept": "text/event-stream"})
+    cid = first.headers["X-Conversation-Id"]
+    assert sse_events(await first.text())[0] == ("conversation", {"conversationId": cid})
+    response = await client.post("/chat", json={"content": "Hi", "conversationId": cid},
                                  headers={"Accept": "text/event-stream"})
     events = sse_events(await response.text())
-    assert events[0] == ("conversation", {"conversationId": "c-42"})
-    assert events[-1] == ("done", {"conversationId": "c-42"})
+    assert events[0] == ("conversation", {"conversationId": cid})
+    assert events[-1] == ("done", {"conversationId": cid})
+    unknown = await client.post("/chat", json={"content": "Hi", "conversationId": "c-42"},
+                                headers={"Accept": "text/event-stream"})
+    new = unknown.headers["X-Conversation-Id"]
+    assert new != "c-42" and sse_events(await unknown.text())[0] == ("conversation", {"conversationId": new})
 
 
 @pytest.mark.parametrize("raw", [b"", b"   ", b"not json", b"[1, 2]", b'"text"', b"null", b'{"content": "x"'])
@@ -316,7 +392,8 @@ async def test_a_stream_broken_mid_answer_ends_with_an_error_line_and_is_not_rem
     fake.script.append(Stream(pieces=["partial ", "answer"], done=False))
     response = await post_chat(client, "lost question", "c-broken")
     assert response.status == 200
-    assert await response.text() == f"partial answer\n[error] {broke_off(fake)}\n"
+    # English for curl users, saying what failed (PROTOCOL.md E.2)
+    assert await response.text() == "partial answer\n[error] The upstream at 127.0.0.1 broke off its answer or sent something unreadable.\n"
     await (await post_chat(client, "retry", "c-broken")).read()
     assert fake.chat_requests()[1].body["messages"] == [{"role": "user", "content": "retry"}]
     assert len(fake.chat_requests()) == 2  # the broken stream was not re-POSTed
@@ -324,25 +401,21 @@ async def test_a_stream_broken_mid_answer_ends_with_an_error_line_and_is_not_rem
 
 async def test_a_stream_broken_mid_answer_ends_with_an_sse_error_event(client: TestClient, fake: FakeOpenAI) -> None:
     fake.script.append(Stream(pieces=["partial ", "answer"], done=False, delay=0.02))
-    response = await client.post("/chat", json={"content": "Hi", "conversationId": "c-b"},
-                                 headers={"Accept": "text/event-stream"})
+    response = await client.post("/chat", json={"content": "Hi"}, headers={"Accept": "text/event-stream"})
     assert sse_events(await response.text()) == [
-        ("conversation", {"conversationId": "c-b"}), (None, {"content": "partial "}), (None, {"content": "answer"}),
-        ("error", {"message": broke_off(fake)})]
-
-
-def broke_off(fake: FakeOpenAI) -> str:
-    """What a curl user reads when the upstream's stream ended before [DONE]."""
-    host = fake.base_url.split("/")[2]  # type: ignore[attr-defined]
-    return f"The upstream {host} broke off its answer: the stream ended before [DONE]."
+        ("conversation", {"conversationId": response.headers["X-Conversation-Id"]}), (None, {"content": "partial "}), (None, {"content": "answer"}),
+        ("error", {"message": "The upstream at 127.0.0.1 broke off its answer or sent something unreadable."})]
 
 
 async def test_the_remembered_context_is_trimmed_to_the_budget_oldest_turns_first(
         make_client: MakeClient, fake: FakeOpenAI) -> None:
     client = await make_client(upstream={"context_chars": 25}, limits=FAST)
     fake.script.extend([Stream(pieces=["b" * 10]), Stream(pieces=["d" * 5]), Stream(pieces=["f"])])
+    cid = None
     for content in ("a" * 10, "c" * 5, "e" * 8):
-        await (await post_chat(client, content, "c-trim")).read()
+        response = await post_chat(client, content, cid)
+        cid = response.headers["X-Conversation-Id"]
+        await response.read()
     # 10 + 10 + 5 + 5 + 8 = 38 characters: the first turn (20) must go to fit 25.
     assert fake.chat_requests()[2].body["messages"] == turn("c" * 5, "d" * 5) + [{"role": "user", "content": "e" * 8}]
 
@@ -362,7 +435,7 @@ async def test_without_a_bearer_the_anonymous_daily_quota_applies(make_client: M
     assert (first.status, await first.text()) == (200, FAKE_TEXT + "\n")
     error = await openai_error(await post_chat(client, "two", headers={"Authorization": "Bearer "}), 429)
     assert (error["message"], error["type"], error["code"]) == (
-        texts.QUOTA_USED_UP, "insufficient_quota", "daily_quota_exceeded")
+        "Today's free questions from your address are used up; they come back at midnight (or send your own API key as the bearer token).", "insufficient_quota", "daily_quota_exceeded")
     assert [r.authorization for r in fake.chat_requests()] == [f"Bearer {SERVER_KEY}"]
 
 

@@ -5,8 +5,12 @@ import pytest
 from multidict import CIMultiDict
 
 from chatgpt.server.clientip import TrustedProxies, client_ip
+from tests.conftest import MakeClient
+from tests.fakes.openai import FakeOpenAI
 
 LOCAL = TrustedProxies(["127.0.0.1", "::1"])
+ADMIN_TOKEN = "adm-clientip-token-2468"
+CHAT = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hi"}]}
 
 
 def test_untrusted_peer_without_headers_is_the_client() -> None:
@@ -57,13 +61,13 @@ def test_cidr_trust_covers_every_address_in_the_network() -> None:
 def test_ipv6_proxy_and_client_are_supported() -> None:
     trusted = TrustedProxies(["fd00::/8"])
     headers = {"X-Forwarded-For": "2001:db8::1, fd00::2"}
-    assert client_ip("fd00::1", headers, trusted) == "2001:db8::1"
-    assert client_ip("2001:db8::99", headers, trusted) == "2001:db8::99"
+    assert client_ip("fd00::1", headers, trusted) == "2001:db8::/64"
+    assert client_ip("2001:db8::99", headers, trusted) == "2001:db8::/64"
 
 
 def test_ipv6_addresses_come_out_in_canonical_form() -> None:
     headers = {"X-Real-IP": "2001:DB8:0:0:0:0:0:1"}
-    assert client_ip("::1", headers, LOCAL) == "2001:db8::1"
+    assert client_ip("::1", headers, LOCAL) == "2001:db8::/64"
 
 
 def test_ipv4_mapped_ipv6_peer_is_treated_as_ipv4() -> None:
@@ -74,8 +78,8 @@ def test_ipv4_mapped_ipv6_peer_is_treated_as_ipv4() -> None:
 
 def test_ports_and_brackets_are_stripped() -> None:
     assert client_ip("127.0.0.1", {"X-Real-IP": "198.51.100.4:5555"}, LOCAL) == "198.51.100.4"
-    assert client_ip("127.0.0.1", {"X-Real-IP": "[2001:db8::5]:443"}, LOCAL) == "2001:db8::5"
-    assert client_ip("127.0.0.1", {"X-Forwarded-For": "[2001:db8::6]"}, LOCAL) == "2001:db8::6"
+    assert client_ip("127.0.0.1", {"X-Real-IP": "[2001:db8::5]:443"}, LOCAL) == "2001:db8::/64"
+    assert client_ip("127.0.0.1", {"X-Forwarded-For": "[2001:db8::6]"}, LOCAL) == "2001:db8::/64"
 
 
 def test_garbage_real_ip_falls_back_to_forwarded_for() -> None:
@@ -158,3 +162,53 @@ def test_answers_stay_right_for_the_same_peers_asked_again_across_many_other_pee
         for n in range(6000):
             assert client_ip(f"192.0.{n // 256}.{n % 256}", forwarded, trusted) == f"192.0.{n // 256}.{n % 256}"
         assert len(trusted._peers) <= 4096
+
+
+# --- identities (PROTOCOL.md E.3): an IPv6 client is its /64 -----------------------------------------------------
+
+@pytest.mark.parametrize("address", ["2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:DB8:1:2:0:0:0:7",
+                                     "[2001:db8:1:2::8]:443", "2001:db8:1:2::9%eth0", "[2001:db8:1:2::a%2]:80"])
+def test_every_address_of_one_ipv6_64_is_one_identity(address: str) -> None:
+    assert client_ip(address, {}, LOCAL) == "2001:db8:1:2::/64"  # straight from the peer
+    assert client_ip("127.0.0.1", {"X-Real-IP": address}, LOCAL) == "2001:db8:1:2::/64"  # through the proxy
+    assert client_ip("::1", {"X-Forwarded-For": f"6.6.6.6, {address}"}, LOCAL) == "2001:db8:1:2::/64"
+
+
+def test_neighbouring_ipv6_64s_are_different_identities() -> None:
+    assert client_ip("2001:db8:1:3::1", {}, LOCAL) == "2001:db8:1:3::/64"
+    assert client_ip("2001:db8:1:2::1", {}, LOCAL) != client_ip("2001:db8:1:3::1", {}, LOCAL)
+
+
+def test_a_zone_id_does_not_make_a_new_identity() -> None:
+    assert client_ip("fe80::1%eth0", {}, LOCAL) == client_ip("fe80::1", {}, LOCAL) == "fe80::/64"
+    assert client_ip("127.0.0.1", {"X-Real-IP": "fe80::1%25eth0"}, LOCAL) == "fe80::/64"
+
+
+def test_a_trusted_ipv6_proxy_is_matched_by_its_full_address_not_its_64() -> None:
+    trusted = TrustedProxies(["2001:db8::1"])
+    assert client_ip("2001:db8::1", {"X-Real-IP": "198.51.100.7"}, trusted) == "198.51.100.7"
+    # Its neighbour in the same /64 is not the proxy: its header is ignored.
+    assert client_ip("2001:db8::2", {"X-Real-IP": "198.51.100.7"}, trusted) == "2001:db8::/64"
+
+
+def test_ipv4_identities_stay_whole_addresses() -> None:
+    assert client_ip("203.0.113.7", {}, LOCAL) == "203.0.113.7"
+    assert client_ip("::ffff:203.0.113.7", {}, LOCAL) == "203.0.113.7"
+
+
+async def test_one_ipv6_64_shares_one_daily_quota_and_the_admin_resets_it_by_any_of_its_addresses(
+        make_client: MakeClient, fake: FakeOpenAI) -> None:
+    client = await make_client(quota={"daily_questions": 1}, admin={"token": ADMIN_TOKEN})
+    first = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Real-IP": "2001:db8:7:7::1"})
+    assert first.status == 200
+    # Another address of the same /64 (its privacy address of the hour), written with a zone id: used up.
+    second = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Real-IP": "2001:db8:7:7:abcd::9%eth1"})
+    assert second.status == 429
+    elsewhere = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Real-IP": "2001:db8:7:8::1"})
+    assert elsewhere.status == 200
+    reset = await client.post("/admin/quota/reset", json={"identity": "2001:db8:7:7::42"},
+                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert (await reset.json())["identity"] == "2001:db8:7:7::/64"
+    again = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Real-IP": "2001:db8:7:7::1"})
+    assert again.status == 200
+    assert len(fake.chat_requests()) == 3

@@ -6,7 +6,7 @@ import asyncio
 import json
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestClient
 from aiohttp.web import Server
 
 from chatgpt.domain import texts
-from chatgpt.keys import http_limits_key
+from chatgpt.keys import pipeline_key
 from tests.conftest import MakeClient, url, ws_connect
-from tests.test_ws import question, receive_answer
+from tests.helpers.frames import question, receive_answer, wait_until
 
 LIMITER_CAP = 10_000  # LimiterTable's max_entries (not a setting): the most addresses it remembers
 SPOOFED = 12_000  # more distinct addresses than the cap, so the cap is what bounds the table
@@ -53,18 +53,11 @@ async def status_of(client: TestClient, address: str) -> str:
     return (await response.json())["status"]
 
 
-async def wait_until(condition: Callable[[], bool], seconds: float) -> None:
-    """Poll until `condition()` holds."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
 
 async def test_ten_thousand_spoofed_addresses_keep_the_http_limiter_table_at_its_cap_and_others_are_served(
         make_client: MakeClient) -> None:
     client = await make_client()  # default limits: 5 requests/s per client IP
-    table = client.server.app[http_limits_key]["http"]
+    table = client.server.app[pipeline_key].limiter("http")
     assert table.max_entries == LIMITER_CAP
     rss_before = resident_bytes()
     started = time.monotonic()

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
 
@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from chatgpt.domain import texts
 from chatgpt.keys import sockets_key, state_key
 from tests.conftest import SERVER_KEY, MakeClient, url, ws_connect
-from tests.fake_openai import FakeOpenAI
-from tests.test_ws import question
+from tests.fakes.openai import FakeOpenAI
+from tests.helpers.frames import question, wait_until
 
 MAX_BYTES = 1048576  # ws.max_message_bytes, also the app's client_max_size (test settings keep the default)
 FAKE_TEXT = "Hello, **world**!"  # what the fake upstream answers by default
@@ -136,13 +136,6 @@ async def assert_contract_reply(ws: ClientWebSocketResponse, raw: str) -> None:
         assert assert_error_frame(await frames_until_done(ws), MISSING) == texts.FRAME_NOT_JSON
     await assert_heartbeat(ws)
 
-
-async def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    """Poll until `condition()` is true (the server finishes a closed socket's handler)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def http_request(method: str, path: str, *headers: str, body: bytes = b"") -> bytes:
@@ -308,8 +301,8 @@ async def test_invalid_utf8_in_a_text_frame_closes_the_socket_with_1007(
         client: TestClient, caplog: pytest.LogCaptureFixture, data: bytes) -> None:
     app = client.server.app
     async with ws_connect(client) as ws:
-        # aiohttp's send_str cannot produce invalid UTF-8, so write the TEXT frame directly.
-        await ws._writer.send_frame(data, WSMsgType.TEXT)
+        # send_str cannot produce invalid UTF-8; send_frame sends these bytes as a TEXT frame as they are.
+        await ws.send_frame(data, WSMsgType.TEXT)
         message = await asyncio.wait_for(ws.receive(), 5)
         assert (message.type, message.data, ws.close_code) == (WSMsgType.CLOSE, 1007, 1007)
     async with ws_connect(client) as ws:  # the server goes on serving
@@ -700,7 +693,7 @@ async def test_a_lone_surrogate_in_a_chat_prompt_does_not_stop_the_state_file_be
     state = http_client.server.app[state_key]
     assert await state.save() is True  # raises UnicodeEncodeError when the snapshot cannot be encoded
     saved = json.loads(state.path.read_text(encoding="utf-8"))
-    assert "c-s" in json.dumps(saved)
+    assert saved["chat"][response.headers["X-Conversation-Id"]]["turns"] == [["\ud800 hi", FAKE_TEXT]]
 
 
 async def test_malformed_http_requests_are_refused_without_a_traceback_in_the_log(

@@ -15,11 +15,12 @@ from aiohttp.test_utils import TestClient
 from chatgpt.domain import texts
 from chatgpt.faces.markdown import to_html
 from tests.conftest import USER_KEY, MakeClient, url
-from tests.fake_openai import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
+from tests.helpers.servers import refusing_port
 
 SLASHES = ["/", "//"]  # the mini-program builds `base + "/path"` with `base` ending in `/`
 API_PREFIXES = ["/api/", "//api/", "/api1/", "//api1/"]  # /api1/ is the Java backend's alias of /api/
-CLOSED_UPSTREAM = "http://127.0.0.1:9/v1"  # the discard port: nothing listens, the connect is refused
+CLOSED_UPSTREAM = f"http://127.0.0.1:{refusing_port()}/v1"  # nothing listens there: the connect is refused
 ENVELOPE_KEYS = {"status", "msg", "timestamp"}
 VERIFY = "auth/apikey/verify"
 

@@ -23,11 +23,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
 from chatgpt.domain.errors import UpstreamBroken
-from chatgpt.server.images import ImageStore, Pruner, folder_usage, prune, seconds_until
 from chatgpt.domain.provider import GeneratedImage
 from chatgpt.faces.markdown import to_html
+from chatgpt.server.images import ImageStore, Pruner, folder_usage, prune, seconds_until
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, url, ws_connect
-from tests.test_ws import receive_answer
+from tests.helpers.frames import receive_answer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG = PNG_SIGNATURE + bytes(range(256)) * 4  # the server checks the signature, not the whole picture
@@ -36,7 +36,7 @@ HTML = b"<html><body>Access denied</body></html>"
 SAFETY = "Your request was rejected by the safety system"
 OURS = re.compile(r"^[0-9a-f]{32}\.png$")
 HEX_NAME = "0123456789abcdef0123456789abcdef.png"
-ADMIN_TOKEN = "t0k3n-admin"
+ADMIN_TOKEN = "t0k3n-admin-images"
 
 
 # --- a fake image upstream -------------------------------------------------------------------
@@ -49,6 +49,7 @@ class UrlAnswer:
     content_type: str = "image/png"
     pieces: int = 1  # >1: the body is written in this many parts, `delay` seconds apart
     delay: float = 0.0
+    drawing: float = 0.0  # seconds the upstream takes to draw before it answers the generation request
 
 
 @dataclass
@@ -96,6 +97,8 @@ class FakeImages:
     async def generations(self, request: web.Request) -> web.Response:
         self.requests.append(Seen(request.headers.get("Authorization"), await request.json()))
         answer = self.script.popleft() if self.script else self.default
+        if isinstance(answer, UrlAnswer) and answer.drawing:
+            await asyncio.sleep(answer.drawing)
         if isinstance(answer, ErrorAnswer):
             return web.json_response({"error": {"message": answer.message}}, status=answer.status)
         if isinstance(answer, B64Answer):
@@ -425,8 +428,8 @@ async def test_v1_a_download_that_is_not_an_image_is_a_502_and_leaves_no_file(
     client = await start(make_client, upstream)
     response = await client.post("/v1/images/generations", json={"prompt": "a cat"})
     assert response.status == 502
-    assert await response.json() == {"error": {"message": "The downloaded picture is not an image.",
-                                               "type": "api_error", "param": None, "code": None}}
+    assert await response.json() == {"error": {"message": "The upstream's picture could not be downloaded or is not an image.", "type": "api_error",
+                                               "param": None, "code": None}}
     assert files_in(folder) == []
 
 
@@ -610,3 +613,25 @@ async def test_admin_prune_removes_old_pictures_and_says_which(make_client: Make
     assert files_in(folder) == sorted([fresh, "notes.txt"])
     assert (await client.get(f"/res/{old}")).status == 404
     assert (await client.get(f"/res/{fresh}")).status == 200
+
+
+async def test_the_picture_gauges_follow_saves_and_prunes_without_a_scan_per_scrape(
+        make_client: MakeClient, upstream: FakeImages, folder: Path) -> None:
+    from tests.test_operations import scrape, value  # the Prometheus reader of the operations tests
+
+    save(folder, hex_name(1), bytes(300), age=30 * 86400)  # found by the one scan at start (and old)
+    client = await start(make_client, upstream, admin={"token": ADMIN_TOKEN})
+    _, samples = await scrape(client)
+    assert (value(samples, "chatgpt_images_on_disk"), value(samples, "chatgpt_images_on_disk_bytes")) == (1, 300)
+    drawn = (await ask(client, draw()))[0]["url"].rsplit("/", 1)[1]
+    _, samples = await scrape(client)  # the save itself moved the gauges
+    assert (value(samples, "chatgpt_images_on_disk"), value(samples, "chatgpt_images_on_disk_bytes")) == (
+        2, 300 + (folder / drawn).stat().st_size)
+    save(folder, hex_name(2), bytes(50))  # behind the server's back: a scrape does not look at the folder
+    _, samples = await scrape(client)
+    assert value(samples, "chatgpt_images_on_disk") == 2
+    response = await client.post("/admin/images/prune", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert await response.json() == {"removed": [hex_name(1)]}
+    _, samples = await scrape(client)  # a pruning pass measures the folder again
+    assert (value(samples, "chatgpt_images_on_disk"), value(samples, "chatgpt_images_on_disk_bytes")) == (
+        2, 50 + (folder / drawn).stat().st_size)

@@ -16,19 +16,10 @@ from chatgpt.domain.keypool import (
     retry_after_from_headers,
     retry_after_seconds,
 )
+from tests.fakes.clock import FakeClock
 
 KEYS = ["sk-aaaaaaaaaaaaaaaaaaaa1111", "sk-bbbbbbbbbbbbbbbbbbbb2222", "sk-cccccccccccccccccccc3333"]
 A, B, C = KEYS
-
-
-class FakeClock:
-    """A monotonic clock that moves only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

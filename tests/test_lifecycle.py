@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,10 @@ import aiohttp
 import pytest
 
 from chatgpt.domain import texts
-from tests.conftest import CLIENT_TOKEN, SERVER_KEY, SecretCapture
-from tests.fake_openai import FakeOpenAI, Stream
+from tests.conftest import CLIENT_TOKEN, SERVER_KEY
+from tests.fakes.openai import FakeOpenAI, Stream
+from tests.helpers.capture import SecretCapture
+from tests.helpers.servers import started_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "adm-lifecycle-token-8642"
@@ -33,13 +34,6 @@ KILLS = 10
 BIG_PROMPT = 200_000
 BIG_CONVERSATIONS = 5
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -82,15 +76,15 @@ class Servers:
 
     async def start(self, settings: Path) -> Server:
         """Start the process and wait until `//status` answers."""
-        port = free_port()
         env = {name: value for name, value in os.environ.items() if name not in SECRET_ENV}
         log = self.folder / f"server-{len(self.started)}.log"
         with log.open("wb") as out:
             process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--config", str(settings),
-                                        "--port", str(port)], cwd=self.folder, env=env,
+                                        "--port", "0"], cwd=self.folder, env=env,
                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        server = Server(process, f"http://127.0.0.1:{port}", log)
+        server = Server(process, "", log)  # kept before the port is known: a failed start is still cleaned up
         self.started.append(server)
+        server.base = f"http://127.0.0.1:{await started_port(process, log, START_SECONDS)}"
         deadline = time.monotonic() + START_SECONDS
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
             while True:
@@ -138,16 +132,19 @@ async def until_first_text(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any
             return dict(frame)
 
 
-async def rest_of_socket(ws: aiohttp.ClientWebSocketResponse) -> list[Any]:
-    """Every JSON frame until the socket closes."""
+async def rest_of_socket(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[Any], int | None]:
+    """Every JSON frame until the socket closes, and the code of the close frame (None: no close frame).
+    The code is read from the frame itself: the server may close the TCP connection right after it, so
+    the client's own close reply can fail and its `close_code` then says 1006."""
     frames: list[Any] = []
     while True:
         message = await asyncio.wait_for(ws.receive(), STOP_SECONDS)
         if message.type == aiohttp.WSMsgType.TEXT:
             frames.append(json.loads(message.data))
-        elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
-                              aiohttp.WSMsgType.ERROR):
-            return frames
+        elif message.type == aiohttp.WSMsgType.CLOSE:
+            return frames, int(message.data)
+        elif message.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+            return frames, None
 
 
 async def rest_of_stream(response: aiohttp.ClientResponse) -> tuple[bytes, str | None]:
@@ -205,24 +202,29 @@ async def sigterm_mid_answer(servers: Servers, fake: FakeOpenAI, capture: Secret
 
         stopping = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        socket_frames = await asyncio.gather(*(rest_of_socket(ws) for ws in sockets))
+        socket_ends = await asyncio.gather(*(rest_of_socket(ws) for ws in sockets))
         stream_rest, broke = await rest_of_stream(streamed) if streamed is not None else (None, None)
         code = await asyncio.to_thread(server.process.wait, STOP_SECONDS + 5)
         seconds = time.monotonic() - stopping
-        close_codes = [ws.close_code for ws in sockets]
+        socket_frames = [frames for frames, _ in socket_ends]
+        close_codes = [code for _, code in socket_ends]
     state = json.loads((servers.folder / "state.json").read_text(encoding="utf-8"))
-    return Stopped(list(socket_frames), close_codes, stream_rest, broke, code, seconds, server.output(), state)
+    return Stopped(socket_frames, close_codes, stream_rest, broke, code, seconds, server.output(), state)
 
 
 def assert_sockets_ended(stopped: Stopped) -> None:
-    """Every socket got a final error frame or a close 1001, and no answer cut short claimed success."""
+    """Every socket's question in flight got a final error frame saying the server restarts (PROTOCOL.md
+    E.3), then the close 1001; no answer cut short claimed success."""
     for frames, close_code in zip(stopped.socket_frames, stopped.close_codes, strict=True):
-        final_error = bool(frames) and frames[-1].get("isDone") is True and frames[-1].get("isSuccess") is False
-        assert final_error or close_code == 1001, (frames[-1:], close_code)
+        assert frames, "no final frame before the close"
+        last = frames[-1]
+        assert (last.get("content"), last.get("isDone"), last.get("isSuccess")) == (
+            "服务器正在重启, 请稍后再试~", True, False), last
+        assert close_code == 1001, close_code
         assert not any(f.get("content") == "DONE" for f in frames)
 
 
-async def test_sigterm_closes_websockets_mid_answer_with_1001_writes_the_state_and_exits_0(
+async def test_sigterm_ends_websocket_questions_with_an_error_frame_then_1001_writes_the_state_and_exits_0(
         servers: Servers, fake: FakeOpenAI, secret_capture: SecretCapture) -> None:
     stopped = await sigterm_mid_answer(servers, fake, secret_capture, v1=False)
     assert_sockets_ended(stopped)

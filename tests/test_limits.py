@@ -6,16 +6,10 @@ import asyncio
 import pytest
 
 from chatgpt.domain.limits import LimiterTable
+from tests.fakes.clock import FakeClock
+from tests.helpers.timewarp import skip
 
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+EVENT_LOOP = "warp"  # every test here runs on a loop whose clock it moves: aiolimiter drains by the loop's clock
 
 
 async def test_requests_within_the_rate_are_allowed() -> None:
@@ -33,7 +27,9 @@ async def test_refused_key_recovers_after_the_period() -> None:
     table = LimiterTable(2, 0.2)
     for _ in range(3):
         await table.allow("ip")
-    await asyncio.sleep(0.22)
+    skip(0.09)
+    assert not await table.allow("ip")  # 2 per 0.2 s: one request's worth drains in 0.1 s
+    skip(0.2)
     assert [await table.allow("ip") for _ in range(3)] == [True, True, False]
 
 
@@ -72,8 +68,10 @@ async def test_retry_after_when_refused_is_one_request_worth_of_time() -> None:
     for _ in range(3):
         await table.allow("ip")
     wait = table.retry_after("ip")
-    assert 0 < wait <= 0.1 + 1e-9
-    await asyncio.sleep(wait + 0.01)
+    assert wait == pytest.approx(0.1)
+    skip(wait * 0.9)
+    assert not await table.allow("ip")
+    skip(wait * 0.1 + 1e-6)
     assert await table.allow("ip")
 
 
@@ -82,7 +80,9 @@ async def test_fractional_rate_allows_one_then_spaces_requests() -> None:
     assert await table.allow("ip")
     assert not await table.allow("ip")
     assert table.retry_after("ip") == pytest.approx(0.2)
-    await asyncio.sleep(0.22)
+    skip(0.19)
+    assert not await table.allow("ip")
+    skip(0.011)
     assert await table.allow("ip")
 
 

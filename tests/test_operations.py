@@ -15,9 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from chatgpt.domain import texts
 from chatgpt.server.metrics import hashed
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI, Stream
-from tests.test_settings import free_port, serve_until_status
-from tests.test_ws import question, receive_answer
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
+from tests.helpers.servers import refusing_port
+from tests.test_settings import serve_until_status
 
 ADMIN_TOKEN = "adm-ops-secret-777"
 TRUSTED = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
@@ -94,10 +95,10 @@ async def test_metrics_is_prometheus_text_in_the_classic_format(client: TestClie
 
 async def test_metrics_count_questions_refusals_errors_images_and_sockets(
         make_client: MakeClient, fake: FakeOpenAI, tmp_path: Path) -> None:
-    client = await make_client(quota={"daily_questions": 1}, limits={"ws_per_minute": 1}, admin={"token": ADMIN_TOKEN})
     (tmp_path / "images").mkdir(exist_ok=True)
-    (tmp_path / "images" / IMAGE_NAME).write_bytes(IMAGE_BYTES)
+    (tmp_path / "images" / IMAGE_NAME).write_bytes(IMAGE_BYTES)  # found by the one scan at start
     (tmp_path / "images" / "not-ours.png").write_bytes(b"x" * 50)  # not a name this server saves: not counted
+    client = await make_client(quota={"daily_questions": 1}, limits={"ws_per_minute": 1}, admin={"token": ADMIN_TOKEN})
     async with ws_connect(client) as ws:
         await ws.send_json(question())  # anonymous: uses the one daily question of 127.0.0.1
         assert (await receive_answer(ws))[-1]["content"] == "DONE"
@@ -194,11 +195,10 @@ async def test_healthz_says_reachable_after_an_answer(client: TestClient) -> Non
 
 
 async def test_healthz_says_unreachable_after_the_upstream_cannot_be_reached(make_client: MakeClient) -> None:
-    client = await make_client(upstream={"base_url": "http://127.0.0.1:9/v1"})
+    client = await make_client(upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"})
     response = await client.post("/v1/chat/completions", json=v1_body(), headers=TRUSTED)
     assert response.status == 502
-    assert (await response.json())["error"]["message"] == (
-        "Could not reach the upstream 127.0.0.1:9 (the connection was refused or failed).")
+    assert (await response.json())["error"]["message"] == "Could not reach the upstream at 127.0.0.1."
     body = await healthz(client)
     assert (body["upstream_reachable"], body["keys"]) == (False, {"configured": 1, "healthy": 1})
 
@@ -317,7 +317,6 @@ async def test_no_key_or_token_is_logged_across_a_run_with_failures(
 
 
 async def test_log_format_json_prints_one_json_object_per_line(tmp_path: Path) -> None:
-    port = free_port()
     config = tmp_path / "settings.yaml"
     config.write_text(json.dumps({
         "server": {"host": "127.0.0.1"},
@@ -325,7 +324,7 @@ async def test_log_format_json_prints_one_json_object_per_line(tmp_path: Path) -
         "state": {"file": str(tmp_path / "state.json")},
     }), encoding="utf-8")
     log_path = tmp_path / "server.log"
-    body, returncode = await serve_until_status(port, ["--config", str(config), "--log-format", "json"], log_path)
+    body, returncode, port = await serve_until_status(["--config", str(config), "--log-format", "json"], log_path)
     assert (body["status"], body["state"], returncode) == ("000000", True, 0)
     lines = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]  # every line is one JSON object

@@ -8,16 +8,7 @@ from typing import Any
 import pytest
 
 from chatgpt.domain.quota import DailyQuota
-
-
-class FakeClock:
-    """A mutable local datetime the test moves by hand."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.fakes.clock import FakeClock
 
 
 @pytest.fixture

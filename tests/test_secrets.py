@@ -12,8 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import ADMIN_SECRET_SOURCE, SERVER_KEY, USER_KEY, MakeClient, SecretCapture, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI
+from tests.conftest import SERVER_KEY, USER_KEY, MakeClient, ws_connect
+from tests.fakes.openai import Fail, FakeOpenAI
+from tests.helpers.capture import ADMIN_SECRET_SOURCE, SecretCapture
 
 
 def fake_secret() -> str:

@@ -5,7 +5,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from chatgpt.settings import (
     UpstreamSettings,
     load_settings,
 )
+from tests.helpers.servers import started_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,13 +57,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`python app.py ARGS` from the repository, as an operator would type it."""
     return subprocess.run([sys.executable, "app.py", *args], cwd=REPO, env=clean_env(), capture_output=True,
                           text=True, encoding="utf-8", timeout=20, check=False)
-
-
-def free_port() -> int:
-    """A port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_with_no_file_and_no_env_every_setting_has_its_default(tmp_path: Path,
@@ -159,13 +152,13 @@ def test_openai_api_key_with_commas_forms_the_server_pool(tmp_path: Path) -> Non
 def test_secrets_from_the_environment_override_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, json.dumps({
         "upstream": {"base_url": "https://file.example/v1", "baixing_key": "bx-file", "model": "gpt-4o"},
-        "admin": {"token": "admin-file"},
+        "admin": {"token": "admin-file-0123456789"},
     }))
     settings = load_settings(path, env={"OPENAI_BASE_URL": "http://env.example:8000/v1",
-                                        "CHATGPT_ADMIN_TOKEN": "admin-env", "BAIXING_API_KEY": "bx-env"})
+                                        "CHATGPT_ADMIN_TOKEN": "admin-env-0123456789", "BAIXING_API_KEY": "bx-env"})
     assert settings.upstream == UpstreamSettings(base_url="http://env.example:8000/v1", baixing_key="bx-env",
                                                  model="gpt-4o")
-    assert settings.admin == AdminSettings(token="admin-env")
+    assert settings.admin == AdminSettings(token="admin-env-0123456789")
 
 
 def test_a_bad_value_from_the_environment_names_the_variable_and_shows_the_value(tmp_path: Path) -> None:
@@ -183,18 +176,18 @@ def test_a_bad_value_from_the_file_still_names_the_setting(tmp_path: Path) -> No
 
 
 def test_blank_environment_variables_leave_the_file_alone(tmp_path: Path) -> None:
-    path = write(tmp_path, "upstream:\n  api_keys: [sk-file]\nadmin:\n  token: admin-file\n")
+    path = write(tmp_path, "upstream:\n  api_keys: [sk-file]\nadmin:\n  token: admin-file-0123456789\n")
     settings = load_settings(path, env={"OPENAI_API_KEY": " ", "CHATGPT_ADMIN_TOKEN": "", "OPENAI_BASE_URL": ""})
-    assert (settings.upstream.api_keys, settings.admin.token) == (("sk-file",), "admin-file")
+    assert (settings.upstream.api_keys, settings.admin.token) == (("sk-file",), "admin-file-0123456789")
     assert settings.upstream.base_url == "https://api.openai.com/v1"
 
 
 def test_secrets_from_the_environment_apply_when_the_file_has_empty_sections(tmp_path: Path) -> None:
     # An operator who comments out every line under `upstream:` and `admin:` leaves them null in YAML.
     path = write(tmp_path, "upstream:\n  # api_keys: []\nadmin:\n  # token: ''\n")
-    settings = load_settings(path, env={"OPENAI_API_KEY": "sk-env", "CHATGPT_ADMIN_TOKEN": "admin-env"})
+    settings = load_settings(path, env={"OPENAI_API_KEY": "sk-env", "CHATGPT_ADMIN_TOKEN": "admin-env-0123456789"})
     assert settings.upstream.api_keys == ("sk-env",)
-    assert settings.admin.token == "admin-env"
+    assert settings.admin.token == "admin-env-0123456789"
 
 
 def test_the_repository_settings_file_is_the_defaults_but_for_its_upstreams_and_models() -> None:
@@ -278,13 +271,14 @@ async def status_envelope(port: int, process: subprocess.Popen[bytes]) -> dict[s
                 await asyncio.sleep(0.1)
 
 
-async def serve_until_status(port: int, args: list[str], log_path: Path) -> tuple[dict[str, Any], int]:
-    """Start `python app.py --port PORT *args` (stderr to `log_path`), read `//status` once, stop it
-    with SIGTERM; the envelope and the exit code."""
+async def serve_until_status(args: list[str], log_path: Path) -> tuple[dict[str, Any], int, int]:
+    """Start `python app.py --port 0 *args` (stderr to `log_path`), read `//status` once, stop it
+    with SIGTERM; the envelope, the exit code and the port the server bound."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args],
+        process = subprocess.Popen([sys.executable, "app.py", "--port", "0", *args],
                                    cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=log)
         try:
+            port = await started_port(process, log_path)
             body = await status_envelope(port, process)
         finally:
             process.terminate()
@@ -294,18 +288,17 @@ async def serve_until_status(port: int, args: list[str], log_path: Path) -> tupl
                 process.kill()
                 process.wait()
                 raise
-    return body, returncode
+    return body, returncode, port
 
 
 async def test_the_server_starts_without_an_api_key_answers_and_stops_on_terminate(tmp_path: Path) -> None:
-    port = free_port()
     config = write(tmp_path, json.dumps({
         "server": {"host": "127.0.0.1"},
         "images": {"folder": str(tmp_path / "images")},
         "state": {"file": str(tmp_path / "state.json")},
     }))
     log_path = tmp_path / "server.log"
-    body, returncode = await serve_until_status(port, ["--config", str(config)], log_path)
+    body, returncode, port = await serve_until_status(["--config", str(config)], log_path)
     assert set(body) == {"status", "msg", "timestamp", "state"}
     assert (body["status"], body["msg"], body["state"]) == ("000000", "SUCCESS", True)
     assert returncode == 0

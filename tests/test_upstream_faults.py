@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,14 +13,15 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain import texts
-from chatgpt.keys import pipeline_key, session_key
 from chatgpt.faces.markdown import to_html
+from chatgpt.keys import pipeline_key, routes_key, session_key
 from tests.conftest import CLIENT_TOKEN, MakeClient, ws_connect
-from tests.fake_openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
+from tests.fakes.openai import SSE_DONE, Fail, FakeOpenAI, FaultyOpenAI, RawStream, Stream, sse_chunk
+from tests.helpers.frames import receive_answer
+from tests.helpers.servers import refusing_port
 
 ADMIN_TOKEN = "adm-upstream-faults-5150"
 IDENTITY = "127.0.0.1"  # the anonymous user's identity: the loopback peer, no proxy headers
@@ -41,29 +41,23 @@ async def fake(aiohttp_server: Callable[..., Any]) -> FakeOpenAI:
     return upstream
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on: connecting to it is refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class Fault:
     """One upstream failure and what the client, the quota and the key pool must make of it."""
 
     behaviour: Callable[[], Behaviour] | None  # None: the upstream address itself fails (see `upstream`)
-    message: str  # the error text the mini-program gets
-    detail: str  # the English error an SDK or curl user gets on /v1 ("{host}": the upstream's host:port)
+    message: str  # the error text the mini-program shows
     v1_status: int  # HTTP status of a /v1 error answered before any of the answer was sent
+    v1_message: str  # the English text an SDK user gets (PROTOCOL.md E.2)
     key_state: str = "healthy"  # the server key's health afterwards: healthy | cooling | disabled
     text: str = ""  # answer text relayed before the fault; "" means the quota is given back
-    opened: bool = False  # the upstream sent an event before failing, so a /v1 stream has begun (HTTP 200)
+    # The upstream sent something of an answer before failing, so a /v1 stream has begun (HTTP 200). Events
+    # with nothing in them (the opening role chunk) are held back: a failure after them still has its status.
+    opened: bool = False
     upstream: dict[str, Any] = field(default_factory=dict)  # settings overrides
     retry_after: str | None = None  # Retry-After the /v1 error must carry
     cooling: float | None = None  # seconds the key cools for (429)
     seconds: float = QUICK  # the question must have ended within this
-    timeout: float | None = None  # the question must not have ended before this (a read or answer timeout)
 
 
 def completion_json() -> bytes:
@@ -78,88 +72,78 @@ NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r
 IN_STREAM_ERROR = b'data: {"error": {"message": "The server had an error while processing your request.", ' \
                   b'"type": "server_error", "param": null, "code": null}}\n\n'
 TWO_MB_LINE = b"data: " + b"x" * (2 * 1024 * 1024) + b"\n\n"
-FAILED, UNREACHABLE, TIMEOUT = texts.UPSTREAM_FAILED, texts.UPSTREAM_UNREACHABLE, texts.UPSTREAM_TIMEOUT
-REFUSED_KEY = "The upstream refused this server's API key (HTTP {status}); try again later."
-BROKE_OFF = "The upstream {host} broke off its answer: "
-SILENT = "The upstream {host} sent no answer event for 0.5 s (upstream.read_timeout)."
-REFUSED_PORT = closed_port()
+FAILED, UNREACHABLE, BUSY = texts.UPSTREAM_FAILED, texts.UPSTREAM_UNREACHABLE, texts.SERVER_BUSY
+KEY_REFUSED = "The upstream refused this server's key; try again later."
+KEYS_BUSY = "Every upstream key of this server is busy; try again later."
+BROKE = "The upstream at 127.0.0.1 broke off its answer or sent something unreadable."
+SILENT = "The upstream {host} sent no answer event for 0.5 s (upstream.read_timeout)."  # which limit ran out
+TIMEOUT = texts.UPSTREAM_TIMEOUT
 
 FAULTS: dict[str, Fault] = {
     # A refusal of the server's own key is the operator's business: the client gets the generic text.
     "401 invalid key": Fault(lambda: Fail(401, "Incorrect API key provided: sk-ser***0001.", "invalid_api_key"),
-                             FAILED, REFUSED_KEY.format(status=401), 503, key_state="disabled"),
+                             FAILED, 503, KEY_REFUSED, key_state="disabled"),
     "403 forbidden": Fault(lambda: Fail(403, "Country, region, or territory not supported.",
-                                        "unsupported_country_region_territory"), FAILED,
-                           REFUSED_KEY.format(status=403), 503),
+                                        "unsupported_country_region_territory"), FAILED, 503, KEY_REFUSED),
     "404 no such model": Fault(lambda: Fail(404, "The model `gpt-9` does not exist.", "model_not_found"),
-                               "The model `gpt-9` does not exist.", "The model `gpt-9` does not exist.", 404),
-    "404 without an error object (a base URL without /v1)": Fault(
-        lambda: Fail(404, raw=b"404 page not found", headers={"Content-Type": "text/plain"}),
-        FAILED, "The upstream {host} answered 404 — does the base URL end in /v1?", 404),
+                               "The model `gpt-9` does not exist.", 404, "The model `gpt-9` does not exist."),
+    # The only key is cooling: busy, with the wait until it is usable (PROTOCOL.md E.1).
     "429 with Retry-After": Fault(lambda: Fail(429, "Rate limit reached for requests.", "rate_limit_exceeded",
                                                headers={"Retry-After": "7"}),
-                                  FAILED, REFUSED_KEY.format(status=429), 503, key_state="cooling", retry_after="7",
-                                  cooling=7.0),
+                                  BUSY, 503, KEYS_BUSY, key_state="cooling", retry_after="7", cooling=7.0),
     "429 without Retry-After": Fault(lambda: Fail(429, "Rate limit reached for requests.", "rate_limit_exceeded"),
-                                     FAILED, REFUSED_KEY.format(status=429), 503, key_state="cooling", cooling=20.0),
+                                     BUSY, 503, KEYS_BUSY, key_state="cooling", retry_after="20", cooling=20.0),
     "429 insufficient quota": Fault(lambda: Fail(429, "You exceeded your current quota.", "insufficient_quota"),
-                                    FAILED, REFUSED_KEY.format(status=429), 503, key_state="disabled"),
-    "500 json": Fault(lambda: Fail(500, "upstream says 500"), "upstream says 500", "upstream says 500", 502),
-    "502 json": Fault(lambda: Fail(502, "upstream says 502"), "upstream says 502", "upstream says 502", 502),
-    "503 json": Fault(lambda: Fail(503, "upstream says 503"), "upstream says 503", "upstream says 503", 502),
+                                    FAILED, 503, KEY_REFUSED, key_state="disabled"),
+    "500 json": Fault(lambda: Fail(500, "upstream says 500"), "upstream says 500", 502, "upstream says 500"),
+    "502 json": Fault(lambda: Fail(502, "upstream says 502"), "upstream says 502", 502, "upstream says 502"),
+    "503 json": Fault(lambda: Fail(503, "upstream says 503"), "upstream says 503", 502, "upstream says 503"),
     "500 plain text body": Fault(lambda: Fail(500, raw=b"Internal Server Error",
-                                              headers={"Content-Type": "text/plain"}), FAILED,
-                                 "The upstream {host} answered HTTP 500.", 502),
+                                              headers={"Content-Type": "text/plain"}),
+                                 FAILED, 502, "The upstream at 127.0.0.1 failed (HTTP 500)."),
     "503 json without an error object": Fault(lambda: Fail(503, raw=b'{"detail": "overloaded"}',
                                                            headers={"Content-Type": "application/json"}),
-                                              FAILED, "The upstream {host} answered HTTP 503.", 502),
-    "502 html page": Fault(lambda: Fail(502, raw=NGINX_502, headers={"Content-Type": "text/html"}), FAILED,
-                           "The upstream {host} answered HTTP 502.", 502),
+                                              FAILED, 502, "The upstream at 127.0.0.1 failed (HTTP 503)."),
+    "502 html page": Fault(lambda: Fail(502, raw=NGINX_502, headers={"Content-Type": "text/html"}),
+                           FAILED, 502, "The upstream at 127.0.0.1 failed (HTTP 502)."),
     "200 json instead of sse": Fault(lambda: RawStream([completion_json()], content_type="application/json"),
-                                     FAILED, "The upstream {host} answered HTTP 200 application/json instead of "
-                                     "an event stream.", 502),
-    "garbage sse line first": Fault(lambda: RawStream([b"data: {not json\n\n"]), FAILED,
-                                    "The upstream {host} sent an event that is not JSON.", 502),
+                                     FAILED, 502, BROKE),
+    "garbage sse line first": Fault(lambda: RawStream([b"data: {not json\n\n"]), FAILED, 502, BROKE),
     "sse line that is not utf-8": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("Hel"), b'data: {"choices": "\xff\xfe"}\n\n'], delay=0.02),
-        FAILED, BROKE_OFF + "it sent bytes that are not UTF-8.", 502, text="Hel", opened=True),
+        FAILED, 502, BROKE, text="Hel", opened=True),
     "garbage sse line after text": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("Hel"), b"data: {not json\n\n"], delay=0.02),
-        FAILED, "The upstream {host} sent an event that is not JSON.", 502, text="Hel", opened=True),
+        FAILED, 502, BROKE, text="Hel", opened=True),
     "error event inside the stream": Fault(
         lambda: RawStream([sse_chunk(None), IN_STREAM_ERROR], delay=0.02),
-        "The server had an error while processing your request.",
-        "The server had an error while processing your request.", 502, opened=True),
-    "2 MB sse line": Fault(lambda: RawStream([sse_chunk(None), TWO_MB_LINE], delay=0.02), FAILED,
-                           BROKE_OFF + "it sent a line over the length limit.", 502, opened=True),
+        "The server had an error while processing your request.", 502,
+        "The server had an error while processing your request."),
+    "2 MB sse line": Fault(lambda: RawStream([sse_chunk(None), TWO_MB_LINE], delay=0.02), FAILED, 502, BROKE),
     "stream ends without done": Fault(lambda: Stream(pieces=["partial ", "answer"], delay=0.02, done=False),
-                                      FAILED, BROKE_OFF + "the stream ended before [DONE].", 502,
-                                      text="partial answer", opened=True),
+                                      FAILED, 502, BROKE, text="partial answer", opened=True),
     "connection reset mid-answer": Fault(
         lambda: RawStream([sse_chunk(None), sse_chunk("partial")], delay=0.02, end="reset"),
-        FAILED, BROKE_OFF + "the connection closed mid-answer.", 502, text="partial", opened=True),
-    "connection reset before any event": Fault(lambda: RawStream([], end="reset"), FAILED,
-                                               BROKE_OFF + "the connection closed mid-answer.", 502),
+        FAILED, 502, BROKE, text="partial", opened=True),
+    "connection reset before any event": Fault(lambda: RawStream([], end="reset"), FAILED, 502, BROKE),
     "stream hangs before any text": Fault(
-        lambda: Stream(pieces=[], hang=True), TIMEOUT, SILENT, 504, opened=True,  # a read timeout is a gateway timeout
-        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0, timeout=HANG_READ_TIMEOUT),
+        lambda: Stream(pieces=[], hang=True), TIMEOUT, 504, SILENT,  # a read timeout is a gateway timeout
+        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
     "stream hangs after some text": Fault(
-        lambda: Stream(pieces=["partial"], hang=True), TIMEOUT, SILENT, 504, text="partial", opened=True,
-        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0, timeout=HANG_READ_TIMEOUT),
+        lambda: Stream(pieces=["partial"], hang=True), TIMEOUT, 504, SILENT, text="partial", opened=True,
+        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
     # DeepSeek while a request waits in its queue: comments, never an event. Comments are not progress.
     "only keep-alive comments, forever": Fault(
-        lambda: RawStream([b": keep-alive\n\n"] * 1000, delay=0.05), TIMEOUT, SILENT, 504,
-        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0, timeout=HANG_READ_TIMEOUT),
+        lambda: RawStream([b": keep-alive\n\n"] * 1000, delay=0.05), TIMEOUT, 504, SILENT,
+        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
     "keep-alive comments after some text": Fault(
-        lambda: Stream(pieces=["partial"], hang=True, keep_alive=0.05), TIMEOUT, SILENT, 504, text="partial",
-        opened=True, upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0,
-        timeout=HANG_READ_TIMEOUT),
-    "connection refused": Fault(None, UNREACHABLE, f"Could not reach the upstream 127.0.0.1:{REFUSED_PORT} "
-                                "(the connection was refused or failed).", 502,
-                                upstream={"base_url": f"http://127.0.0.1:{REFUSED_PORT}/v1"}),
+        lambda: Stream(pieces=["partial"], hang=True, keep_alive=0.05), TIMEOUT, 504, SILENT, text="partial",
+        opened=True, upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
+    "connection refused": Fault(None, UNREACHABLE, 502, "Could not reach the upstream at 127.0.0.1.",
+                                upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"}),
     # .invalid never resolves (RFC 6761): the resolver fails, so no connection to anywhere is attempted.
-    "dns failure": Fault(None, UNREACHABLE, "Could not reach the upstream no-such-host.invalid "
-                         "(its name does not resolve).", 502, upstream={"base_url": "http://no-such-host.invalid/v1"}),
+    "dns failure": Fault(None, UNREACHABLE, 502, "Could not reach the upstream at no-such-host.invalid.",
+                         upstream={"base_url": "http://no-such-host.invalid/v1"}),
 }
 
 
@@ -175,22 +159,12 @@ def v1_body(stream: bool) -> dict[str, Any]:
     return {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
 
 
-async def ws_frames_until_done(ws: ClientWebSocketResponse, limit: float) -> list[dict[str, Any]]:
-    """Frames up to and including the first with isDone true."""
-    frames = []
-    while True:
-        frame = await asyncio.wait_for(ws.receive_json(), limit)
-        frames.append(frame)
-        if frame.get("isDone"):
-            return frames
-
-
 async def ask_on_the_websocket(client: TestClient, fault: Fault) -> float:
     """Ask once on a fresh socket; check the frames; return how long the question took."""
     async with ws_connect(client) as ws:
         started = time.monotonic()
         await ws.send_json(ws_question())
-        frames = await ws_frames_until_done(ws, fault.seconds + 3)
+        frames = await receive_answer(ws, fault.seconds + 3)
         elapsed = time.monotonic() - started
         # Nothing may follow the end frame: the next frame is the answer to a heartbeat.
         await ws.send_json({"heart": "ping"})
@@ -215,7 +189,7 @@ def sse_payloads(raw: bytes) -> list[Any]:
     return payloads
 
 
-async def ask_on_v1(client: TestClient, fault: Fault, stream: bool, detail: str) -> float:
+async def ask_on_v1(client: TestClient, fault: Fault, stream: bool, host: str) -> float:
     """Ask once on `/v1`; check the error (JSON, or inside a begun stream); return how long it took."""
     started = time.monotonic()
     response = await asyncio.wait_for(client.post(
@@ -228,7 +202,7 @@ async def ask_on_v1(client: TestClient, fault: Fault, stream: bool, detail: str)
         assert response.status == 200 and response.content_type == "text/event-stream"
         *chunks, last = sse_payloads(raw)
         assert set(last) == {"error"} and set(last["error"]) == ERROR_KEYS, raw[-300:]
-        assert last["error"]["message"] == detail
+        assert last["error"]["message"] == fault.v1_message.format(host=host)
         assert all(isinstance(c, dict) and "error" not in c for c in chunks), "one error event, and only at the end"
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == fault.text
         assert not raw.endswith(SSE_DONE)
@@ -237,7 +211,7 @@ async def ask_on_v1(client: TestClient, fault: Fault, stream: bool, detail: str)
     assert response.content_type == "application/json"
     body = json.loads(raw)
     assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
-    assert body["error"]["message"] == detail
+    assert body["error"]["message"] == fault.v1_message.format(host=host)
     if fault.retry_after is not None:
         assert response.headers.get("Retry-After") == fault.retry_after
     return elapsed
@@ -274,9 +248,10 @@ async def tasks_left_over(before: set[asyncio.Task[Any]], client: TestClient, fa
 
 
 def files_left(tmp_path: Path) -> list[str]:
-    """Every file under the test's folder (images, state, temp files) but the settings it was started with."""
+    """Every file under the test's folder (images, state, temp files) but the settings it was started with
+    and the state file's lock, held while the app runs."""
     return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
-                  if p.is_file() and p.name != "settings.yaml")
+                  if p.is_file() and p.name not in ("settings.yaml", "state.json.lock"))
 
 
 async def server_key_health(client: TestClient) -> dict[str, Any]:
@@ -304,12 +279,12 @@ async def test_an_upstream_fault_ends_the_question_with_one_clear_error_and_leav
     if entry == "websocket":
         elapsed = await ask_on_the_websocket(client, fault)
     else:
-        host = fault.upstream.get("base_url", fake.base_url).split("/")[2]  # type: ignore[attr-defined]
-        elapsed = await ask_on_v1(client, fault, entry == "v1 stream", fault.detail.format(host=host))
+        host = fake.base_url.split("/")[2]  # type: ignore[attr-defined]
+        elapsed = await ask_on_v1(client, fault, entry == "v1 stream", host)
 
     assert elapsed < fault.seconds, f"the question took {elapsed:.2f} s"
-    if fault.timeout is not None:
-        assert elapsed >= fault.timeout * 0.9, "it ended before the timeout"
+    if fault.upstream.get("read_timeout"):
+        assert elapsed >= HANG_READ_TIMEOUT * 0.9, "it ended before the upstream was silent for read_timeout"
     # Charged only when the user got text (PROTOCOL.md A.5, C.2).
     assert pipeline.remaining(IDENTITY) == DAILY - (1 if fault.text else 0)
     # Exactly one POST: a failed question is never re-sent (it may already be billed).
@@ -327,7 +302,7 @@ async def test_an_upstream_fault_ends_the_question_with_one_clear_error_and_leav
     if fault.cooling is not None:
         assert fault.cooling - 1 < health["until"] <= fault.cooling, health
     if fault.key_state == "disabled":
-        assert pipeline.keys.usable() == 0
+        assert client.app[routes_key].upstreams[0].keys.usable() == 0
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one read", "a read per event"])
@@ -385,7 +360,7 @@ async def test_the_answer_timeout_ends_a_websocket_answer_that_keeps_coming(
     fake.script.append(Stream(pieces=["word "] * 100, delay=0.05))
     async with ws_connect(client) as ws:
         await ws.send_json(ws_question())
-        frames = await ws_frames_until_done(ws, 5)
+        frames = await receive_answer(ws, 5)
     *pieces, end = frames
     assert (end["content"], end["isDone"], end["isSuccess"]) == (TIMEOUT, True, False)
     assert pieces and pieces[-1]["content"].startswith("word word")

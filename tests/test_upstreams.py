@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from app import create_app
 from chatgpt.domain import texts
 from chatgpt.settings import load_settings
 from tests.conftest import CLIENT_TOKEN, USER_KEY, ws_connect
-from tests.fake_openai import Fail, FaultyOpenAI, RawStream, Recorded, Stream, sse_chunk
-from tests.test_ws import receive_answer
+from tests.fakes.openai import Fail, FaultyOpenAI, RawStream, Recorded, Stream, sse_chunk
+from tests.helpers.frames import receive_answer
+from tests.helpers.servers import refusing_port
 
 CHAT_KEY = "sk-chat-upstream-key-0001"
 CHAT_KEY_2 = "sk-chat-upstream-key-0002"
@@ -74,10 +74,7 @@ async def _serve(aiohttp_server: Servers) -> FakeUpstream:
 
 def closed_url() -> str:
     """A loopback base URL nothing listens on: an unreachable upstream."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
+    return f"http://127.0.0.1:{refusing_port()}/v1"
 
 
 def layout(chat: FakeUpstream | str, backup: FakeUpstream | str, **changes: Any) -> dict[str, Any]:
@@ -378,7 +375,9 @@ async def test_metrics_label_upstream_errors_by_upstream(start: Any, chat: FakeU
     assert (await ask(client, "shared"))[0] == 200
     text = await (await client.get("/metrics")).text()
     assert 'chatgpt_upstream_errors_total{key="…0001",status="503",upstream="deepseek"} 1.0' in text
-    assert 'upstream="pictures"' not in text
+    assert 'chatgpt_upstream_errors_total{key="…0003"' not in text  # the upstream that answered had no error
+    # Tokens are counted on the upstream that answered.
+    assert 'chatgpt_tokens_total{kind="prompt",model="shared",payer="trusted",upstream="pictures"} 9.0' in text
 
 
 async def test_each_upstreams_key_health_survives_a_restart_under_its_own_name(

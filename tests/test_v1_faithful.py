@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import CLIENT_TOKEN, USER_KEY, MakeClient
-from tests.fake_openai import FakeOpenAI, Stream
+from tests.fakes.openai import FakeOpenAI, Stream
 from tests.test_operations import scrape, value
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
@@ -173,12 +173,12 @@ async def test_tokens_are_counted_by_kind_payer_and_model_also_from_kimis_usage(
         assert response.status == 200
         await response.read()
     _, samples = await scrape(client)
-    name = "chatgpt_tokens_total"
-    assert value(samples, name, kind="prompt", payer="pool", model="gpt-3.5-turbo") == 100
-    assert value(samples, name, kind="completion", payer="pool", model="gpt-3.5-turbo") == 40
-    assert value(samples, name, kind="reasoning", payer="pool", model="gpt-3.5-turbo") == 25
-    assert value(samples, name, kind="prompt", payer="own", model="gpt-3.5-turbo") == 7
-    assert value(samples, name, kind="completion", payer="own", model="gpt-3.5-turbo") == 3
+    name, up = "chatgpt_tokens_total", "default"  # the one upstream of the `upstream:` shorthand
+    assert value(samples, name, kind="prompt", payer="pool", model="gpt-3.5-turbo", upstream=up) == 100
+    assert value(samples, name, kind="completion", payer="pool", model="gpt-3.5-turbo", upstream=up) == 40
+    assert value(samples, name, kind="reasoning", payer="pool", model="gpt-3.5-turbo", upstream=up) == 25
+    assert value(samples, name, kind="prompt", payer="own", model="gpt-3.5-turbo", upstream=up) == 7
+    assert value(samples, name, kind="completion", payer="own", model="gpt-3.5-turbo", upstream=up) == 3
 
 
 async def test_an_own_key_model_that_is_not_offered_is_labelled_other(client: TestClient, fake: FakeOpenAI) -> None:
@@ -186,11 +186,11 @@ async def test_an_own_key_model_that_is_not_offered_is_labelled_other(client: Te
         "model": "my-fine-tune-" + "x" * 200, "messages": [{"role": "user", "content": "Hi"}]})
     assert response.status == 200
     _, samples = await scrape(client)
-    assert value(samples, "chatgpt_tokens_total", kind="prompt", payer="own", model="other") == 9
+    assert value(samples, "chatgpt_tokens_total", kind="prompt", payer="own", model="other", upstream="default") == 9
 
 
 async def test_an_answer_without_an_upstream_id_gets_a_minted_one(client: TestClient, fake: FakeOpenAI) -> None:
-    fake.script.extend([Stream(omit_id=True), Stream(omit_id=True)])
+    fake.script.extend([Stream(answer_id=None), Stream(answer_id=None)])
     plain = await (await client.post("/v1/chat/completions", json={
         "model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hi"}]})).json()
     assert plain["id"].startswith("chatcmpl-") and len(plain["id"]) > len("chatcmpl-")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -13,8 +12,9 @@ from aiohttp.test_utils import TestServer
 from chatgpt.domain.wechat import CHECK_FAILED, CONFIG_FAILED, WeChatRefused, WeChatUnreachable, WxSession
 from chatgpt.upstream.session import make_session
 from chatgpt.upstream.wechat import WeChatClient
-from tests.conftest import SecretCapture
 from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
+from tests.helpers.capture import SecretCapture
+from tests.helpers.servers import refusing_port
 
 OPENID = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
 
@@ -97,14 +97,8 @@ async def test_a_wrong_secret_is_a_setup_error_and_the_secret_is_never_logged(
 
 # --- WeChat unreachable ---
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_a_closed_port_is_unreachable(session: aiohttp.ClientSession) -> None:
-    client = WeChatClient(session, appid="wx1", secret="s" * 32, api_base=f"http://127.0.0.1:{free_port()}")
+    client = WeChatClient(session, appid="wx1", secret="s" * 32, api_base=f"http://127.0.0.1:{refusing_port()}")
     with pytest.raises(WeChatUnreachable):
         await client.code2session("0" * 32)
 

@@ -3,39 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import pytest
 from aiohttp import WSMsgType
-from aiohttp.client import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient
 
 from chatgpt.domain import texts
 from chatgpt.faces.markdown import to_html
 from tests.conftest import USER_KEY, MakeClient, ws_connect
-from tests.fake_openai import Fail, FakeOpenAI, Stream
-
-
-def question(prompt: str = "你好", **fields: Any) -> dict[str, Any]:
-    """A chat question as the mini-program sends it (anonymous user unless overridden)."""
-    frame: dict[str, Any] = {
-        "conversationId": "c-1", "id": "u-1", "parentId": 1, "authType": "api", "authValue": "Bearer ",
-        "isDemo": True, "content": "", "isGenImg": False, "isSender": False,
-        "messages": [{"role": "user", "content": prompt, "html": f"<p>{prompt}</p>", "isSend": True,
-                      "createTime": "2026-11-24 08:00:00", "id": "u-1"}],
-    }
-    frame.update(fields)
-    return frame
-
-
-async def receive_answer(ws: ClientWebSocketResponse) -> list[dict[str, Any]]:
-    """Frames up to and including the one with isDone true."""
-    frames = []
-    while True:
-        frame = await asyncio.wait_for(ws.receive_json(), 5)
-        frames.append(frame)
-        if frame.get("isDone"):
-            return frames
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
+from tests.helpers.frames import question, receive_answer
 
 
 async def test_streamed_answer_is_cumulative_with_one_id_and_one_end_frame(client: TestClient,
@@ -46,7 +25,8 @@ async def test_streamed_answer_is_cumulative_with_one_id_and_one_end_frame(clien
         frames = await receive_answer(ws)
     pieces, end = frames[:-1], frames[-1]
     assert [f["content"] for f in pieces] == ["Hello", "Hello, ", "Hello, **world**", "Hello, **world**!"]
-    assert {f["id"] for f in pieces} == {"chatcmpl-fake-1"}
+    assert len({f["id"] for f in pieces}) == 1  # one id on every frame of the answer: the server's own
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{20}", pieces[0]["id"])
     for f in pieces:
         assert f["html"] == to_html(f["content"])
         assert (f["conversationId"], f["role"], f["isDone"], f["isSuccess"]) == ("c-1", "assistant", False, True)
@@ -212,11 +192,56 @@ async def test_frame_over_the_size_limit_closes_with_1009(client: TestClient) ->
         assert ws.close_code == 1009
 
 
-async def test_model_outside_the_allow_list_falls_back_to_the_default(client: TestClient, fake: FakeOpenAI) -> None:
+async def test_a_model_not_offered_is_refused_with_an_error_frame_naming_it(client: TestClient,
+                                                                           fake: FakeOpenAI) -> None:
     async with ws_connect(client) as ws:
         await ws.send_json(question(model="gpt-4-very-expensive"))
-        await receive_answer(ws)
+        frames = await receive_answer(ws)
+    text = texts.MODEL_NOT_FOUND.format(model="gpt-4-very-expensive")
+    assert "gpt-4-very-expensive" in text
+    assert frames == [{"conversationId": "c-1", "role": "assistant", "content": text, "html": to_html(text),
+                       "createTime": frames[0]["createTime"], "isDone": True, "isSuccess": False}]
+    assert fake.chat_requests() == []
+
+
+@pytest.mark.parametrize("model", [None, "", "  "], ids=["absent", "empty", "blank"])
+async def test_a_blank_or_absent_model_is_the_default(client: TestClient, fake: FakeOpenAI, model: Any) -> None:
+    frame = question() if model is None else question(model=model)
+    async with ws_connect(client) as ws:
+        await ws.send_json(frame)
+        assert (await receive_answer(ws))[-1]["content"] == "DONE"
     assert fake.chat_requests()[0].body["model"] == "gpt-3.5-turbo"
+
+
+async def test_an_allowed_model_and_any_model_on_the_users_own_key_are_asked_for(
+        make_client: MakeClient, fake: FakeOpenAI) -> None:
+    client = await make_client(upstream={"models": ["gpt-3.5-turbo", "gpt-4o-mini"]})
+    async with ws_connect(client) as ws:
+        await ws.send_json(question(model="gpt-4o-mini"))
+        await receive_answer(ws)
+        await ws.send_json(question(model="my-own-fine-tune", authValue=f"Bearer {USER_KEY}", isDemo=False))
+        await receive_answer(ws)
+    assert [r.body["model"] for r in fake.chat_requests()] == ["gpt-4o-mini", "my-own-fine-tune"]
+
+
+@pytest.mark.parametrize("upstream_id", ["chatcmpl-fake-1", None], ids=["repeated", "omitted"])
+async def test_every_answer_gets_its_own_server_id_even_when_the_upstream_repeats_or_omits_its_id(
+        client: TestClient, fake: FakeOpenAI, upstream_id: str | None) -> None:
+    fake.default = Stream(answer_id=upstream_id)  # every answer carries the same id, or none at all
+    ids = []
+    async with ws_connect(client) as ws:
+        for _ in range(3):
+            await ws.send_json(question())
+            frames = await receive_answer(ws)
+            assert frames[-1]["content"] == "DONE"
+            answer_ids = {f["id"] for f in frames[:-1]}
+            assert len(answer_ids) == 1 and "id" not in frames[-1]
+            ids.append(answer_ids.pop())
+    async with ws_connect(client) as ws:  # a new socket: still never an id seen before
+        await ws.send_json(question())
+        ids.append((await receive_answer(ws))[0]["id"])
+    assert len(set(ids)) == 4
+    assert all(isinstance(i, str) and i and i != "chatcmpl-fake-1" for i in ids)
 
 
 async def test_offline_provider_answers_without_a_key(make_client: MakeClient, fake: FakeOpenAI) -> None:

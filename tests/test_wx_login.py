@@ -9,8 +9,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from chatgpt.domain.wxtoken import InvalidToken
 from chatgpt.keys import wechat_login_key
-from tests.conftest import MakeClient, SecretCapture, url
+from tests.conftest import MakeClient, url
 from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
+from tests.helpers.capture import SecretCapture
 
 OPENID = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
 LOGIN = "/api/auth/wx/login"

@@ -1,55 +1,111 @@
-"""Domain exceptions: refusals and failures the client should see, and upstream failures."""
+"""Domain exceptions: why a question is refused or failed, with no wire shape.
+
+Each face turns these into its own shape through one table (the mini-program's envelope and frames in
+`faces/envelope.py`, OpenAI's error JSON in `faces/openai_errors.py`, the admin JSON in `faces/admin.py`).
+Nothing here knows an envelope code, an HTTP status or an OpenAI error type."""
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+from typing import Literal
 
 from chatgpt import jsontext
-from chatgpt.domain import texts
-from chatgpt.domain.keypool import retry_after_from_headers
 
-class ServiceError(Exception):
-    """A failure the client should see, with its envelope code, HTTP status and message."""
 
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        http_status: int = 400,
-        error_type: str = "invalid_request_error",
-        error_code: str | None = None,
-        retry_after: float | None = None,
-        param: str | None = None,
-        detail: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.http_status = http_status
-        self.error_type = error_type
-        self.error_code = error_code
+class Refused(Exception):
+    """The server will not answer this question; nothing was asked upstream for it."""
+
+
+class Maintenance(Refused):
+    """The operator has the server in maintenance (runtime flag `status`)."""
+
+
+class RateLimited(Refused):
+    """The client's address is over the per-IP rate of the door it came through."""
+
+    def __init__(self, door: str, retry_after: float) -> None:
+        super().__init__(f"over the {door} rate limit")
+        self.door = door
         self.retry_after = retry_after
-        self.param = param
-        self.detail = detail  # English, for SDK and curl users (/v1, /chat); `message` is the mini-program's
 
 
+class QuotaExceeded(Refused):
+    """An anonymous user has used today's questions."""
 
 
-def bad_request(message: str, code: str = "300001") -> ServiceError:
-    """A request that fails validation."""
-    return ServiceError(code, message, http_status=400)
+class ModelNotFound(Refused):
+    """A model that is not offered on the server's keys."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model[:100]!r} is not offered")
+        self.model = model[:100]
 
 
-def shutting_down() -> ServiceError:
+class Busy(Refused):
+    """Every key of the server's pool is cooling down (or otherwise unusable) right now."""
+
+    def __init__(self, retry_after: float | None) -> None:
+        super().__init__("every server key is busy")
+        self.retry_after = retry_after
+
+
+class NoServerKey(Refused):
+    """The server's pool has no key at all, and the question would be paid by it."""
+
+
+class PicturesNotOffered(Refused):
+    """No upstream of this server draws pictures."""
+
+
+class BadQuestion(Refused):
+    """A question that fails validation; `text` is what the face that found it wants said."""
+
+    def __init__(self, text: str, param: str | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.param = param  # the request field at fault, when there is one
+
+
+class EmptyContext(BadQuestion):
+    """No message with content is left to send."""
+
+
+class PromptTooLong(BadQuestion):
+    """The newest message alone is over the context budget."""
+
+    def __init__(self, text: str, budget: int) -> None:
+        super().__init__(text)
+        self.budget = budget
+
+
+class ShuttingDown(Exception):
     """An answer cut short because the server is stopping (SIGTERM)."""
-    return ServiceError("500001", texts.SHUTTING_DOWN, http_status=503, error_type="server_error")
 
 
-def unexpected() -> ServiceError:
-    """A bug on our side: the client gets a plain message, never a traceback."""
-    return ServiceError("999999", texts.SERVICE_ERROR, http_status=500, error_type="server_error")
+FailureKind = Literal["refused", "error", "unreachable", "broken", "timeout", "pool_refused", "empty"]
 
+
+class UpstreamFailed(Exception):
+    """What the client may learn of an upstream failure, after the pipeline's rules.
+
+    `kind`: refused (a 4xx on the caller's own key, or one that is not about the key), error (5xx),
+    unreachable, broken (cut off or unreadable), timeout, pool_refused (the upstream refused one of the
+    server's keys: the operator's business, so no upstream message), empty (an answer with nothing in it).
+    `message` is the upstream's own message, set only when the client may see it."""
+
+    def __init__(self, kind: FailureKind, *, status: int | None = None, message: str | None = None,
+                 code: str | None = None, retry_after: float | None = None, host: str = "",
+                 subject: Literal["answer", "picture"] = "answer", detail: str | None = None) -> None:
+        super().__init__(f"upstream {kind}" + (f" (HTTP {status})" if status else ""))
+        self.kind: FailureKind = kind
+        self.status = status
+        self.message = message
+        self.code = code
+        self.retry_after = retry_after
+        self.host = host
+        self.subject = subject  # what could not be had: an answer, or the picture the upstream linked
+        self.detail = detail  # for a timeout: which limit ran out, in English (host and seconds, no secret)
+
+
+# --- what providers raise (PROTOCOL.md's "upstream failures"), mapped by the pipeline -------------
 
 class UpstreamError(Exception):
     """The upstream answered with a non-2xx status (or a 2xx that is not what was asked for)."""
@@ -61,21 +117,20 @@ class UpstreamError(Exception):
         self.status = status
         self.body = body
         self.headers = headers or {}
-        self.host = host
         self.message, self.code = _parse_openai_error(body)
 
 
 class UpstreamUnreachable(Exception):
-    """The upstream could not be reached (DNS, refused, reset before an answer). The message is an
-    English sentence naming the host, fit for an SDK user."""
+    """The upstream could not be reached (DNS, refused, reset before an answer); the message says why."""
 
 
 class UpstreamBroken(Exception):
-    """The upstream stream ended or broke before `[DONE]`, or sent something unreadable (English message)."""
+    """The upstream stream ended before `[DONE]`, or sent something unreadable; the message says what."""
 
 
 class UpstreamTimeout(UpstreamBroken):
-    """No answer event within `upstream.read_timeout`, or the answer outran `upstream.answer_timeout`."""
+    """No answer event within `upstream.read_timeout` (comments do not count), or the answer outran
+    `upstream.answer_timeout`; the message says which."""
 
 
 def _parse_openai_error(body: bytes) -> tuple[str | None, str | None]:
@@ -95,47 +150,3 @@ def _parse_openai_error(body: bytes) -> tuple[str | None, str | None]:
         message.strip()[:500] if isinstance(message, str) and message.strip() else None,
         code if isinstance(code, str) else None,
     )
-
-
-def _sentence(text: str) -> str:
-    text = text.strip()
-    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "?", "!")) else ".")
-
-
-def describe_upstream(exc: BaseException, own_key: bool) -> str:
-    """What failed upstream, in English for SDK and curl users. On the caller's own key the upstream's
-    own message is relayed; on the server's keys a refusal of the key says only that."""
-    if isinstance(exc, UpstreamError):
-        if own_key and exc.message:
-            return exc.message
-        if exc.status == 404 and not exc.message:
-            return texts.EN_UPSTREAM_404.format(host=exc.host or "upstream")
-        if not own_key and (exc.status in (401, 403, 429) or exc.code == "insufficient_quota"):
-            return texts.EN_POOL_KEY_REFUSED.format(status=exc.status)
-        return exc.message or _sentence(str(exc))
-    if isinstance(exc, asyncio.TimeoutError) and not isinstance(exc, UpstreamTimeout):
-        return texts.EN_UPSTREAM_TIMEOUT
-    return _sentence(str(exc)) if str(exc) else texts.EN_UPSTREAM_FAILED
-
-
-def from_upstream(exc: Exception, own_key: bool = True) -> ServiceError:
-    """Map an upstream failure to what the client sees: the upstream's own message when it has one."""
-    detail = describe_upstream(exc, own_key)
-    if isinstance(exc, UpstreamError):
-        status = exc.status
-        http_status = status if status in (400, 401, 403, 404, 429) else 502
-        code = "400001" if status in (401, 403) else "500001"
-        error_type = "rate_limit_exceeded" if status == 429 else (
-            "invalid_request_error" if status < 500 else "api_error")
-        retry_after = retry_after_from_headers(exc.headers) if status == 429 else None
-        return ServiceError(code, exc.message or texts.UPSTREAM_FAILED, http_status=http_status,
-                            error_type=error_type, error_code=exc.code, retry_after=retry_after, detail=detail)
-    if isinstance(exc, UpstreamUnreachable):
-        return ServiceError("500001", texts.UPSTREAM_UNREACHABLE, http_status=502, error_type="api_error",
-                            detail=detail)
-    if isinstance(exc, (UpstreamTimeout, asyncio.TimeoutError)):
-        return ServiceError("500001", texts.UPSTREAM_TIMEOUT, http_status=504, error_type="api_error",
-                            error_code="upstream_timeout", detail=detail)
-    if isinstance(exc, UpstreamBroken):
-        return ServiceError("500001", texts.UPSTREAM_FAILED, http_status=502, error_type="api_error", detail=detail)
-    raise TypeError(f"not an upstream failure: {exc!r}")

@@ -2,15 +2,14 @@
 only when the one before failed before its first answer event, once each, never after."""
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from chatgpt.domain.errors import ServiceError, UpstreamBroken, UpstreamError, UpstreamUnreachable
+from chatgpt.domain.errors import Busy, NoServerKey, UpstreamFailed
 from chatgpt.domain.keypool import KeyPool
 from chatgpt.domain.provider import Provider
 
@@ -49,22 +48,23 @@ def host_of(base_url: str) -> str:
     return f"{parts.hostname}:{port}" if port else str(parts.hostname)
 
 
-class NoKeyLeft(Exception):
-    """An upstream's pool has no usable key: none configured, disabled, or every one cooling."""
+MOVES_ON = frozenset({"pool_refused", "unreachable", "broken", "timeout", "error"})
 
 
 def worth_another(exc: BaseException) -> bool:
     """True for a failure the next upstream may not share: unreachable, a timeout or a break before the
     first event, a 5xx, every key refused (401/403/429) or none usable. A 400 would fail anywhere."""
-    cause = exc.__cause__ if isinstance(exc, ServiceError) else exc
-    if isinstance(cause, (NoKeyLeft, UpstreamUnreachable, UpstreamBroken, asyncio.TimeoutError)):
-        return True
-    return isinstance(cause, UpstreamError) and (cause.status >= 500 or cause.status in (401, 403, 429))
+    return isinstance(exc, (Busy, NoServerKey)) or (isinstance(exc, UpstreamFailed) and exc.kind in MOVES_ON)
+
+
+def _weight(exc: BaseException) -> int:
+    """How much a failure says: no key at all < every key cooling < anything the upstream itself did."""
+    return 0 if isinstance(exc, NoServerKey) else 1 if isinstance(exc, Busy) else 2
 
 
 def _worse(failure: BaseException | None, exc: BaseException) -> BaseException:
-    """The failure to report when every upstream failed: the latest that is more than "no key here"."""
-    if failure is None or not isinstance(exc.__cause__, NoKeyLeft):
+    """The failure to report when every upstream failed: the latest of those that say the most."""
+    if failure is None or _weight(exc) >= _weight(failure):
         return exc
     return failure
 
@@ -93,26 +93,8 @@ async def stream_first_good(candidates: Sequence[Upstream],
     raise failure
 
 
-async def call_first_good(candidates: Sequence[Upstream], attempt: Callable[[Upstream], Awaitable[T]]) -> T:
-    """The result of `attempt(upstream)` for the first upstream that does not fail in a way
-    `worth_another` accepts (a picture: nothing is seen before the whole answer)."""
-    failure: BaseException | None = None
-    for index, upstream in enumerate(candidates):
-        try:
-            return await attempt(upstream)
-        except Exception as exc:
-            if not worth_another(exc):
-                raise
-            failure = _worse(failure, exc)
-            _log_move(upstream, candidates, index, exc)
-    if failure is None:
-        raise ValueError("no upstream to ask")
-    raise failure
-
-
 def _log_move(upstream: Upstream, candidates: Sequence[Upstream], index: int, exc: BaseException) -> None:
-    cause = exc.__cause__ if isinstance(exc, ServiceError) else exc
-    what = f"HTTP {cause.status}" if isinstance(cause, UpstreamError) else type(cause).__name__
+    what = f"HTTP {exc.status}" if isinstance(exc, UpstreamFailed) and exc.status else type(exc.__cause__ or exc).__name__
     if len(candidates) == 1:
         return  # nothing moves: the pipeline has logged the failure itself
     if index + 1 < len(candidates):

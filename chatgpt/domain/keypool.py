@@ -82,6 +82,12 @@ class KeyPool:
         now = self._clock()
         return sum(self._usable(s, now) for s in self._states.values())
 
+    def wait(self) -> float | None:
+        """Seconds until the first cooling key is usable again; None when no key is cooling."""
+        now = self._clock()
+        waits = [s.cool_until - now for s in self._states.values() if not s.disabled and s.cool_until > now]
+        return min(waits) if waits else None
+
     def pick(self, exclude: Collection[str] = ()) -> str | None:
         """Return the next healthy key not in exclude (round-robin), or None when none is usable."""
         now = self._clock()

@@ -1,323 +1,221 @@
-"""The one pipeline every entry point shares: admit, check quota, pick provider and key, stream."""
+"""The one pipeline every door shares (PROTOCOL.md E.1): maintenance → per-IP limit → model → trim
+context → charge quota → provider and key (one retry on a key refusal) → stream → account."""
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Awaitable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from chatgpt.domain import texts
-from chatgpt.domain.errors import (
-    ServiceError,
-    UpstreamBroken,
-    UpstreamError,
-    UpstreamUnreachable,
-    from_upstream,
-)
-from chatgpt.server.images import ImageStore, StoredImage
-from chatgpt.domain.failover import NoKeyLeft, Upstream, call_first_good, stream_first_good
-from chatgpt.domain.keypool import KeyPool, mask, retry_after_from_headers
+from chatgpt.domain.accounting import Meter, QuestionRecord
+from chatgpt.domain.accounts import Accounts, Charge
+from chatgpt.domain.answer import Answer, produced
+from chatgpt.domain.errors import ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
+from chatgpt.domain.gate import Gate
 from chatgpt.domain.limits import LimiterTable
-from chatgpt.server.metrics import Metrics, QuestionRecord
-from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage, Provider
-from chatgpt.domain.question import Question, fit_context
-from chatgpt.domain.quota import DailyQuota
-from chatgpt.domain.routes import RouteTable
-from chatgpt.domain.runtime import RuntimeFlags
+from chatgpt.domain.pictures import PictureStore, StoredImage
+from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage, Usage
+from chatgpt.domain.question import Payer, Question, fit_context
+from chatgpt.domain.upstreams import UPSTREAM_FAILURES, Progress, Route, Upstreams, opened
 from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
 
-UPSTREAM_FAILURES = (UpstreamError, UpstreamUnreachable, UpstreamBroken, asyncio.TimeoutError)
 T = TypeVar("T")
 
 
 def outcome_of(exc: BaseException) -> str:
     """A short outcome label for metrics and the question log line."""
-    if isinstance(exc, ServiceError):
-        if exc.error_code == "daily_quota_exceeded":
-            return "quota"
-        return "upstream_error" if isinstance(exc.__cause__, UPSTREAM_FAILURES) else "refused"
+    if isinstance(exc, QuotaExceeded):
+        return "quota"
+    if isinstance(exc, UpstreamFailed):
+        return "upstream_error"
+    if isinstance(exc, Refused):
+        return "refused"
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return "client_left"
     return "error"
 
 
-def public_error(exc: BaseException, pool_key: str | None) -> ServiceError:
-    """What the client is told of an upstream failure. A refusal of one of the server's keys is the
-    operator's business (its message names the key or the organisation): the client gets a generic
-    failure instead. On the caller's own key, the upstream's message is relayed as is."""
-    error = from_upstream(exc, own_key=pool_key is None)
-    if pool_key is not None and isinstance(exc, UpstreamError) and (
-            exc.status in (401, 403, 429) or exc.code == "insufficient_quota"):
-        return ServiceError("500001", texts.UPSTREAM_FAILED, http_status=503, error_type="api_error",
-                            retry_after=error.retry_after, detail=error.detail)
-    return error
+def refundable(exc: BaseException, progress: Progress) -> bool:
+    """PROTOCOL.md E.1: given back only when the upstream was never asked, or gave nothing of an answer
+    before it failed. A client that leaves after the request went upstream is charged: the operator
+    is billed either way."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return not progress.asked
+    return not progress.produced
 
 
-def _retryable(error: ServiceError, tried: list[str]) -> bool:
-    """A key-specific refusal (401/403/429) on the first key is retried once on the next key."""
-    cause = error.__cause__
-    return len(tried) == 1 and isinstance(cause, UpstreamError) and cause.status in (401, 403, 429)
+async def _one(call: Awaitable[T]) -> AsyncGenerator[T, None]:
+    """A single awaited result as a stream of one, so pictures share the chat's key-retry loop."""
+    yield await call
 
 
 class ChatPipeline:
-    """Turns a question into answer deltas, charging and refunding as PROTOCOL.md says."""
+    """Every rule, once, for every door; faces hand it questions and turn what it gives into wire."""
 
-    def __init__(self, settings: Settings, flags: RuntimeFlags, routes: RouteTable[Upstream], quota: DailyQuota,
-                 debug_quota: DailyQuota, limiters: dict[str, LimiterTable], offline: Provider | None,
-                 debug_provider: Provider, images: ImageStore, metrics: Metrics) -> None:
-        self.settings = settings
-        self.flags = flags
-        self.routes = routes
-        self.keys: KeyPool = routes.upstreams[0].keys  # the first upstream's pool (one-upstream callers)
-        self.quota = quota
-        self.debug_quota = debug_quota  # the Baixing relay's own per-IP day limit
-        self.limiters = limiters
-        self.offline = offline  # set when no upstream has a key: it answers every question on the pools
-        self.debug_provider = debug_provider
-        self.images = images
-        self.metrics = metrics
-        self.upstream_ok: bool | None = None  # None until the upstream has answered or failed once
+    def __init__(self, settings: Settings, gate: Gate, accounts: Accounts, upstreams: Upstreams,
+                 pictures: PictureStore, meter: Meter) -> None:
+        self._settings = settings
+        self._gate = gate
+        self._accounts = accounts
+        self._upstreams = upstreams
+        self._pictures = pictures
+        self._meter = meter
 
-    async def admit(self, entry: str, identity: str) -> None:
-        """Maintenance, then the per-IP limiter of this entry point; raises a refusal."""
-        if not self.flags.serving:
-            raise ServiceError("700001", texts.MAINTENANCE, http_status=503, error_type="server_error")
-        limiter = self.limiters.get(entry)
-        if limiter is not None and not await limiter.allow(identity):
-            text = texts.WS_TOO_FAST if entry == "ws" else texts.HTTP_TOO_FAST
-            self.metrics.limiter_refusals.labels(entry).inc()
-            raise ServiceError("700001", text, http_status=429, error_type="rate_limit_exceeded",
-                               retry_after=limiter.retry_after(identity))
+    # --- admission and what the doors may ask about ---------------------------------------------------
 
-    def choose_model(self, requested: Any, *, strict: bool) -> str:
-        """A client's model is honoured only when listed; `strict` refuses an unlisted one instead."""
-        if not isinstance(requested, str) or not requested.strip():
-            return self.routes.default
-        if self.routes.offers(requested):
-            return requested
-        if strict:
-            raise ServiceError("300001", f"The model `{requested[:100]}` is not available on this server.",
-                               http_status=404, error_code="model_not_found")
-        return self.routes.default
+    async def admit(self, door: str, identity: str) -> None:
+        """First step of every question: maintenance, then the door's per-IP limit."""
+        await self._gate.admit(door, identity)
+
+    async def limit(self, door: str, identity: str) -> None:
+        """A request that is not a question (e.g. `/v1/models`, the mini-program's routes): the limit only."""
+        await self._gate.limit(door, identity)
 
     def remaining(self, identity: str) -> int:
-        """Questions an anonymous identity has left today."""
-        self.quota.limit = self.flags.demoLimit
-        return self.quota.remaining(identity)
+        """Questions an anonymous identity has left today (`查询次数`)."""
+        return self._accounts.remaining(identity)
 
-    def _request(self, question: Question) -> ChatRequest:
-        upstream = self.settings.upstream
-        history = fit_context(question.messages, upstream.context_chars) if question.trim else question.messages
-        if upstream.system_prompt and question.payer.kind != "own":
+    def reset_quota(self, identity: str | None) -> int:
+        """Clear one identity's counters, or everyone's."""
+        return self._accounts.reset(identity)
+
+    def health(self) -> dict[str, Any]:
+        """Serving flag, key counts and upstream reachability, for `/healthz`."""
+        return {"serving": self._gate.serving, **self._upstreams.health()}
+
+    def stores(self) -> dict[str, Any]:
+        """What the state file keeps of the pipeline's own: the quotas (key pools live with their upstreams)."""
+        return self._accounts.stores()
+
+    def limiter(self, door: str) -> LimiterTable:
+        """The limiter table of `door`."""
+        return self._gate.table(door)
+
+    def picture_bytes(self, stored: StoredImage) -> bytes:
+        """A saved picture's bytes (blocking: call it in a thread)."""
+        return self._pictures.read(stored)
+
+    # --- the rules ------------------------------------------------------------------------------------
+
+    def model_for(self, requested: str | None, payer: Payer) -> str:
+        """Blank or absent → the default; the caller's own key → any model; else only a model offered on
+        the server's keys (PROTOCOL.md E.1)."""
+        if requested is None or not requested.strip():
+            return self._upstreams.default_model
+        if payer.kind == "own" or self._upstreams.offers(requested):
+            return requested
+        raise ModelNotFound(requested)
+
+    def _request(self, question: Question, model: str) -> ChatRequest:
+        upstream = self._settings.upstream
+        own = question.payer.kind == "own"
+        # An SDK caller on its own key sends the context it wants; everyone else is held to the budget.
+        history = question.messages if own and question.entry == "v1" else fit_context(
+            question.messages, upstream.context_chars)
+        if upstream.system_prompt and not own:
             history = [{"role": "system", "content": upstream.system_prompt}, *history]
         # The server's defaults and cap apply when the operator pays; on the caller's own key the
         # request is the caller's (what it did not set is not sent).
         max_tokens, temperature = question.max_tokens, question.temperature
-        if question.payer.kind != "own":
+        if not own:
             max_tokens = min(max_tokens or upstream.max_tokens, upstream.max_tokens)
             temperature = upstream.temperature if temperature is None else temperature
-        model = self.routes.resolve(question.model)  # what clients say -> what upstreams are asked
+        model = self._upstreams.resolve(model)  # what clients say -> what upstreams are asked
         return ChatRequest(history, model, temperature, max_tokens, question.extra)
 
-    def _charge(self, question: Question, debug: bool) -> DailyQuota | None:
-        """Count an anonymous question against its day quota; the quota to refund, if any."""
-        if question.payer.kind != "anonymous":
-            return None
-        quota = self.debug_quota if debug else self.quota
-        self.quota.limit = self.flags.demoLimit
-        if not quota.take(question.identity):
-            self.metrics.quota_refusals.labels(question.entry).inc()
-            raise ServiceError("700001", texts.QUOTA_USED_UP, http_status=429,
-                               error_type="insufficient_quota", error_code="daily_quota_exceeded")
-        return quota
-
-    async def answer(self, question: Question) -> AsyncIterator[Delta]:
-        """Stream the answer's deltas; raise ServiceError on refusal or failure."""
-        request = self._request(question)
-        debug = self.flags.debug and question.payer.kind != "own"
-        record = self._record(question, "chat")
-        quota = None
-        try:
-            quota = self._charge(question, debug)
-            source = self._relay(None, self.debug_provider, request, None, None) if debug else self._stream(question, request)
-            async with aclosing(source) as deltas:
-                async for delta in deltas:
-                    if delta.text or delta.reasoning or delta.tool_call:
-                        record.token()
-                    if delta.usage is not None:
-                        record.usage = delta.usage
-                    yield delta
-        except BaseException as exc:
-            record.outcome = outcome_of(exc)
-            # Given back only when the upstream produced nothing: a client that leaves mid-answer
-            # has been answered (and billed), so it is charged (PROTOCOL.md A.5, C.2).
-            if quota is not None and not record.tokens:
-                quota.refund(question.identity)
-            raise
-        finally:
-            self.metrics.finish(record)
-
     def _record(self, question: Question, kind: str) -> QuestionRecord:
-        record = self.metrics.start(question.entry, question.identity, kind)
-        # An own-key caller may name any model: only the offered ones become metric labels.
-        record.model = question.model if self.routes.offers(question.model) else "other"
+        record = self._meter.start(question.entry, question.identity, kind)
         record.payer = {"anonymous": "pool", "trusted": "trusted", "own": "own"}[question.payer.kind]
-        if self.settings.logging.prompts:
+        # An own-key caller may name any model: only the offered ones become metric labels.
+        model = question.model or self._upstreams.default_model
+        record.model = model if self._upstreams.offers(model) else "other"
+        if self._settings.logging.prompts:
             users = [m.get("content") for m in question.messages if m.get("role") == "user"]
             record.prompt = str(users[-1])[:2000] if users else ""
         return record
 
-    async def _stream(self, question: Question, request: ChatRequest) -> AsyncIterator[Delta]:
-        if question.payer.kind == "own" or self.offline is not None:
-            # A caller's own key goes to one upstream only: it must not be shown to another provider.
-            upstream = self.routes.for_own_key(request.model)
-            provider = upstream.provider if question.payer.kind == "own" else self.offline
-            assert provider is not None
-            async with aclosing(self._relay(upstream, provider, request, question.payer.key, None)) as deltas:
-                async for delta in deltas:
-                    yield delta
-            return
-        candidates = self.routes.serving(request.model)
-        async with aclosing(stream_first_good(candidates, lambda up: self._stream_on(up, request))) as deltas:
-            async for delta in deltas:
-                yield delta
+    # --- answering ------------------------------------------------------------------------------------
 
-    async def _stream_on(self, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Delta, None]:
-        """One upstream's answer on its own pool: one retry on its next key after a key refusal."""
-        tried: list[str] = []
-        refused: ServiceError | None = None
-        while True:
-            key = self._next_key(upstream.keys, tried, refused)
-            produced = False
-            try:
-                async with aclosing(self._relay(upstream, upstream.provider, request, key, key)) as deltas:
-                    async for delta in deltas:
-                        produced = True
-                        yield delta
-                return
-            except ServiceError as error:
-                # One retry on the next key, only for a key-specific refusal before any text was
-                # sent: a broken stream is never re-POSTed (it may already be billed).
-                if produced or not _retryable(error, tried):
-                    raise
-                refused = error
-                log.info("key %s refused (HTTP %s); retrying once on the next key", mask(key),
-                         getattr(error.__cause__, "status", "?"))
+    def answer(self, question: Question) -> Answer:
+        """The answer to an admitted question. The model rule and trimming refuse at once; charging,
+        the upstream and the accounting happen as the answer is read."""
+        model = self.model_for(question.model, question.payer)
+        request = self._request(question, model)
+        route = self._upstreams.route(question.payer, request.model, debug=self._accounts.debug)
+        return Answer(model, self._stream(question, request, route))
 
-    def _next_key(self, keys: KeyPool, tried: list[str], refused: ServiceError | None) -> str:
-        """The next usable pool key; with none left, the refusal that made us look (or 'no key')."""
-        key = keys.pick(exclude=tried)
-        if key is None:
-            if refused is not None:
-                raise refused
-            raise ServiceError("500001", texts.NO_SERVER_KEY, http_status=503,
-                               error_type="api_error") from NoKeyLeft()
-        tried.append(key)
-        return key
-
-    async def image(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
-        """Generate one picture for `prompt` and save it; charged like a chat question."""
-        record = self._record(question, "image")
-        quota = None
+    @asynccontextmanager
+    async def _accounted(self, question: Question, kind: str,
+                         route: Route) -> AsyncGenerator[tuple[Progress, QuestionRecord], None]:
+        """Charge the question, then account it however it ends: metrics, log line, refund rule."""
+        record = self._record(question, kind)
+        progress = Progress()
+        charge: Charge | None = None
         try:
-            quota = self._charge(question, debug=False)
-            generated = await self._generate(question, prompt, size or self.settings.images.size)
-            stored = await self._call(None, self.images.store(generated), None)  # a download, for URL answers
-            record.token()
-            return stored
+            charge = self._accounts.charge(question, debug=route.debug, free=route.free)
+            yield progress, record
         except BaseException as exc:
             record.outcome = outcome_of(exc)
-            if quota is not None:
-                quota.refund(question.identity)  # the user got no picture
+            if charge is not None and refundable(exc, progress):
+                charge.refund()
             raise
         finally:
-            self.metrics.finish(record)
+            self._meter.finish(record)
 
-    async def _generate(self, question: Question, prompt: str, size: str) -> GeneratedImage:
-        model = self.routes.resolve(self.routes.image) if self.routes.image else None
-        if self.offline is not None and question.payer.kind != "own":
-            return await self.offline.generate_image(prompt, size, None, model)
-        drawing = self.routes.drawing()
-        if not drawing:
-            raise ServiceError("500001", texts.NO_IMAGES, http_status=400, error_code="images_not_offered")
-        if question.payer.kind == "own":  # the first upstream that draws, and that one only
-            upstream = drawing[0]
-            return await self._call(upstream, upstream.provider.generate_image(prompt, size, question.payer.key,
-                                                                               model), None)
-        return await call_first_good(drawing, lambda up: self._draw_on(up, prompt, size, model))
-
-    async def _draw_on(self, upstream: Upstream, prompt: str, size: str, model: str | None) -> GeneratedImage:
-        """One picture from one upstream on its own pool, with one retry on its next key."""
-        tried: list[str] = []
-        refused: ServiceError | None = None
-        while True:
-            key = self._next_key(upstream.keys, tried, refused)
-            try:
-                return await self._call(upstream, upstream.provider.generate_image(prompt, size, key, model), key)
-            except ServiceError as error:
-                if not _retryable(error, tried):
-                    raise
-                refused = error
-
-    async def _call(self, upstream: Upstream | None, call: Awaitable[T], pool_key: str | None) -> T:
-        """Await one upstream call (None: a picture download), mapping failures and reporting key health
-        like `_relay`."""
-        if upstream is not None and pool_key is not None:
-            upstream.keys.record_request(pool_key)
-        try:
-            result = await call
-        except UPSTREAM_FAILURES as exc:
-            self._failed(upstream, pool_key, exc)
-            raise public_error(exc, pool_key) from exc
-        if upstream is not None:
-            self.upstream_ok = upstream.reachable = True
-            if pool_key is not None:
-                upstream.keys.report_success(pool_key)
-        return result
-
-    async def _relay(self, upstream: Upstream | None, provider: Provider, request: ChatRequest, key: str | None,
-                     pool_key: str | None) -> AsyncIterator[Delta]:
-        """Relay one provider stream, mapping upstream failures and reporting key health."""
-        if upstream is not None and pool_key is not None:
-            upstream.keys.record_request(pool_key)
-        try:
-            async with aclosing(provider.stream(request, key)) as deltas:
+    async def _stream(self, question: Question, request: ChatRequest, route: Route) -> AsyncGenerator[Delta, None]:
+        async with self._accounted(question, "chat", route) as (progress, record):
+            deltas = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
+            held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
+            async with opened(deltas):
                 async for delta in deltas:
-                    if delta.usage is not None and upstream is not None and pool_key is not None:
-                        upstream.keys.record_usage(pool_key, delta.usage.prompt, delta.usage.completion,
-                                                   delta.usage.reasoning)
+                    if delta.usage is not None:
+                        self._count_usage(record, progress, delta.usage)
+                    if produced(delta):
+                        record.token()
+                        if not progress.produced:
+                            progress.produced = True
+                            for early in held:
+                                yield early
+                            held.clear()
+                    elif not progress.produced:
+                        held.append(delta)  # so that an empty answer fails before any door has sent a byte
+                        continue
                     yield delta
-        except UPSTREAM_FAILURES as exc:
-            self._failed(upstream, pool_key, exc)
-            raise public_error(exc, pool_key) from exc
-        if upstream is None or provider.name == "offline":
-            return  # the Baixing relay and the built-in provider say nothing about the upstreams
-        self.upstream_ok = upstream.reachable = True
-        if pool_key is not None:
-            upstream.keys.report_success(pool_key)
+            if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
+                raise UpstreamFailed("empty")
 
-    def _failed(self, upstream: Upstream | None, pool_key: str | None, exc: BaseException) -> None:
-        """Account one upstream failure: key health, the reachable flag, metrics and one log line."""
-        status = str(exc.status) if isinstance(exc, UpstreamError) else type(exc).__name__
-        name = upstream.name if upstream is not None else "picture download"
-        if upstream is not None:
-            if pool_key is not None:
-                self._report(upstream.keys, pool_key, exc)
-            if isinstance(exc, (UpstreamUnreachable, asyncio.TimeoutError)) or (
-                    isinstance(exc, UpstreamError) and exc.status >= 500):
-                self.upstream_ok = upstream.reachable = False
-        self.metrics.upstream_errors.labels(name, status, mask(pool_key) if pool_key else "own").inc()
-        log.warning("upstream %s failed (%s, key %s): %s", name, status,
-                    mask(pool_key) if pool_key else "caller's own", exc)
+    @staticmethod
+    def _count_usage(record: QuestionRecord, progress: Progress, usage: Usage) -> None:
+        """The upstream's token count: for the question's log line and metrics, and on the pool key that paid."""
+        record.usage = usage
+        if progress.upstream is not None:
+            record.upstream = progress.upstream.name
+            if progress.pool_key is not None:
+                progress.upstream.keys.record_usage(progress.pool_key, usage.prompt, usage.completion,
+                                                    usage.reasoning)
 
-    def _report(self, keys: KeyPool, key: str, exc: BaseException) -> None:
-        """Key health from an upstream failure: cool on 429, disable on 401 / insufficient_quota."""
-        if isinstance(exc, UpstreamError) and (exc.status == 401 or exc.code == "insufficient_quota"):
-            keys.report_invalid(key, exc.code or f"HTTP {exc.status}")
-        elif isinstance(exc, UpstreamError) and exc.status == 429:
-            keys.report_rate_limited(key, retry_after_from_headers(exc.headers))
-        else:
-            keys.report_error(key)
+    async def draw(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
+        """One picture for `prompt`, saved; charged like a chat question. `size` is honoured only on the
+        caller's own key: on the pool the operator pays for the configured size."""
+        if question.payer.kind != "own" or not size:
+            size = self._settings.images.size
+        route = self._upstreams.drawing(question.payer)
+        model = self._upstreams.image_model()
+        async with self._accounted(question, "image", route) as (progress, record):
+            generated: GeneratedImage | None = None
+            pictures = self._upstreams.call(
+                route, lambda provider, key: _one(provider.generate_image(prompt, size, key, model)), progress)
+            async with opened(pictures):
+                async for generated in pictures:
+                    progress.produced = True  # the upstream drew (and billed) it
+            if generated is None:
+                raise UpstreamFailed("empty")
+            try:
+                stored = await self._pictures.store(generated)
+            except UPSTREAM_FAILURES as exc:
+                raise self._upstreams.failed("picture download", exc, subject="picture") from exc
+            record.token()
+            return stored

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from chatgpt.domain import texts
-from chatgpt.domain.errors import bad_request
+from chatgpt.domain.errors import BadQuestion, EmptyContext, PromptTooLong
 
 ROLES = frozenset({"system", "user", "assistant"})
 
@@ -36,15 +36,14 @@ class Payer:
 class Question:
     """A validated question from any entry point."""
 
-    entry: str  # "ws", "v1" or "chat": for logs and metrics
+    entry: str  # the door it came through: "ws", "v1" or "chat" (limits, logs and metrics)
     identity: str  # the client IP (PROTOCOL.md C.3)
     payer: Payer
     messages: list[dict[str, Any]]
-    model: str
+    model: str | None = None  # as the client asked; the pipeline's model rule decides (PROTOCOL.md E.1)
     max_tokens: int | None = None
     temperature: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    trim: bool = True  # fit the context to the budget (not for an SDK caller paying with its own key)
 
 
 def content_size(content: Any) -> int:
@@ -55,9 +54,9 @@ def content_size(content: Any) -> int:
 def fit_context(history: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
     """Drop the oldest messages until the rest fit `budget` characters; the newest always stays."""
     if not history:
-        raise bad_request(texts.MESSAGES_EMPTY, "300003")
+        raise EmptyContext(texts.MESSAGES_EMPTY, "messages")
     if content_size(history[-1].get("content")) > budget:
-        raise bad_request(texts.PROMPT_TOO_LONG)
+        raise PromptTooLong(texts.PROMPT_TOO_LONG, budget)
     kept: list[dict[str, Any]] = []
     used = 0
     for message in reversed(history):
@@ -72,11 +71,11 @@ def fit_context(history: list[dict[str, Any]], budget: int) -> list[dict[str, An
 def clean_messages(items: Any) -> list[dict[str, str]]:
     """Client context items to `{role, content}`: extra keys dropped, blank and unknown-role ones skipped."""
     if not isinstance(items, list):
-        raise bad_request(texts.FRAME_BAD_FIELD.format(field="messages"))
+        raise BadQuestion(texts.FRAME_BAD_FIELD.format(field="messages"), "messages")
     cleaned = []
     for item in items:
         if not isinstance(item, dict):
-            raise bad_request(texts.FRAME_BAD_FIELD.format(field="messages"))
+            raise BadQuestion(texts.FRAME_BAD_FIELD.format(field="messages"), "messages")
         role, content = item.get("role"), item.get("content")
         if role in ROLES and isinstance(content, str) and content.strip():
             cleaned.append({"role": role, "content": content})

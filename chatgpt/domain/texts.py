@@ -26,9 +26,12 @@ FRAME_BAD_FIELD = "消息格式不正确: 字段 {field} 的类型错误。"
 TOKEN_MODE_GONE = "Token登录方式已停用, 请使用API Key。"
 PROMPT_TOO_LONG = "问题太长了, 请缩短后再试。"
 BUSY = "上一个问题还在回答中, 请稍后再试。"
-SHUTTING_DOWN = "服务器正在重启, 请稍后再试。"
+SHUTTING_DOWN = "服务器正在重启, 请稍后再试~"  # PROTOCOL.md E.3
+ANSWER_TOO_LONG = "回答超出长度限制, 已停止。"
 PROMPT_EMPTY = "请输入图片描述。"
 NO_SERVER_KEY = "服务器未配置API Key, 请使用自己的API Key。"
+SERVER_BUSY = "服务繁忙, 请稍后再试~"  # every key of the server's pool is cooling down (PROTOCOL.md E.1)
+MODEL_NOT_FOUND = "模型 {model} 不可用, 请换一个模型。"
 NO_IMAGES = "这台服务器不提供图片生成。"
 
 # Obsolete ChatGPT web login (PROTOCOL.md C.1).
@@ -45,11 +48,9 @@ OFFLINE_ANSWER = (
 # Prompt that asks for the remaining daily quota instead of an answer (PROTOCOL.md A.5).
 QUOTA_QUERY = "查询次数"
 
-# Upstream failures as SDK and curl users read them on /v1 and /chat (English, saying what failed).
-EN_UPSTREAM_FAILED = "The upstream failed to answer."
+# What the upstream reader says of a failure, in English: in the log line, and for a timeout also to
+# SDK and curl users (which limit ran out). Never a key: only the upstream's host.
 EN_UPSTREAM_TIMEOUT = "The upstream did not answer in time."
-EN_UPSTREAM_404 = "The upstream {host} answered 404 — does the base URL end in /v1?"
-EN_POOL_KEY_REFUSED = "The upstream refused this server's API key (HTTP {status}); try again later."
 EN_UNREACHABLE = "Could not reach the upstream {host} ({cause})."
 EN_READ_TIMEOUT = "The upstream {host} sent no answer event for {seconds:g} s (upstream.read_timeout)."
 EN_ANSWER_TIMEOUT = "The upstream {host} took longer than {seconds:g} s for one answer (upstream.answer_timeout)."

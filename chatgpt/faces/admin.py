@@ -1,16 +1,21 @@
-"""`/admin/*`: runtime flags, key health and quota resets for the operator, behind a bearer token."""
+"""`/admin/*`: runtime flags, key health and quota resets for the operator, behind a bearer token; a
+sub-application whose failures are JSON with real HTTP statuses."""
 from __future__ import annotations
 
 import hmac
 import json
 import logging
+import math
 from typing import Any
 
 from aiohttp import web
 
 from chatgpt import jsontext
-from chatgpt.keys import flags_key, pipeline_key, pruner_key, routes_key, settings_key, state_key
-from chatgpt.server.bodies import read_raw
+from chatgpt.keys import (admin_failures_key, flags_key, pipeline_key, pruner_key, routes_key, settings_key,
+                          state_key)
+from chatgpt.server.bodies import BadBody, read_object
+from chatgpt.server.clientip import identity_of_text
+from chatgpt.server.guards import Handler, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -19,49 +24,87 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status, dumps=jsontext.dumps)
 
 
-def _error(status: int, message: str) -> web.HTTPException:
+def _error(status: int, message: str, retry_after: float | None = None) -> web.HTTPException:
     """An admin failure as JSON with a real HTTP status."""
     text = json.dumps({"error": {"message": message, "type": "admin_error", "param": None, "code": None}})
     kinds: dict[int, type[web.HTTPException]] = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized,
-                                                  404: web.HTTPNotFound}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return kinds[status](text=text, content_type="application/json", headers=headers)
+                                                  404: web.HTTPNotFound, 429: web.HTTPTooManyRequests}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return kinds[status](text=text, content_type="application/json", headers=headers or None)
+
+
+def token_matches(authorization: str, token: str) -> bool:
+    """`Bearer <token>`, compared in constant time. Any odd header (no scheme, raw non-UTF-8 bytes,
+    which aiohttp hands over as surrogates) is simply not the token."""
+    scheme, _, given = authorization.partition(" ")
+    try:
+        offered = given.strip().encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return False
+    return scheme.lower() == "bearer" and hmac.compare_digest(offered, token.encode())
 
 
 def require_admin(request: web.Request) -> None:
-    """401 unless the bearer token matches (constant-time); 404 when no token is configured."""
-    token = request.app[settings_key].admin.token
+    """401 unless the bearer token matches (constant-time); 404 when no token is configured; 429 for
+    an address past ADMIN_FAILURES wrong tokens in a minute (PROTOCOL.md E.3), whatever it sends."""
+    token = request.config_dict[settings_key].admin.token
     if not token:
         raise _error(404, "The admin API is off: set admin.token or CHATGPT_ADMIN_TOKEN.")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    address = identity_of(request)
+    failures = request.config_dict[admin_failures_key]
+    wait = failures.retry_after(address)
+    if wait > 0:
+        raise _error(429, "Too many wrong admin tokens from this address: try again later.", wait)
+    if not token_matches(request.headers.get("Authorization", ""), token):
+        failures.record(address)
+        if failures.retry_after(address) > 0:
+            log.warning("admin API: %d wrong tokens from %s within %.0f s; refusing it for a while",
+                        failures.max_failures, address, failures.window)
         raise _error(401, "A valid admin bearer token is required.")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    return await read_object(request, blank={})
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "admin_error", "param": None, "code": None}}
+    return web.json_response(body, status=status, dumps=jsontext.dumps)
+
+
+BODY_FAULTS = {"too_slow": (408, "Request body not received in time."), "too_large": (413, "Request body too large.")}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The admin table: a bad body is a 400 (408, 413), anything unexpected a 500, all as admin JSON."""
     try:
-        body = jsontext.parse(await read_raw(request) or b"{}")
-    except ValueError:
-        raise _error(400, "The body must be a JSON object.") from None
-    if not isinstance(body, dict):
-        raise _error(400, "The body must be a JSON object.")
-    return body
+        return await handler(request)
+    except (web.HTTPException, ConnectionResetError):
+        raise
+    except BadBody as error:
+        return _json_error(*BODY_FAULTS.get(error.fault, (400, "The body must be a JSON object.")))
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _json_error(500, "The server failed unexpectedly; the failure is logged.")
 
 
 async def get_runtime(request: web.Request) -> web.Response:
     """The current runtime flags."""
     require_admin(request)
-    return _json(request.app[flags_key].as_dict())
+    return _json(request.config_dict[flags_key].as_dict())
 
 
 async def patch_runtime(request: web.Request) -> web.Response:
     """Change some flags at once (all checked before any is applied); saved to the state file."""
     require_admin(request)
     try:
-        flags = request.app[flags_key].update(await _body(request))
+        flags = request.config_dict[flags_key].update(await _body(request))
     except ValueError as error:
         raise _error(400, str(error)) from None
-    await request.app[state_key].save()
+    await request.config_dict[state_key].save()
     log.info("runtime flags changed by the admin API: %s", ", ".join(sorted(flags)))
     return _json(flags)
 
@@ -69,7 +112,7 @@ async def patch_runtime(request: web.Request) -> web.Response:
 async def get_keys(request: web.Request) -> web.Response:
     """Health of each server key, masked to its last 4 characters, with the upstream it belongs to."""
     require_admin(request)
-    upstreams = request.app[routes_key].upstreams
+    upstreams = request.config_dict[routes_key].upstreams
     return _json({"usable": sum(u.keys.usable() for u in upstreams),
                   "keys": [{**row, "upstream": u.name} for u in upstreams for row in u.keys.health()]})
 
@@ -77,7 +120,7 @@ async def get_keys(request: web.Request) -> web.Response:
 async def get_upstreams(request: web.Request) -> web.Response:
     """Each upstream in routing order: host, models, pictures, health and its keys (masked)."""
     require_admin(request)
-    routes = request.app[routes_key]
+    routes = request.config_dict[routes_key]
     return _json({"upstreams": [u.status() for u in routes.upstreams], "default": routes.default,
                   "image": routes.image, "aliases": routes.aliases})
 
@@ -88,24 +131,27 @@ async def reset_quota(request: web.Request) -> web.Response:
     identity = (await _body(request)).get("identity")
     if identity is not None and not isinstance(identity, str):
         raise _error(400, "identity: expected a string")
-    pipeline = request.app[pipeline_key]
-    cleared = pipeline.quota.reset(identity) + pipeline.debug_quota.reset(identity)
-    await request.app[state_key].save()
+    if identity is not None:
+        identity = identity_of_text(identity) or identity  # an IPv6 address counts as its /64
+    cleared = request.config_dict[pipeline_key].reset_quota(identity)
+    await request.config_dict[state_key].save()
     return _json({"reset": cleared, "identity": identity})
 
 
 async def prune_images(request: web.Request) -> web.Response:
     """Run a picture-pruning pass now and say what it removed."""
     require_admin(request)
-    removed = await request.app[pruner_key].run_pass()
+    removed = await request.config_dict[pruner_key].run_pass()
     return _json({"removed": removed})
 
 
-def add_routes(app: web.Application) -> None:
-    """Register `/admin/*`."""
-    app.router.add_get("/admin/runtime", get_runtime)
-    app.router.add_patch("/admin/runtime", patch_runtime)
-    app.router.add_get("/admin/keys", get_keys)
-    app.router.add_get("/admin/upstreams", get_upstreams)
-    app.router.add_post("/admin/quota/reset", reset_quota)
-    app.router.add_post("/admin/images/prune", prune_images)
+def make_app() -> web.Application:
+    """The `/admin` sub-application (mounted with `app.add_subapp("/admin", ...)`)."""
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/runtime", get_runtime)
+    app.router.add_patch("/runtime", patch_runtime)
+    app.router.add_get("/keys", get_keys)
+    app.router.add_get("/upstreams", get_upstreams)
+    app.router.add_post("/quota/reset", reset_quota)
+    app.router.add_post("/images/prune", prune_images)
+    return app

@@ -8,21 +8,16 @@ merged the same way, so they reach the caller too."""
 from __future__ import annotations
 
 import copy
-import secrets
 from typing import Any
 
 from chatgpt import jsontext
+from chatgpt.domain.answer import new_answer_id
 from chatgpt.domain.provider import Delta
 
 # Values that name a thing rather than add text to it: the first one stays (some compatible servers
 # repeat `role` or a tool call's `id` and `name` in every fragment).
 _NAMES = frozenset({"role", "index", "type", "id", "name"})
 _LAST = ("created", "model", "system_fingerprint", "service_tier")  # top-level fields: the last one sent
-
-
-def mint_id() -> str:
-    """An answer id in OpenAI's style, for an upstream that sent none."""
-    return f"chatcmpl-{secrets.token_hex(12)}"
 
 
 def merge(into: dict[str, Any], delta: dict[str, Any]) -> None:
@@ -110,7 +105,7 @@ class Completion:
         for call in message.get("tool_calls") or []:
             if isinstance(call, dict):
                 call.pop("index", None)  # a streaming detail: a whole answer lists its calls in order
-        whole: dict[str, Any] = {"id": self._top.get("id") or mint_id(), "object": "chat.completion",
+        whole: dict[str, Any] = {"id": self._top.get("id") or new_answer_id(), "object": "chat.completion",
                                  "created": self._top.get("created", created), "model": self._top.get("model", model),
                                  "choices": [{"index": 0, "message": message, "logprobs": self._logprobs,
                                               "finish_reason": self._finish or "stop"}]}

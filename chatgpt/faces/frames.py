@@ -6,6 +6,7 @@ import logging
 import time
 from collections import deque
 from contextlib import suppress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,9 +87,14 @@ class FrameWriter:
     """The only task that writes to one socket. Text frames of an answer are coalesced: a newer
     cumulative text replaces a queued one, and at most one is sent per interval (the first at once).
     HTML is rendered only for frames actually sent. The task exists only while frames wait, so an
-    idle socket costs no task."""
+    idle socket costs no task.
 
-    def __init__(self, ws: web.WebSocketResponse, interval: float) -> None:
+    While frames wait, a watchdog checks the socket's send buffer: when bytes sit there without
+    shrinking for `stall_seconds`, the client has stopped reading; the writer stops and calls
+    `on_stall` (which closes the socket), instead of waiting on the full buffer for ever."""
+
+    def __init__(self, ws: web.WebSocketResponse, interval: float, *, stall_seconds: float = 25.0,
+                 buffered: Callable[[], int] = lambda: 0, on_stall: Callable[[], None] = lambda: None) -> None:
         self._ws = ws
         self._interval = interval
         self._queue: deque[dict[str, Any] | _PendingText] = deque()
@@ -98,7 +104,13 @@ class FrameWriter:
         self._last_text_at = 0.0
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
         self._thinking = IncrementalRenderer()  # of its reasoning, inside the quote
-        self._closing: asyncio.Task[bool] | None = None
+        self._stall_seconds = stall_seconds
+        self._buffered = buffered  # bytes the transport holds that the client has not taken yet
+        self._on_stall = on_stall
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._last_size = 0
+        self._last_progress = 0.0
+        self.stalled = False
 
     def send(self, frame: dict[str, Any]) -> None:
         """Queue a frame to be sent after everything queued before it."""
@@ -115,14 +127,44 @@ class FrameWriter:
         self._push(_PendingText(cid, answer_id, parts, thinking))
 
     def _push(self, item: dict[str, Any] | _PendingText) -> None:
+        if self.stalled:
+            return
         if len(self._queue) >= MAX_QUEUED:
             # The client is not reading: stop feeding it rather than grow without bound.
-            if self._closing is None:
-                self._closing = asyncio.ensure_future(self._ws.close(code=1008, message=b"client not reading"))
+            self._stall("%d frames waiting", len(self._queue))
             return
         self._queue.append(item)
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
+            if self._watchdog is None:
+                self._last_size, self._last_progress = 0, time.monotonic()
+                self._arm()
+
+    def _arm(self) -> None:
+        period = max(0.01, self._stall_seconds / 10)
+        self._watchdog = asyncio.get_running_loop().call_later(period, self._watch)
+
+    def _watch(self) -> None:
+        """Timer, while frames wait: a send buffer that holds bytes and has not shrunk for
+        stall_seconds means the client reads nothing."""
+        self._watchdog = None
+        if self._task is None or self.stalled:
+            return  # nothing waits: the watchdog sleeps until the next frame
+        now, size = time.monotonic(), self._buffered()
+        if size == 0 or size < self._last_size:
+            self._last_progress = now
+        self._last_size = size
+        if now - self._last_progress >= self._stall_seconds:
+            self._stall("%d bytes unread for %.0f s", size, now - self._last_progress)
+            return
+        self._arm()
+
+    def _stall(self, why: str, *args: object) -> None:
+        """Give up on a client that does not read: nothing more is queued, the socket is closed."""
+        self.stalled = True
+        self._queue.clear()
+        log.info("websocket client not reading (" + why + "): closing it", *args)
+        self._on_stall()
 
     async def _wait_interval(self, item: _PendingText) -> None:
         if item.answer_id != self._last_answer:
@@ -153,10 +195,21 @@ class FrameWriter:
         """Stop sending (the client left or the socket is closing)."""
         self._queue.clear()
         self._made_room()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._task is not None:
             self._task.cancel()
             with suppress(asyncio.CancelledError):
                 await self._task
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until every queued frame has been sent; True if it was."""
+        task = self._task
+        if task is None:
+            return True
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+        return bool(done)
 
     async def _drain(self) -> None:
         """Send queued frames in order until none is left, then end."""

@@ -17,7 +17,8 @@ _CONTINUES = re.compile(r"^(\s|[-*+>|]|\d{1,9}[.)]|$)")
 
 def to_html(text: str) -> str:
     """Render one answer's Markdown to an HTML string."""
-    return _md.render(text)
+    html: str = _md.render(text)
+    return html
 
 
 class IncrementalRenderer:

@@ -1,41 +1,21 @@
 """The mini-program's HTTP routes (PROTOCOL.md A.2): every answer is an envelope on HTTP 200."""
 from __future__ import annotations
 
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
-from chatgpt import jsontext
 from chatgpt.domain import texts
-from chatgpt.keys import flags_key, memory_key, page_key, pipeline_key, settings_key, upstream_key
-from chatgpt.server.bodies import read_raw
+from chatgpt.domain.errors import BadQuestion, Maintenance, UpstreamError
 from chatgpt.faces.envelope import envelope_response
-from chatgpt.domain.errors import ServiceError, UpstreamError, bad_request
-from chatgpt.server.guards import identity_of
-from chatgpt.server.images import safe_image_path
-from chatgpt.domain.memory import CONVERSATION_ID
-from chatgpt.faces.v1 import read_body
-from chatgpt.domain.question import Payer, Question
 from chatgpt.faces.markdown import to_html
-from chatgpt.server.streaming import Piece, StreamingAnswer, send_stream
-
-
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or the envelope error the Java backend gave."""
-    raw = await read_raw(request)
-    if not raw.strip():
-        raise ServiceError("200001", texts.BODY_EMPTY)
-    try:
-        body = jsontext.parse(raw)
-    except ValueError:
-        raise ServiceError("200002", texts.BODY_NOT_JSON) from None
-    if not isinstance(body, dict):
-        raise ServiceError("200002", texts.BODY_NOT_JSON)
-    return body
+from chatgpt.keys import flags_key, page_key, pipeline_key, settings_key, upstream_key
+from chatgpt.server.bodies import read_object
+from chatgpt.server.guards import Handler, identity_of
+from chatgpt.server.images import safe_image_path
 
 
 async def index(request: web.Request) -> web.Response:
@@ -73,35 +53,33 @@ async def demo_chat_list(request: web.Request) -> web.Response:
 async def verify_api_key(request: web.Request) -> web.Response:
     """Check a user's key with the upstream's `GET /models`; the key is never stored or logged."""
     if not request.app[flags_key].serving:
-        raise ServiceError("700001", texts.MAINTENANCE)
-    body = await read_json_object(request)
+        raise Maintenance("the server is in maintenance")
+    body = await read_object(request)
     key = body.get("apiKey")
     if not isinstance(key, str) or not key.strip():
-        raise bad_request(texts.API_KEY_BLANK)
+        raise BadQuestion(texts.API_KEY_BLANK, "apiKey")
     try:
         await request.app[upstream_key].verify_key(key.strip())
     except UpstreamError as error:
         if error.status == 401:
             banned = "deactivated" in (error.message or "").lower()
-            raise ServiceError("400001", texts.ACCOUNT_BANNED if banned else texts.API_KEY_WRONG) from None
-        raise ServiceError("500001", texts.SERVICE_ERROR) from None
-    except Exception as error:  # unreachable upstream, timeouts: the client only needs "failed"
-        if isinstance(error, ServiceError):
-            raise
-        raise ServiceError("500001", texts.SERVICE_ERROR) from None
+            return envelope_response("400001", texts.ACCOUNT_BANNED if banned else texts.API_KEY_WRONG)
+        return envelope_response("500001", texts.SERVICE_ERROR)
+    except Exception:  # unreachable upstream, timeouts: the client only needs "failed"
+        return envelope_response("500001", texts.SERVICE_ERROR)
     return envelope_response()
 
 
 async def login_gone(request: web.Request) -> web.Response:
     """Email/password login and access tokens no longer exist upstream (PROTOCOL.md C.1)."""
-    raise ServiceError("400001", texts.LOGIN_GONE)
+    return envelope_response("400001", texts.LOGIN_GONE)
 
 
 async def backend_api(request: web.Request) -> web.Response:
     """The old ChatGPT web proxy: say clearly that token mode is gone."""
     if not request.headers.get("Authorization", "").strip():
-        raise ServiceError("900001", texts.AUTHORIZATION_NULL)
-    raise ServiceError("500001", texts.TOKEN_UNSUPPORTED)
+        return envelope_response("900001", texts.AUTHORIZATION_NULL)
+    return envelope_response("500001", texts.TOKEN_UNSUPPORTED)
 
 
 async def picture(request: web.Request) -> web.StreamResponse:
@@ -118,71 +96,27 @@ async def debug_flag(request: web.Request) -> web.Response:
     return web.Response(text=request.app[flags_key].isDebug, content_type="text/plain")
 
 
-async def chat(request: web.Request) -> web.StreamResponse:
-    """`POST /chat` for curl: the server remembers the conversation; plain text or SSE back."""
-    body = await read_body(request)
-    content, cid = body.get("content"), body.get("conversationId")
-    if not isinstance(content, str) or not content.strip():
-        raise bad_request("'content' must be a non-empty string.")
-    if cid is not None and (not isinstance(cid, str) or not CONVERSATION_ID.match(cid)):
-        raise bad_request("'conversationId' must be 1-100 letters, digits or _.:-")
-    app = request.app
-    memory, pipeline = app[memory_key], app[pipeline_key]
-    cid = cid or memory.new_id()
-    identity = identity_of(request)
-    await pipeline.admit("chat", identity)
-    payer = Payer.from_bearer(request.headers.get("Authorization"), app[settings_key].api.client_tokens)
-    question = Question("chat", identity, payer, [*memory.history(cid), {"role": "user", "content": content}],
-                        pipeline.choose_model(body.get("model"), strict=True))
-    sse = "text/event-stream" in request.headers.get("Accept", "")
-    async with aclosing(pipeline.answer(question)) as deltas:
-        first = await anext(deltas, None)  # a refusal before any text keeps its real HTTP status
-        response = StreamingAnswer(headers={
-            "Content-Type": "text/event-stream; charset=utf-8" if sse else "text/plain; charset=utf-8",
-            "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Conversation-Id": cid})
-        await response.prepare(request)
-
-        async def body() -> AsyncIterator[Piece]:
-            parts: list[str] = []
-            if sse:
-                yield _event("conversation", {"conversationId": cid}), False
-            delta = first
-            while delta is not None:
-                if delta.text:
-                    parts.append(delta.text)
-                    yield (_event(None, {"content": delta.text}) if sse
-                           else delta.text.encode(errors="replace")), False
-                elif delta.reasoning and sse and not parts:  # the model's thinking, before its answer
-                    yield _event("reasoning", {"content": delta.reasoning}), False
-                delta = await anext(deltas, None)
-            memory.remember(cid, content, "".join(parts))  # only a finished answer is remembered
-            yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True
-
-        def error_event(failure: ServiceError) -> bytes:
-            message = failure.detail or failure.message
-            return (_event("error", {"message": message}) if sse
-                    else f"\n[error] {message}\n".encode(errors="replace"))
-
-        return await send_stream(request, response, body(), error_event)
-
-
-def _event(name: str | None, data: dict[str, Any]) -> bytes:
-    head = f"event: {name}\n".encode() if name else b""
-    return head + b"data: " + jsontext.dumpb(data) + b"\n\n"
+def limited(handler: Handler) -> Handler:
+    """A mini-program route under the per-IP limit of the `http` door (PROTOCOL.md A.2)."""
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        await request.app[pipeline_key].limit("http", identity_of(request))
+        return await handler(request)
+    return wrapped
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the mini-program's routes; `/api1/...` and `//x` reach them through routing.py."""
-    app.router.add_get("/", index)
-    app.router.add_get("/status", status)
-    app.router.add_get("/announcement", announcement)
-    app.router.add_get("/demoChatList", demo_chat_list)
-    app.router.add_post("/api/auth/apikey/verify", verify_api_key)
-    app.router.add_post("/api/auth", login_gone)
-    app.router.add_post("/api/auth/token/verify", login_gone)
+    """Register the mini-program's routes; `/api1/...` and `//x` reach them through routing.py.
+    Pictures are not limited: a page shows several at once."""
+    app.router.add_get("/", limited(index))
+    app.router.add_get("/status", limited(status))
+    app.router.add_get("/announcement", limited(announcement))
+    app.router.add_get("/demoChatList", limited(demo_chat_list))
+    app.router.add_post("/api/auth/apikey/verify", limited(verify_api_key))
+    app.router.add_post("/api/auth", limited(login_gone))
+    app.router.add_post("/api/auth/token/verify", limited(login_gone))
     for path in ("/backend-api/conversations", "/backend-api/gentitle", "/backend-api/conversation",
                  "/backend-api/moderation"):
-        app.router.add_route("*", path, backend_api)
-    app.router.add_get("/cache/YhI86Yjjoko", debug_flag)
+        app.router.add_route("*", path, limited(backend_api))
+    app.router.add_get("/cache/YhI86Yjjoko", limited(debug_flag))
     app.router.add_get("/res/{name}", picture)
-    app.router.add_post("/chat", chat)

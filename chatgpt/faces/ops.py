@@ -1,39 +1,37 @@
 """Operations endpoints: `/healthz` for uptime checks and `/metrics` for Prometheus."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from chatgpt.keys import metrics_key, pipeline_key, routes_key, settings_key, sockets_key, started_key
-from chatgpt.server.images import folder_usage
+from chatgpt.keys import (metrics_allow_key, metrics_key, pipeline_key, routes_key, settings_key, sockets_key,
+                          started_key)
 
 
 async def healthz(request: web.Request) -> web.Response:
     """200 while the process serves: uptime, where answers come from, key health, upstream reachability."""
     app = request.app
-    pipeline = app[pipeline_key]
-    upstreams = app[routes_key].upstreams
     return web.json_response({
         "status": "ok",
         "uptime_s": round(time.monotonic() - app[started_key], 1),
         "provider": app[settings_key].pool_provider,
-        "serving": pipeline.flags.serving,
-        "keys": {"configured": sum(len(u.keys) for u in upstreams),
-                 "healthy": sum(u.keys.usable() for u in upstreams)},
-        "upstream_reachable": pipeline.upstream_ok,
+        **app[pipeline_key].health(),  # serving, keys, upstream_reachable
     })
 
 
+PROXY_HEADERS = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
+
+
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format; the picture folder is measured at scrape time, off the event loop."""
+    """Prometheus text format, only for a direct peer in ops.metrics_allow: a request that came through
+    a proxy (it carries a forwarding header) is refused whatever its peer, so nginx never exposes it.
+    The gauges are kept current by the code that changes them: a scrape costs no folder scan."""
     app = request.app
+    if any(name in request.headers for name in PROXY_HEADERS) or request.remote not in app[metrics_allow_key]:
+        raise web.HTTPForbidden(text="/metrics is only served to ops.metrics_allow, never through a proxy.\n")
     registry = app[metrics_key]
-    count, size = await asyncio.to_thread(folder_usage, app[settings_key].images.folder)
-    registry.images.set(count)
-    registry.image_bytes.set(size)
     registry.sockets.set(len(app[sockets_key]))
     # Negotiated like prometheus-client's own server: the classic text format unless asked otherwise.
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))

@@ -1,24 +1,27 @@
-"""`/v1/*`: OpenAI-compatible routes for curl and the official SDKs, errors in OpenAI's shape."""
+"""`/v1/*`: OpenAI-compatible routes for curl and the official SDKs, a sub-application whose errors
+are OpenAI's JSON (`faces/openai_errors.py`)."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
 from chatgpt import jsontext
-from chatgpt.keys import pipeline_key, routes_key, settings_key
-from chatgpt.server.bodies import read_raw
-from chatgpt.domain.errors import ServiceError, bad_request
-from chatgpt.server.guards import identity_of
+from chatgpt.domain.answer import Answer, new_answer_id
+from chatgpt.domain.errors import BadQuestion
 from chatgpt.domain.provider import Delta
 from chatgpt.domain.question import Payer, Question
-from chatgpt.faces.completion import Completion, mint_id
+from chatgpt.faces.completion import Completion
+from chatgpt.faces.openai_errors import error_event, error_middleware
+from chatgpt.keys import pipeline_key, routes_key, settings_key
+from chatgpt.server.bodies import read_object
+from chatgpt.server.guards import identity_of
 from chatgpt.server.streaming import Piece, StreamingAnswer, send_stream
 
 # Fields the server decides itself; every other request field goes to the upstream as it came
@@ -29,70 +32,51 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
                "X-Accel-Buffering": "no"}
 
 
-def _invalid(message: str, param: str | None = None) -> ServiceError:
-    error = bad_request(message)
-    error.param = param
-    error.error_code = param and "invalid_value"
-    return error
-
-
-async def read_body(request: web.Request) -> dict[str, Any]:
-    """The JSON object body of an OpenAI request, or a 400 in OpenAI's error shape."""
-    raw = await read_raw(request)
-    try:
-        body = jsontext.parse(raw) if raw.strip() else None
-    except ValueError:
-        raise _invalid("We could not parse the JSON body of your request.") from None
-    if not isinstance(body, dict):
-        raise _invalid("The request body must be a JSON object.")
-    return body
-
-
 def parse_messages(value: Any) -> list[dict[str, Any]]:
     """`messages`: a non-empty list of objects with a string `role`; content a string, a list of parts
     or null. Every other field (tool_calls, tool_call_id, name, reasoning_content...) is kept."""
     if not isinstance(value, list) or not value:
-        raise _invalid("'messages' must be a non-empty array.", "messages")
+        raise BadQuestion("'messages' must be a non-empty array.", "messages")
     for i, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("role"), str):
-            raise _invalid(f"'messages.{i}' must be an object with a string 'role'.", "messages")
+            raise BadQuestion(f"'messages.{i}' must be an object with a string 'role'.", "messages")
         content = item.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise _invalid(f"'messages.{i}.content' must be a string or an array.", "messages")
+            raise BadQuestion(f"'messages.{i}.content' must be a string or an array.", "messages")
     return [dict(item) for item in value]
 
 
 def _positive(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise _invalid(f"'{name}' must be a positive integer.", name)
+        raise BadQuestion(f"'{name}' must be a positive integer.", name)
     return value
+
+
+def payer_of(request: web.Request) -> Payer:
+    """Who pays (PROTOCOL.md B.1), from the `Authorization` header."""
+    return Payer.from_bearer(request.headers.get("Authorization"), request.config_dict[settings_key].api.client_tokens)
 
 
 def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question, bool]:
     """Validate a chat completion request into the pipeline's Question and the `stream` flag."""
-    app = request.app
-    payer = Payer.from_bearer(request.headers.get("Authorization"), app[settings_key].api.client_tokens)
-    identity = identity_of(request)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _invalid("'stream' must be a boolean.", "stream")
+        raise BadQuestion("'stream' must be a boolean.", "stream")
     if body.get("n") not in (None, 1):
-        raise _invalid("Only n=1 is supported.", "n")
+        raise BadQuestion("Only n=1 is supported.", "n")
     temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0 <= temperature <= 2):
-        raise _invalid("'temperature' must be a number between 0 and 2.", "temperature")
+        raise BadQuestion("'temperature' must be a number between 0 and 2.", "temperature")
+    # Both names stay in `extra` (the provider puts the capped limit under the name the caller used).
     limits = [n for n in (_positive(body, "max_completion_tokens"), _positive(body, "max_tokens")) if n]
-    extra = {k: v for k, v in body.items() if k not in SERVER_OWNED}
     model = body.get("model")
-    if payer.kind == "own" and isinstance(model, str) and model.strip():
-        chosen = model  # the caller pays: any model its key allows
-    else:
-        chosen = app[pipeline_key].choose_model(model, strict=True)
-    question = Question("v1", identity, payer, parse_messages(body.get("messages")), chosen,
-                        max_tokens=min(limits) if limits else None, temperature=temperature, extra=extra,
-                        trim=payer.kind != "own")
+    if model is not None and not isinstance(model, str):
+        raise BadQuestion("'model' must be a string.", "model")
+    extra = {k: v for k, v in body.items() if k not in SERVER_OWNED}
+    question = Question("v1", identity_of(request), payer_of(request), parse_messages(body.get("messages")), model,
+                        max_tokens=min(limits) if limits else None, temperature=temperature, extra=extra)
     return question, stream
 
 
@@ -104,31 +88,30 @@ def _chunk(answer_id: str, created: int, model: str, delta: dict[str, Any], fini
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """`POST /v1/chat/completions`, streamed (SSE) or as one JSON answer."""
-    body = await read_body(request)
+    pipeline = request.config_dict[pipeline_key]
+    await pipeline.admit("v1", identity_of(request))
+    body = await read_object(request)
     question, stream = parse_question(body, request)
-    pipeline = request.app[pipeline_key]
-    await pipeline.admit("v1", question.identity)
     created = int(time.time())
     async with aclosing(pipeline.answer(question)) as deltas:
         if stream:
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
-            return await _stream(request, deltas, question.model, created, usage)
+            return await _stream(request, deltas, deltas.model, created, usage)
         # Assembled from the stream: the same timeouts and fall-over as every other door (completion.py).
         answer = Completion()
         async for delta in deltas:
             answer.add(delta)
-    return web.Response(body=jsontext.dumpb(answer.answer(question.model, created)), content_type="application/json")
+    return web.Response(body=jsontext.dumpb(answer.answer(deltas.model, created)), content_type="application/json")
 
 
-async def _stream(request: web.Request, deltas: AsyncIterator[Delta], model: str, created: int,
-                  usage: bool) -> web.StreamResponse:
+async def _stream(request: web.Request, deltas: Answer, model: str, created: int, usage: bool) -> web.StreamResponse:
     # The first delta is awaited before the headers go out, so a refusal or an upstream error
-    # before any event still gets its real HTTP status and OpenAI's error JSON.
+    # before any text still gets its real HTTP status and OpenAI's error JSON.
     first: Delta | None = await anext(deltas, None)
     response = StreamingAnswer(headers=SSE_HEADERS)
     await response.prepare(request)
-    return await send_stream(request, response, _sse_body(first, deltas, model, created, usage), _error_event)
+    return await send_stream(request, response, _sse_body(first, deltas, model, created, usage), error_event)
 
 
 def _event(payload: str) -> bytes:
@@ -138,11 +121,11 @@ def _event(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def _sse_body(first: Delta | None, deltas: AsyncIterator[Delta], model: str, created: int,
-                    usage: bool) -> AsyncIterator[Piece]:
+async def _sse_body(first: Delta | None, deltas: Answer, model: str, created: int,
+                    usage: bool) -> AsyncGenerator[Piece, None]:
     """The answer as OpenAI SSE: each upstream event re-framed with its data untouched (the usage-only
     chunk only for a caller that asked for it); our own chunks for a provider without OpenAI events."""
-    answer_id = (first.answer_id if first else "") or mint_id()
+    answer_id = (first.answer_id if first else "") or new_answer_id()
     relayed, encoded, finish = False, False, None
 
     def piece(delta: Delta) -> bytes | None:
@@ -168,49 +151,41 @@ async def _sse_body(first: Delta | None, deltas: AsyncIterator[Delta], model: st
     yield (tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail), True
 
 
-def _error_event(failure: ServiceError) -> bytes:
-    """Headers are gone: report the failure the way OpenAI does inside a stream."""
-    payload = {"error": {"message": failure.detail or failure.message, "type": failure.error_type, "param": None,
-                         "code": failure.error_code}}
-    return b"data: " + jsontext.dumpb(payload) + b"\n\n"
-
-
 async def image_generations(request: web.Request) -> web.Response:
     """`POST /v1/images/generations`: one picture, saved here and linked (or sent as `b64_json`)."""
-    body = await read_body(request)
-    app = request.app
+    pipeline = request.config_dict[pipeline_key]
+    await pipeline.admit("v1", identity_of(request))
+    body = await read_object(request)
     prompt, size, response_format = body.get("prompt"), body.get("size"), body.get("response_format", "url")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _invalid("'prompt' must be a non-empty string.", "prompt")
-    if body.get("n") not in (None, 1):
-        raise _invalid("Only n=1 is supported.", "n")
+        raise BadQuestion("'prompt' must be a non-empty string.", "prompt")
+    if body.get("n", 1) != 1:
+        raise BadQuestion("Only n=1 is supported.", "n")
     if response_format not in ("url", "b64_json"):
-        raise _invalid("'response_format' must be 'url' or 'b64_json'.", "response_format")
+        raise BadQuestion("'response_format' must be 'url' or 'b64_json'.", "response_format")
     if size is not None and (not isinstance(size, str) or not IMAGE_SIZE.match(size)):
-        raise _invalid("'size' must look like 1024x1024.", "size")
-    payer = Payer.from_bearer(request.headers.get("Authorization"), app[settings_key].api.client_tokens)
-    identity = identity_of(request)
-    pipeline = app[pipeline_key]
-    await pipeline.admit("v1", identity)
-    question = Question("v1", identity, payer, [], app[settings_key].upstream.model)
-    # The operator pays on the pool: the configured size. A caller on its own key picks its own.
-    stored = await pipeline.image(question, prompt.strip(), size if payer.kind == "own" else None)
+        raise BadQuestion("'size' must look like 1024x1024.", "size")
+    question = Question("v1", identity_of(request), payer_of(request), [])
+    stored = await pipeline.draw(question, prompt.strip(), size)
     item: dict[str, Any] = {"url": stored.url}
     if response_format == "b64_json":
-        data = await asyncio.to_thread(pipeline.images.read, stored)
+        data = await asyncio.to_thread(pipeline.picture_bytes, stored)
         item = {"b64_json": base64.b64encode(data).decode()}
     return web.json_response({"created": int(time.time()), "data": [item]})
 
 
 async def list_models(request: web.Request) -> web.Response:
     """`GET /v1/models`: every model and alias this server offers on its own keys."""
-    models = request.app[routes_key].offered()
+    await request.config_dict[pipeline_key].limit("v1", identity_of(request))
+    models = request.config_dict[routes_key].offered()
     return web.json_response({"object": "list", "data": [
         {"id": m, "object": "model", "created": 0, "owned_by": "chatgpt-api"} for m in models]})
 
 
-def add_routes(app: web.Application) -> None:
-    """Register `/v1/*`."""
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/images/generations", image_generations)
+def make_app() -> web.Application:
+    """The `/v1` sub-application (mounted with `app.add_subapp("/v1", ...)`): its own error middleware."""
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_post("/chat/completions", chat_completions)
+    app.router.add_get("/models", list_models)
+    app.router.add_post("/images/generations", image_generations)
+    return app

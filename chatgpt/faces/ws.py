@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import aclosing, suppress
 from typing import Any
 
@@ -11,9 +13,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from chatgpt import jsontext
 from chatgpt.domain import texts
-from chatgpt.keys import pipeline_key, settings_key, sockets_key
+from chatgpt.domain.answer import new_answer_id
+from chatgpt.domain.errors import BadQuestion
 from chatgpt.domain.pipeline import ChatPipeline
-from chatgpt.domain.errors import ServiceError, bad_request
+from chatgpt.faces.envelope import error_text, known_error
+from chatgpt.keys import pipeline_key, settings_key, sockets_key
 from chatgpt.faces.frames import (
     FrameWriter,
     done_frame,
@@ -22,6 +26,7 @@ from chatgpt.faces.frames import (
     pong_frame,
     quota_frame,
 )
+from chatgpt.faces.sockets import close_within, transport_of
 from chatgpt.server.guards import identity_of
 from chatgpt.domain.question import Payer, Question, clean_messages
 from chatgpt.settings import Settings
@@ -42,7 +47,7 @@ def check_types(frame: dict[str, Any]) -> None:
     for name, kinds in _TYPES.items():
         value = frame.get(name)
         if value is not None and not isinstance(value, kinds):
-            raise bad_request(texts.FRAME_BAD_FIELD.format(field=name))
+            raise BadQuestion(texts.FRAME_BAD_FIELD.format(field=name), name)
 
 
 def prompt_of(frame: dict[str, Any], history: list[dict[str, str]]) -> str:
@@ -58,44 +63,93 @@ def payer_of(frame: dict[str, Any], settings: Settings) -> Payer:
     if frame.get("isDemo"):
         return Payer("anonymous")
     if frame.get("authType") != "api":
-        raise ServiceError("400001", texts.TOKEN_MODE_GONE, http_status=401)
+        raise BadQuestion(texts.TOKEN_MODE_GONE, "authType")
     payer = Payer.from_bearer(frame.get("authValue"), settings.api.client_tokens)
     if payer.kind == "anonymous":
-        raise bad_request(texts.API_KEY_BLANK)
+        raise BadQuestion(texts.API_KEY_BLANK, "authValue")
     return payer
 
 
 class SocketSession:
     """One client's socket: reads frames, answers questions one by one, writes through one writer."""
 
-    def __init__(self, ws: web.WebSocketResponse, pipeline: ChatPipeline, settings: Settings, identity: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, transport: Callable[[], asyncio.Transport | None],
+                 pipeline: ChatPipeline, settings: Settings, identity: str) -> None:
         self.ws = ws
+        self.transport = transport
         self.pipeline = pipeline
         self.settings = settings
         self.identity = identity
-        self.writer = FrameWriter(ws, settings.ws.frame_interval_ms / 1000)
+        self.writer = FrameWriter(ws, settings.ws.frame_interval_ms / 1000, stall_seconds=settings.ws.stall_seconds,
+                                  buffered=self._buffered, on_stall=self._not_reading)
         self.pending: deque[dict[str, Any]] = deque()
         self._worker: asyncio.Task[None] | None = None  # exists only while questions wait
+        self._current: dict[str, Any] | None = None  # the question being answered
+        self._closing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
-        """Serve until the client leaves; then cancel whatever is still being answered."""
+        """Serve until the client leaves, idles out or stops reading; then cancel whatever is still
+        being answered."""
+        ws_settings = self.settings.ws
         try:
-            async for message in self.ws:
+            while True:
+                try:
+                    message = await self.ws.receive(timeout=ws_settings.idle_seconds)
+                except TimeoutError:  # not even a heartbeat for idle_seconds (the client pings every 30 s)
+                    self.close_soon(WSCloseCode.OK, b"idle")
+                    break
                 if message.type == WSMsgType.TEXT:
                     self._receive(message.data)
                 elif message.type == WSMsgType.BINARY:
                     self.writer.send(error_frame(None, texts.FRAME_NOT_JSON))
+                else:  # closing, closed or broken
+                    break
                 if not await self.writer.wait_for_room(READ_STALL_SECONDS):
-                    await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"client not reading")
+                    self._not_reading()
                     break
         finally:
             # The client is gone (or the server is stopping): stop paying for an answer nobody reads.
             self.pending.clear()
-            if self._worker is not None:
-                self._worker.cancel()
-                with suppress(asyncio.CancelledError):
-                    await self._worker
+            await self._cancel_worker()
             await self.writer.close()
+            if self._closing is not None:
+                await asyncio.shield(self._closing)
+
+    def close_soon(self, code: int, message: bytes) -> None:
+        """Close the socket in the background, within ws.close_seconds whatever the client does."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close(code, message))
+
+    async def _close(self, code: int, message: bytes) -> None:
+        await close_within(self.ws, self.transport, code, message, self.settings.ws.close_seconds)
+        await self.writer.close()
+
+    def _not_reading(self) -> None:
+        self.close_soon(WSCloseCode.POLICY_VIOLATION, b"client not reading")
+
+    def _buffered(self) -> int:
+        transport = self.transport()
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    async def stop(self) -> None:
+        """Server shutdown: every question in flight or waiting gets an error end frame, then 1001."""
+        ending = ([] if self._current is None else [self._current]) + list(self.pending)
+        self.pending.clear()
+        await self._cancel_worker()
+        for frame in ending:
+            self.writer.send(error_frame(_cid(frame), texts.SHUTTING_DOWN))
+        # One close_seconds for both steps: a client that reads nothing must not hold the shutdown up.
+        seconds = self.settings.ws.close_seconds
+        started = time.monotonic()
+        await self.writer.flush(seconds / 2)
+        await close_within(self.ws, self.transport, WSCloseCode.GOING_AWAY, b"server shutdown",
+                           max(seconds / 10, seconds - (time.monotonic() - started)))
+
+    async def _cancel_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._worker
 
     def _receive(self, data: str) -> None:
         try:
@@ -118,16 +172,16 @@ class SocketSession:
     async def _answer_in_turn(self) -> None:
         try:
             while self.pending:
-                frame = self.pending.popleft()
+                frame = self._current = self.pending.popleft()
                 try:
                     await self._answer(frame)
-                except ServiceError as error:
-                    self.writer.send(error_frame(_cid(frame), error.message))
-                except Exception:
-                    log.exception("unexpected error answering a websocket question")
-                    self.writer.send(error_frame(_cid(frame), texts.SERVICE_ERROR))
+                except Exception as error:  # the table in faces/envelope.py says what the user reads
+                    if known_error(error) is None:
+                        log.exception("unexpected error answering a websocket question")
+                    self.writer.send(error_frame(_cid(frame), error_text(error)))
+                self._current = None
         finally:
-            self._worker = None
+            self._worker = self._current = None
 
     async def _answer(self, frame: dict[str, Any]) -> None:
         cid = _cid(frame)
@@ -144,28 +198,36 @@ class SocketSession:
             return
         if not history and prompt:
             history = [{"role": "user", "content": prompt}]
-        question = Question("ws", self.identity, payer, history,
-                            self.pipeline.choose_model(frame.get("model"), strict=False))
-        answer: list[str] = []
+        question = Question("ws", self.identity, payer, history, frame.get("model"))
+        # The server's id, the same on every frame of this answer: upstreams repeat or omit theirs.
+        # One id for the thinking frames and the answer's.
+        answer_id = new_answer_id()
+        answer: list[str] = []  # joined only when a frame goes out (FrameWriter)
         thinking: list[str] | None = [] if self.settings.ws.reasoning == "live" else None
-        answer_id = ""  # one id for the thinking frames and the answer's
+        size, thought, limit = 0, 0, self.settings.ws.max_answer_chars
         async with aclosing(self.pipeline.answer(question)) as deltas:
             async for delta in deltas:
-                answer_id = answer_id or delta.answer_id
                 if delta.text:
+                    size += len(delta.text)
+                    if size > limit:
+                        # Every frame carries the whole text: a runaway answer would cost the client
+                        # (and us) quadratically. Leaving the loop closes the upstream request.
+                        self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
+                        return
                     answer.append(delta.text)
                     self.writer.send_text(cid, answer_id, answer)
                 elif delta.reasoning and thinking is not None and not answer:
-                    thinking.append(delta.reasoning)
-                    self.writer.send_text(cid, answer_id, thinking, thinking=True)
+                    thought += len(delta.reasoning)
+                    if thought <= limit:  # past it the quote stops growing (each frame sends it whole)
+                        thinking.append(delta.reasoning)
+                        self.writer.send_text(cid, answer_id, thinking, thinking=True)
         self.writer.send(done_frame(cid))
-
 
     async def _draw(self, cid: Any, payer: Payer, prompt: str) -> None:
         if not prompt:
-            raise bad_request(texts.PROMPT_EMPTY)
-        question = Question("ws", self.identity, payer, [], self.settings.upstream.model)
-        stored = await self.pipeline.image(question, prompt)
+            raise BadQuestion(texts.PROMPT_EMPTY, "content")
+        question = Question("ws", self.identity, payer, [])
+        stored = await self.pipeline.draw(question, prompt)
         self.writer.send(image_frame(cid, stored.name.split(".")[0], stored.url))
         self.writer.send(done_frame(cid))
 
@@ -176,24 +238,33 @@ def _cid(frame: dict[str, Any]) -> Any:
     return cid if isinstance(cid, (str, int, float, bool)) else None
 
 
-async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
     """Upgrade and serve one mini-program socket (no auth, no sub-protocol on the handshake)."""
     app = request.app
     settings = app[settings_key]
-    # +1: aiohttp refuses a frame of exactly max_msg_size; the setting is the largest one accepted.
-    ws = web.WebSocketResponse(max_msg_size=settings.ws.max_message_bytes + 1)
-    await ws.prepare(request)
+    sockets = app[sockets_key]
     identity = identity_of(request)
-    app[sockets_key].add(ws)
+    if not sockets.admit(identity):
+        # Refused before the handshake: a refused client costs no websocket, task or timer.
+        log.info("websocket refused: %d open in all, %d from this address", len(sockets), sockets.count(identity))
+        raise web.HTTPServiceUnavailable(text="Too many connections.", headers={"Retry-After": "60"})
+    session: SocketSession | None = None
     try:
-        await SocketSession(ws, app[pipeline_key], settings, identity).run()
+        # +1: aiohttp refuses a frame of exactly max_msg_size; the setting is the largest one accepted.
+        ws = web.WebSocketResponse(max_msg_size=settings.ws.max_message_bytes + 1)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:  # the client left mid-handshake: nothing to answer, nothing to log
+            return ws
+        session = SocketSession(ws, transport_of(request), app[pipeline_key], settings, identity)
+        sockets.add(identity, session)
+        await session.run()
     finally:
-        app[sockets_key].discard(ws)
+        sockets.release(identity, session)
     return ws
 
 
 async def close_sockets(app: web.Application) -> None:
-    """on_shutdown: tell every client the server is going away (1001) instead of dropping it."""
-    for ws in list(app[sockets_key]):
-        with suppress(Exception):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    """on_shutdown: each question in flight ends with an error frame, then the socket closes with 1001."""
+    if stopped := await app[sockets_key].stop_all():
+        log.info("shutdown: closed %d websocket(s)", stopped)

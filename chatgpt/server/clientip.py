@@ -1,4 +1,7 @@
-"""Client IP resolution: forwarding headers count only when the TCP peer is a trusted proxy."""
+"""Client IP resolution: forwarding headers count only when the TCP peer is a trusted proxy.
+The result is the client's identity for quotas and limits: an IPv4 address, or an IPv6 /64 network
+(one customer line holds a whole /64; counting each of its 2^64 addresses apart would let one client
+take as many daily quotas as it likes)."""
 from __future__ import annotations
 
 import ipaddress
@@ -11,6 +14,7 @@ _MAX_ADDRESS_LEN = 64
 # Proxy chains are a handful of hops; bounding the walk bounds the work a hostile header causes.
 _MAX_HOPS = 32
 _MAX_REMEMBERED_PEERS = 4096
+IPV6_PREFIX = 64  # the customer-assigned part of an IPv6 address (RFC 6177)
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -32,6 +36,9 @@ def _parse(raw: Any) -> _Address | None:
     elif text.count(":") == 1:
         # "v4:port"; a bare IPv6 address always has at least two colons
         text = text.partition(":")[0]
+    # A zone id ("fe80::1%eth0") names the server's own interface, not the client: the same client
+    # written with and without it is one identity.
+    text = text.partition("%")[0]
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -43,9 +50,22 @@ def _parse(raw: Any) -> _Address | None:
 
 
 def normalise_ip(raw: str | None) -> str | None:
-    """Return the canonical text of an address (port, brackets, v4-mapping removed) or None."""
+    """Return the canonical text of an address (port, brackets, zone id, v4-mapping removed) or None."""
     address = _parse(raw)
     return None if address is None else str(address)
+
+
+def identity_of_address(address: _Address) -> str:
+    """The identity an address counts as: an IPv4 address itself, an IPv6 address its /64."""
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
+    return str(address)
+
+
+def identity_of_text(raw: str) -> str | None:
+    """The identity of an address written as text (an operator resetting a quota), or None."""
+    address = _parse(raw)
+    return None if address is None else identity_of_address(address)
 
 
 class TrustedProxies:
@@ -88,7 +108,7 @@ class TrustedProxies:
         )
 
     def peer(self, peer: str) -> tuple[str, bool]:
-        """A TCP peer as (its canonical text, trusted?), remembered per peer string:
+        """A TCP peer as (its identity, trusted?), remembered per peer string:
         the same addresses connect again and again, and parsing costs more than the rest of a lookup.
         The memory is bounded: peers are not chosen by headers, yet a scan of many hosts could grow it."""
         known = self._peers.get(peer)
@@ -96,7 +116,7 @@ class TrustedProxies:
             if len(self._peers) >= _MAX_REMEMBERED_PEERS:
                 self._peers.clear()
             address = _parse(peer)
-            text = str(address) if address is not None else (peer.strip() or "unknown")
+            text = identity_of_address(address) if address is not None else (peer.strip() or "unknown")
             known = self._peers[peer] = (text, address is not None and self._holds(address))
         return known
 
@@ -127,7 +147,7 @@ def _header(headers: Mapping[str, str], name: str) -> str:
 
 
 def client_ip(peer: str | None, headers: Mapping[str, str], trusted: TrustedProxies) -> str:
-    """Return the client's IP: the peer, or what a trusted proxy peer forwarded."""
+    """Return the client's identity: the peer, or what a trusted proxy peer forwarded (IPv6 as its /64)."""
     if not isinstance(peer, str):
         return "unknown"
     peer_text, peer_trusted = trusted.peer(peer)
@@ -138,7 +158,7 @@ def client_ip(peer: str | None, headers: Mapping[str, str], trusted: TrustedProx
 
     real = _parse(_header(headers, "X-Real-IP"))
     if real is not None:
-        return str(real)
+        return identity_of_address(real)
 
     # Each proxy appends the address it saw, so the rightmost untrusted hop is the client;
     # everything further left was written by that client and may be forged.
@@ -146,5 +166,5 @@ def client_ip(peer: str | None, headers: Mapping[str, str], trusted: TrustedProx
     for hop in reversed(hops):
         address = _parse(hop)
         if address is not None and not trusted._holds(address):
-            return str(address)
+            return identity_of_address(address)
     return peer_text

@@ -9,13 +9,15 @@ import os
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import suppress
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
 from chatgpt.domain.errors import UpstreamBroken
+from chatgpt.domain.pictures import StoredImage
 from chatgpt.domain.provider import GeneratedImage
 from chatgpt.domain.failover import host_of
 from chatgpt.upstream.network import upstream_call
@@ -43,24 +45,44 @@ def image_kind(head: bytes) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class StoredImage:
-    """A saved picture: its file name under the folder and its public URL."""
+class ImageUsage:
+    """How many of our pictures the folder holds and their bytes, kept current by the code that saves
+    and prunes them: a `/metrics` scrape reads two numbers instead of scanning the folder."""
 
-    name: str
-    url: str
+    def __init__(self, on_change: Callable[[int, int], None] = lambda count, size: None) -> None:
+        self.count = 0
+        self.bytes = 0
+        self._on_change = on_change
+
+    def added(self, size: int) -> None:
+        """One picture of `size` bytes was saved."""
+        self.set(self.count + 1, self.bytes + size)
+
+    def set(self, count: int, size: int) -> None:
+        """The folder's exact usage, as a scan found it."""
+        self.count, self.bytes = count, size
+        self._on_change(count, size)
+
+
+def _publish(temp: Path, final: Path) -> int:
+    """Give a complete picture its served name; its size."""
+    os.replace(temp, final)
+    return os.stat(final).st_size
 
 
 class ImageStore:
-    """Downloads or decodes upstream pictures into the folder; a file appears only when complete."""
+    """The domain's `PictureStore`: downloads or decodes upstream pictures into the folder; a file
+    appears only when complete."""
 
     def __init__(self, folder: str | Path, public_url: str, session: aiohttp.ClientSession,
-                 limit: int = DOWNLOAD_LIMIT, download_seconds: float = DOWNLOAD_SECONDS) -> None:
+                 limit: int = DOWNLOAD_LIMIT, download_seconds: float = DOWNLOAD_SECONDS,
+                 usage: ImageUsage | None = None) -> None:
         self.folder = Path(folder)
         self.public_url = public_url.rstrip("/")
         self._session = session
         self._limit = limit
         self._download_seconds = download_seconds
+        self._usage = usage or ImageUsage()
 
     async def store(self, image: GeneratedImage) -> StoredImage:
         """Save `image` as `<uuid>.<type>`; raise UpstreamBroken for a non-image or an oversized one."""
@@ -73,10 +95,11 @@ class ImageStore:
             else:
                 kind = await self._download(str(image.url), temp)
             name = f"{stem}.{kind}"
-            await asyncio.to_thread(os.replace, temp, self.folder / name)
+            size = await asyncio.to_thread(_publish, temp, self.folder / name)
         except BaseException:
             await asyncio.to_thread(temp.unlink, missing_ok=True)
             raise
+        self._usage.added(size)
         return StoredImage(name, f"{self.public_url}/res/{name}")
 
     def read(self, stored: StoredImage) -> bytes:
@@ -105,7 +128,7 @@ class ImageStore:
                 return await self._write_stream(response, temp)
 
     async def _write_stream(self, response: aiohttp.ClientResponse, temp: Path) -> str:
-        handle = await asyncio.to_thread(open, temp, "wb")
+        handle = await _open_for_writing(temp)
         try:
             size, head, kind = 0, b"", None
             async for chunk in response.content.iter_chunked(64 * 1024):
@@ -125,6 +148,18 @@ class ImageStore:
             return kind
         finally:
             await asyncio.to_thread(handle.close)
+
+
+async def _open_for_writing(path: Path) -> BinaryIO:
+    """`open(path, "wb")` off the event loop. A cancel (the client left) waits for the open to finish
+    and closes the file, so nothing leaks and the caller's clean-up finds the file to remove."""
+    opening = asyncio.ensure_future(asyncio.to_thread(open, path, "wb"))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with suppress(OSError):
+            (await opening).close()
+        raise
 
 
 def safe_image_path(folder: str | Path, name: str) -> Path | None:
@@ -195,15 +230,22 @@ class Pruner:
     """The background task: a pass daily at `prune_at`, and whenever the folder is over its cap."""
 
     def __init__(self, folder: str | Path, max_age: float, max_total_bytes: int, prune_at: str,
-                 check_every: float = 60.0, clock: Callable[[], datetime] = datetime.now) -> None:
+                 check_every: float = 60.0, clock: Callable[[], datetime] = datetime.now,
+                 usage: ImageUsage | None = None) -> None:
         self.folder, self.max_age, self.max_total = folder, max_age, max_total_bytes
         self.prune_at, self.check_every = prune_at, check_every
         self._clock = clock  # local wall time; tests move it instead of sleeping until 01:00
+        self.usage = usage or ImageUsage()
+
+    async def measure(self) -> None:
+        """Scan the folder once (at start, and after each pass) for the exact usage."""
+        self.usage.set(*await asyncio.to_thread(folder_usage, self.folder))
 
     async def run_pass(self) -> list[str]:
         """One pass now, off the event loop."""
         now = self._clock().timestamp()
         removed = await asyncio.to_thread(prune, self.folder, now, self.max_age, self.max_total)
+        await self.measure()
         if removed:
             log.info("pruned %d picture(s) from %s", len(removed), self.folder)
         return removed
@@ -218,7 +260,9 @@ class Pruner:
                 if now >= due:
                     due = now + timedelta(seconds=seconds_until(self.prune_at, now))
                     await self.run_pass()
-                elif (await asyncio.to_thread(folder_usage, self.folder))[1] > self.max_total:
-                    await self.run_pass()
+                else:
+                    await self.measure()  # also catches files changed behind our back
+                    if self.usage.bytes > self.max_total:
+                        await self.run_pass()
             except Exception:
                 log.exception("picture pruning pass failed; the task goes on")

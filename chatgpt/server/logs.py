@@ -39,7 +39,8 @@ def setup_logging(level: str, fmt: str) -> None:
 
 class BadRequestFilter(logging.Filter):
     """aiohttp logs every malformed request (scanners, garbage) as an ERROR with a traceback; that is
-    the client's fault, not ours: keep one WARNING line without the traceback."""
+    the client's fault, not ours: keep one WARNING line without the traceback. A client that reset or
+    left mid-request (an aborted websocket handshake, say) is not even a warning: one INFO line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -47,6 +48,10 @@ class BadRequestFilter(logging.Filter):
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg, record.args = "bad request from a client: %s", (str(error).splitlines()[0][:200],)
+        elif isinstance(error, ConnectionError):
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "a client left mid-request: %s", (type(error).__name__,)
         return True
 
 

@@ -1,16 +1,17 @@
-"""Prometheus metrics and the one log line per question, fed by the pipeline and the entry points."""
+"""Prometheus metrics and the one log line per question: the domain's `Meter`, fed by the pipeline."""
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from chatgpt.domain.provider import Usage
+from chatgpt.domain.accounting import QuestionRecord
+
+__all__ = ["Metrics", "QuestionRecord", "hashed"]
 
 log = logging.getLogger("chatgpt.questions")
 
@@ -22,29 +23,6 @@ _DURATION = (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 def hashed(identity: str) -> str:
     """A short stable-per-process pseudonym for an IP address."""
     return hashlib.sha256(_SALT + identity.encode()).hexdigest()[:12]
-
-
-@dataclass
-class QuestionRecord:
-    """What is known of one question while it is answered."""
-
-    entry: str
-    identity: str
-    kind: str = "chat"
-    started: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
-    tokens: int = 0
-    outcome: str = "ok"
-    prompt: str | None = None  # logged only when settings.logging.prompts is on
-    model: str = "other"  # an offered model, or "other" (metric labels stay bounded)
-    payer: str = "pool"  # pool | trusted | own
-    usage: Usage | None = None  # the upstream's count of the answer's tokens, when it gave one
-
-    def token(self) -> None:
-        """Count one delta with text; the first one stamps the time to first token."""
-        if self.first_token is None:
-            self.first_token = time.monotonic()
-        self.tokens += 1
 
 
 class Metrics:
@@ -61,8 +39,8 @@ class Metrics:
         self.duration = Histogram("chatgpt_answer_duration_seconds", "Time to the end of an answer",
                                   ["entry"], buckets=_DURATION, registry=r)
         self.tokens = Counter("chatgpt_relayed_deltas", "Answer pieces relayed to clients", ["entry"], registry=r)
-        self.token_usage = Counter("chatgpt_tokens", "Tokens the upstream counted, by kind, payer and model",
-                                   ["kind", "payer", "model"], registry=r)
+        self.token_usage = Counter("chatgpt_tokens", "Tokens the upstream counted, by kind, payer, model and upstream",
+                                   ["kind", "payer", "model", "upstream"], registry=r)
         self.upstream_errors = Counter("chatgpt_upstream_errors", "Upstream failures by upstream, status and masked key",
                                        ["upstream", "status", "key"], registry=r)
         self.limiter_refusals = Counter("chatgpt_limiter_refusals", "Requests refused by a per-IP limiter",
@@ -80,6 +58,23 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def set_images(self, count: int, size: int) -> None:
+        """The pictures on disk changed (one saved, a pruning pass): the gauges follow at once."""
+        self.images.set(count)
+        self.image_bytes.set(size)
+
+    def limit_refused(self, door: str) -> None:
+        """A per-IP limiter refused a request at `door`."""
+        self._child(self.limiter_refusals, door).inc()
+
+    def quota_refused(self, door: str) -> None:
+        """A daily quota refused a question at `door`."""
+        self._child(self.quota_refusals, door).inc()
+
+    def upstream_failed(self, upstream: str, status: str, key: str) -> None:
+        """A call to `upstream` failed with `status`; `key` is the masked pool key or "own"."""
+        self._child(self.upstream_errors, upstream, status, key).inc()
 
     def start(self, entry: str, identity: str, kind: str = "chat") -> QuestionRecord:
         """A question is going upstream."""
@@ -101,7 +96,7 @@ class Metrics:
             for kind, count in (("prompt", usage.prompt), ("completion", usage.completion),
                                 ("reasoning", usage.reasoning)):
                 if count:
-                    self._child(self.token_usage, kind, record.payer, record.model).inc(count)
+                    self._child(self.token_usage, kind, record.payer, record.model, record.upstream).inc(count)
         if not log.isEnabledFor(logging.INFO):
             return  # the line is not wanted: spare the hash and the formatting
         ttft = f"{(record.first_token - record.started) * 1000:.0f}" if record.first_token else "-"

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from yarl import URL
+
+if TYPE_CHECKING:  # aiohttp types get_info() with a TypedDict it does not export
+    from aiohttp.web_urldispatcher import _InfoDict
 
 _SLASHES = re.compile(r"/{2,}")
 
@@ -46,7 +49,7 @@ class MergedSlashesResource(web.AbstractResource):
     def add_prefix(self, prefix: str) -> None:
         raise RuntimeError("MergedSlashesResource belongs to the top-level app")
 
-    def get_info(self) -> dict[str, Any]:
+    def get_info(self) -> _InfoDict:
         return {"path": "/"}
 
     def raw_match(self, path: str) -> bool:

@@ -3,13 +3,16 @@ leaves, or the server stops — the same for every streamed route."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing, suppress
 
 from aiohttp import web
 
+from chatgpt.domain.errors import Refused, ShuttingDown, UpstreamFailed
 from chatgpt.keys import inflight_key
-from chatgpt.domain.errors import ServiceError, shutting_down
+
+log = logging.getLogger(__name__)
 
 # A body piece and whether it is the last one: the last goes out with the end of the chunked body.
 Piece = tuple[bytes, bool]
@@ -79,12 +82,12 @@ class _Coalescer:
                 await task
 
 
-async def send_stream(request: web.Request, response: web.StreamResponse, body: AsyncIterator[Piece],
-                      error_event: Callable[[ServiceError], bytes]) -> web.StreamResponse:
+async def send_stream(request: web.Request, response: web.StreamResponse, body: AsyncGenerator[Piece, None],
+                      error_event: Callable[[BaseException], bytes]) -> web.StreamResponse:
     """Write `body` to the prepared `response`. A failure once the headers are gone ends the body
     with `error_event(failure)`; so does a shutdown (SIGTERM); a client that left gets nothing more."""
-    inflight = request.app[inflight_key]
-    failure: ServiceError | None = None
+    inflight = request.config_dict[inflight_key]
+    failure: BaseException | None = None
     writer = _Coalescer(response)
     inflight.enter()
     try:
@@ -94,24 +97,24 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
                     await writer.finish(data)
                 elif writer.add(data):
                     await writer.wait()
-    except ServiceError as error:
+    except (Refused, UpstreamFailed) as error:
         failure = error
     except asyncio.CancelledError:
         if not inflight.stopping:
             raise  # the client left: nobody to tell
-        failure = shutting_down()
+        failure = ShuttingDown()
     except ConnectionResetError:
         return response  # the client left while we wrote: the upstream is closed on the way out
+    except Exception as error:
+        log.exception("unexpected error while streaming %s %s", request.method, request.path)
+        failure = error
     finally:
         inflight.leave()
         if failure is None:
             await writer.stop()
-    if failure is not None:
-        # What was queued before the failure still goes out first.
-        with suppress(ConnectionResetError):
-            await writer.finish(error_event(failure))
-        return response
     with suppress(ConnectionResetError):  # the client may be gone by now: nothing to tell it
-        # write_eof() is a no-op once the last piece has ended the body.
-        await response.write_eof(b"")
+        if failure is not None:
+            await writer.finish(error_event(failure))  # what was queued before the failure goes out first
+        else:
+            await response.write_eof(b"")  # a no-op once the last piece has ended the body
     return response

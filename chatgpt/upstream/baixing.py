@@ -10,7 +10,7 @@ import aiohttp
 
 from chatgpt import jsontext
 from chatgpt.domain.errors import UpstreamBroken, UpstreamError
-from chatgpt.domain.provider import ChatRequest, Delta
+from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 from chatgpt.domain.failover import host_of
 from chatgpt.upstream.network import upstream_call
 
@@ -20,8 +20,9 @@ ANSWER_LIMIT = 1024 * 1024
 def last_prompt(request: ChatRequest) -> str:
     """Baixing takes no context: only the newest user message is sent."""
     for message in reversed(request.messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return message["content"]
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str):
+            return content
     return ""
 
 
@@ -51,7 +52,13 @@ class BaixingProvider:
         if data.get("code") != 0:
             message = data.get("message") if isinstance(data.get("message"), str) else None
             raise UpstreamError(502, json.dumps({"error": {"message": message}}).encode(), host=host_of(self._url))
-        answer = data.get("data") if isinstance(data.get("data"), str) else ""
+        answer = data.get("data")
+        answer = answer if isinstance(answer, str) else ""
         answer_id = f"baixing-{uuid.uuid4().hex[:24]}"
         yield Delta(answer.replace("[*]", ""), answer_id=answer_id)
         yield Delta(finish_reason="stop", answer_id=answer_id)
+
+    async def generate_image(self, prompt: str, size: str, key: str | None,
+                             model: str | None = None) -> GeneratedImage:
+        """The relay only chats (pictures never go to it; the interface asks for the method)."""
+        raise UpstreamBroken("The Baixing relay draws no pictures.")

@@ -1,1 +1,2 @@
-"""Fake services for the tests, each a real aiohttp application that behaves like the real one."""
+"""Fakes of the outside world the app talks to, each a real aiohttp application that behaves like the
+real service (OpenAI-compatible upstreams, WeChat), and a clock the test moves by hand."""

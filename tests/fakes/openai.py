@@ -23,7 +23,7 @@ class Stream:
 
     pieces: list[str] = field(default_factory=lambda: ["Hello", ", ", "**world**", "!"])
     delay: float = 0.0
-    answer_id: str = "chatcmpl-fake-1"  # the same for every answer, as compatible upstreams do
+    answer_id: str | None = "chatcmpl-fake-1"  # the same for every answer, as compatible upstreams do; None omits it
     done: bool = True  # False: end the stream after the pieces without [DONE]
     hang: bool = False  # True: after the pieces, send nothing until the client gives up
     reasoning: list[str] = field(default_factory=list)
@@ -34,7 +34,6 @@ class Stream:
                                                                    "total_tokens": 21})
     usage_in_choice: bool = False
     keep_alive: float = 0.0  # > 0: while hanging, a `: keep-alive` comment this often (DeepSeek's queue)
-    omit_id: bool = False  # chunks without an `id` (some compatible servers)
 
     @property
     def finish(self) -> str:
@@ -56,7 +55,7 @@ class Stream:
                                                "top_logprobs": []} for p in self.pieces]}
         answer: dict[str, Any] = {"id": self.answer_id, "object": "chat.completion", "created": 1, "model": model,
                                   "choices": [choice], "system_fingerprint": "fp_fake"}
-        if self.omit_id:
+        if self.answer_id is None:
             del answer["id"]
         if self.usage is not None:
             answer["usage"] = self.usage
@@ -129,7 +128,7 @@ class FakeOpenAI:
             if request.get("logprobs") and data["choices"]:
                 data["choices"][0]["logprobs"] = {"content": [{"token": text, "logprob": -0.5, "bytes": list(
                     text.encode()), "top_logprobs": []}] if text else [], "refusal": None}
-            if s.omit_id:
+            if s.answer_id is None:
                 del data["id"]
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
