@@ -121,6 +121,8 @@ class ImagesSettings:
 @dataclass(frozen=True)
 class StateSettings:
     file: str = "state.json"
+    redis_url: str = ""  # set: quotas, flags, /chat memory, key health... shared through Redis
+    redis_fail: str = "open"  # Redis unreachable: open (count locally) | closed (refuse quota questions)
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class WechatSettings:
     session_days: int = 30
     msg_sec_check: bool = False
     fail_open: bool = True
-    token_secret: str = field(default="", repr=False)  # empty: 32 random bytes at start
+    token_secret: str = field(default="", repr=False)  # empty: a random one kept in the store (state file or Redis)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -355,9 +357,11 @@ def _env_keys(raw: dict[str, Any], env: Mapping[str, str]) -> None:
 
 # Environment variable → the setting it fills; a secret's value is never shown in an error.
 ENV_SETTINGS = {"OPENAI_API_KEY": "upstream.api_keys", "OPENAI_BASE_URL": "upstream.base_url",
-                "BAIXING_API_KEY": "upstream.baixing_key", "CHATGPT_ADMIN_TOKEN": "admin.token",
-                "WECHAT_APP_SECRET": "wechat.secret"}
-SECRET_ENV = frozenset({"OPENAI_API_KEY", "BAIXING_API_KEY", "CHATGPT_ADMIN_TOKEN", "WECHAT_APP_SECRET"})
+                "BAIXING_API_KEY": "upstream.baixing_key", "REDIS_URL": "state.redis_url",
+                "CHATGPT_ADMIN_TOKEN": "admin.token", "WECHAT_APP_SECRET": "wechat.secret"}
+# A Redis URL may hold a password: shown no more than a key.
+SECRET_ENV = frozenset({"OPENAI_API_KEY", "BAIXING_API_KEY", "REDIS_URL", "CHATGPT_ADMIN_TOKEN",
+                        "WECHAT_APP_SECRET"})
 SHORTHAND_ENV = frozenset({"OPENAI_API_KEY", "OPENAI_BASE_URL"})
 
 
@@ -446,6 +450,9 @@ def validate(settings: Settings) -> Settings:
         (settings.images.download_seconds > 0, "images.download_seconds: expected a positive number"),
         (bool(settings.images.folder.strip()), "images.folder: must not be empty"),
         (bool(settings.state.file.strip()), "state.file: must not be empty"),
+        (not settings.state.redis_url or settings.state.redis_url.startswith(("redis://", "rediss://", "unix://")),
+         "state.redis_url (or REDIS_URL): expected a redis://, rediss:// or unix:// URL"),
+        (settings.state.redis_fail in ("open", "closed"), "state.redis_fail: expected open or closed"),
         (settings.chat.max_conversations > 0, "chat.max_conversations: expected a positive integer"),
         (settings.chat.max_turns > 0, "chat.max_turns: expected a positive integer"),
         (settings.chat.ttl_hours > 0, "chat.ttl_hours: expected a positive number"),

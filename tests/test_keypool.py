@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -194,32 +194,8 @@ def test_health_and_snapshot_never_contain_a_full_key(pool: KeyPool) -> None:
 def test_health_lists_every_field_per_key_in_order(pool: KeyPool) -> None:
     assert pool.health()[2] == {
         "key": "…3333", "state": "healthy", "until": None, "reason": None,
-        "requests": 0, "failures": 0, "tokens_today": {"prompt": 0, "completion": 0, "reasoning": 0},
+        "requests": 0, "failures": 0,
     }
-
-
-def test_token_usage_is_counted_per_key_for_today_and_starts_again_the_next_day(clock: FakeClock) -> None:
-    day = [date(2026, 3, 1)]
-    pool = KeyPool(KEYS, clock=clock, today=lambda: day[0])
-    pool.record_usage(A, 10, 20, 5)
-    pool.record_usage(A, 1, 2, 0)
-    pool.record_usage("sk-not-configured-0000", 100, 100, 100)
-    rows = {row["key"]: row["tokens_today"] for row in pool.health()}
-    assert rows["…1111"] == {"prompt": 11, "completion": 22, "reasoning": 5}
-    assert rows["…2222"] == {"prompt": 0, "completion": 0, "reasoning": 0}
-    day[0] = date(2026, 3, 2)
-    assert pool.health()[0]["tokens_today"] == {"prompt": 0, "completion": 0, "reasoning": 0}
-    pool.record_usage(A, 3, 4, 0)
-    assert pool.health()[0]["tokens_today"] == {"prompt": 3, "completion": 4, "reasoning": 0}
-
-
-def test_todays_token_counts_survive_a_restart(clock: FakeClock) -> None:
-    today = date(2026, 3, 1)
-    pool = KeyPool(KEYS, clock=clock, today=lambda: today)
-    pool.record_usage(B, 7, 8, 1)
-    restored = KeyPool(KEYS, clock=clock, today=lambda: today)
-    restored.restore(json.loads(json.dumps(pool.snapshot())))
-    assert restored.health()[1]["tokens_today"] == {"prompt": 7, "completion": 8, "reasoning": 1}
 
 
 def test_snapshot_restore_keeps_a_disabled_key_disabled_and_a_cooling_key_cooling(
@@ -317,3 +293,25 @@ def test_the_module_does_not_import_aiohttp() -> None:
     source = Path(keypool.__file__).read_text(encoding="utf-8")
     assert "aiohttp" not in keypool.__dict__
     assert "import aiohttp" not in source and "from aiohttp" not in source
+
+
+# --- Health shared between instances (issue 17): instants travel as wall-clock epochs ---------------------------
+
+def test_shared_health_moves_a_cool_down_and_a_disable_between_pools_with_different_monotonic_clocks() -> None:
+    here, there = FakeClock(), FakeClock()
+    here.now, there.now = 50_000.0, 7.0  # two processes, two monotonic clocks; one wall clock
+    wall = lambda: 1_700_000_000.0  # noqa: E731
+    sender = KeyPool(KEYS, clock=here, wall=wall)
+    receiver = KeyPool(list(reversed(KEYS)), clock=there, wall=wall)
+    sender.report_rate_limited(A, 30.0)
+    sender.report_invalid(B, "invalid_api_key")
+    receiver.apply_shared({fingerprint(k): sender.shared_health(k) for k in (A, B)})
+    health = {row["key"]: row for row in receiver.health()}
+    assert (health[mask(A)]["state"], health[mask(A)]["until"]) == ("cooling", 30.0)
+    assert (health[mask(B)]["state"], health[mask(B)]["reason"]) == ("disabled", "invalid_api_key")
+    assert receiver.pick() == C and receiver.pick() == C
+    sender.report_success(A)
+    receiver.apply_shared({fingerprint(A): sender.shared_health(A), "junk": {"cool_until": "x"},
+                           fingerprint(C): {"cool_until": float("nan"), "disabled": "yes"}})
+    assert {row["key"]: row["state"] for row in receiver.health()} == {
+        mask(C): "healthy", mask(B): "disabled", mask(A): "healthy"}

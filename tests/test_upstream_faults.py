@@ -286,7 +286,7 @@ async def test_an_upstream_fault_ends_the_question_with_one_clear_error_and_leav
     if fault.upstream.get("read_timeout"):
         assert elapsed >= HANG_READ_TIMEOUT * 0.9, "it ended before the upstream was silent for read_timeout"
     # Charged only when the user got text (PROTOCOL.md A.5, C.2).
-    assert pipeline.remaining(IDENTITY) == DAILY - (1 if fault.text else 0)
+    assert await pipeline.remaining(IDENTITY) == DAILY - (1 if fault.text else 0)
     # Exactly one POST: a failed question is never re-sent (it may already be billed).
     assert len(fake.chat_requests()) == (0 if fault.behaviour is None else 1)
     # Nothing left behind: tasks (ours and the fake's), upstream connections, files.
@@ -365,4 +365,4 @@ async def test_the_answer_timeout_ends_a_websocket_answer_that_keeps_coming(
     assert (end["content"], end["isDone"], end["isSuccess"]) == (TIMEOUT, True, False)
     assert pieces and pieces[-1]["content"].startswith("word word")
     # Text was produced: the question is charged.
-    assert client.app[pipeline_key].remaining(IDENTITY) == DAILY - 1
+    assert await client.app[pipeline_key].remaining(IDENTITY) == DAILY - 1

@@ -359,12 +359,10 @@ async def test_admin_upstreams_shows_each_upstream_with_its_health_and_masked_ke
                     "upstreams": [
         {"name": "deepseek", "host": host(chat), "models": ["deepseek-chat", "deepseek-reasoner", "shared"],
          "images": False, "usage": True, "reachable": False, "usable": 1,
-         "keys": [{"key": "…0001", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 1,
-                   "tokens_today": {"prompt": 0, "completion": 0, "reasoning": 0}}]},
+         "keys": [{"key": "…0001", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 1}]},
         {"name": "pictures", "host": host(backup), "models": ["gpt-4o-mini", "shared", "gpt-image-1"],
          "images": True, "usage": True, "reachable": True, "usable": 1,
-         "keys": [{"key": "…0003", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 0,
-                   "tokens_today": {"prompt": 9, "completion": 12, "reasoning": 0}}]},
+         "keys": [{"key": "…0003", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 0}]},
     ]}
 
 

@@ -13,11 +13,13 @@ from chatgpt.domain.accounts import Accounts, Charge
 from chatgpt.domain.answer import Answer, produced
 from chatgpt.domain.errors import ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
 from chatgpt.domain.gate import Gate
+from chatgpt.domain.keypool import fingerprint
 from chatgpt.domain.limits import LimiterTable
 from chatgpt.domain.pictures import PictureStore, StoredImage
-from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage, Usage
+from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 from chatgpt.domain.question import Payer, Question, fit_context
 from chatgpt.domain.upstreams import UPSTREAM_FAILURES, Progress, Route, Upstreams, opened
+from chatgpt.domain.usage import TokenUsage
 from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,9 @@ class ChatPipeline:
     """Every rule, once, for every door; faces hand it questions and turn what it gives into wire."""
 
     def __init__(self, settings: Settings, gate: Gate, accounts: Accounts, upstreams: Upstreams,
-                 pictures: PictureStore, meter: Meter) -> None:
+                 pictures: PictureStore, meter: Meter, usage: TokenUsage | None = None) -> None:
         self._settings = settings
+        self.usage = usage  # tokens per pool key today (kept in the store: summed over instances)
         self._gate = gate
         self._accounts = accounts
         self._upstreams = upstreams
@@ -74,21 +77,17 @@ class ChatPipeline:
         """A request that is not a question (e.g. `/v1/models`, the mini-program's routes): the limit only."""
         await self._gate.limit(door, identity)
 
-    def remaining(self, identity: str) -> int:
+    async def remaining(self, identity: str) -> int:
         """Questions an anonymous identity has left today (`查询次数`)."""
-        return self._accounts.remaining(identity)
+        return await self._accounts.remaining(identity)
 
-    def reset_quota(self, identity: str | None) -> int:
+    async def reset_quota(self, identity: str | None) -> int:
         """Clear one identity's counters, or everyone's."""
-        return self._accounts.reset(identity)
+        return await self._accounts.reset(identity)
 
     def health(self) -> dict[str, Any]:
         """Serving flag, key counts and upstream reachability, for `/healthz`."""
         return {"serving": self._gate.serving, **self._upstreams.health()}
-
-    def stores(self) -> dict[str, Any]:
-        """What the state file keeps of the pipeline's own: the quotas (key pools live with their upstreams)."""
-        return self._accounts.stores()
 
     def limiter(self, door: str) -> LimiterTable:
         """The limiter table of `door`."""
@@ -155,12 +154,12 @@ class ChatPipeline:
         progress = Progress()
         charge: Charge | None = None
         try:
-            charge = self._accounts.charge(question, debug=route.debug, free=route.free)
+            charge = await self._accounts.charge(question, debug=route.debug, free=route.free)
             yield progress, record
         except BaseException as exc:
             record.outcome = outcome_of(exc)
             if charge is not None and refundable(exc, progress):
-                charge.refund()
+                await charge.refund()
             raise
         finally:
             self._meter.finish(record)
@@ -172,7 +171,7 @@ class ChatPipeline:
             async with opened(deltas):
                 async for delta in deltas:
                     if delta.usage is not None:
-                        self._count_usage(record, progress, delta.usage)
+                        record.usage = delta.usage
                     if produced(delta):
                         record.token()
                         if not progress.produced:
@@ -186,16 +185,11 @@ class ChatPipeline:
                     yield delta
             if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
                 raise UpstreamFailed("empty")
-
-    @staticmethod
-    def _count_usage(record: QuestionRecord, progress: Progress, usage: Usage) -> None:
-        """The upstream's token count: for the question's log line and metrics, and on the pool key that paid."""
-        record.usage = usage
-        if progress.upstream is not None:
-            record.upstream = progress.upstream.name
-            if progress.pool_key is not None:
-                progress.upstream.keys.record_usage(progress.pool_key, usage.prompt, usage.completion,
-                                                    usage.reasoning)
+            usage = record.usage
+            if progress.upstream is not None:
+                record.upstream = progress.upstream.name
+            if usage is not None and progress.pool_key is not None and self.usage is not None:
+                await self.usage.add(fingerprint(progress.pool_key), request.model, usage.counts())
 
     async def draw(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
         """One picture for `prompt`, saved; charged like a chat question. `size` is honoured only on the

@@ -27,6 +27,11 @@ class Usage:
     completion: int = 0
     reasoning: int = 0
 
+    def counts(self) -> dict[str, int]:
+        """`{"prompt", "completion", "reasoning"}` as the usage store keeps them (zeros left out)."""
+        return {k: n for k, n in (("prompt", self.prompt), ("completion", self.completion),
+                                  ("reasoning", self.reasoning)) if n}
+
 
 @dataclass(slots=True)  # not frozen: one is made per upstream event, and frozen ones cost twice as much
 class Delta:

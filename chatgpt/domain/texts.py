@@ -30,7 +30,7 @@ SHUTTING_DOWN = "服务器正在重启, 请稍后再试~"  # PROTOCOL.md E.3
 ANSWER_TOO_LONG = "回答超出长度限制, 已停止。"
 PROMPT_EMPTY = "请输入图片描述。"
 NO_SERVER_KEY = "服务器未配置API Key, 请使用自己的API Key。"
-SERVER_BUSY = "服务繁忙, 请稍后再试~"  # every key of the server's pool is cooling down (PROTOCOL.md E.1)
+SERVER_BUSY = "服务繁忙, 请稍后再试~"  # every pool key cooling (E.1), or the shared quota unreachable (E.6)
 MODEL_NOT_FOUND = "模型 {model} 不可用, 请换一个模型。"
 NO_IMAGES = "这台服务器不提供图片生成。"
 

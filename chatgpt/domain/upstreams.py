@@ -56,7 +56,7 @@ class Progress:
     asked: bool = False  # a request went upstream
     produced: bool = False  # the upstream gave something of an answer (text, reasoning, a tool call, a picture)
     upstream: Upstream | None = None  # who was asked last (None: a built-in provider)
-    pool_key: str | None = None  # with which of its pool's keys (None: the caller's own, or none)
+    pool_key: str | None = None  # the server's key of the last request (its tokens are counted against it)
 
 
 @dataclass(frozen=True)

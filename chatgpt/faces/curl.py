@@ -47,7 +47,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     # Ids are issued by the server and bound to their caller: an id this caller does not hold
     # (unknown, expired, someone else's) starts a new conversation under a new id (PROTOCOL.md E.3).
     owner = owner_of(identity, payer)
-    cid, history = memory.open(cid, owner)
+    cid, history = await memory.open(cid, owner)
     question = Question("chat", identity, payer, [*history, {"role": "user", "content": content}], model)
     sse = "text/event-stream" in request.headers.get("Accept", "")
     async with aclosing(pipeline.answer(question)) as deltas:
@@ -74,7 +74,7 @@ async def _body(first: Delta | None, deltas: Answer, memory: ConversationMemory,
         elif delta.reasoning and sse and not parts:  # the model's thinking, before its answer
             yield _event("reasoning", {"content": delta.reasoning}), False
         delta = await anext(deltas, None)
-    memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered
+    await memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered
     yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True
 
 

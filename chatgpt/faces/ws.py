@@ -191,7 +191,7 @@ class SocketSession:
         history = clean_messages(frame.get("messages") or [])
         prompt = prompt_of(frame, history)
         if payer.kind == "anonymous" and prompt == texts.QUOTA_QUERY:
-            self.writer.send(quota_frame(cid, self.pipeline.remaining(self.identity)))
+            self.writer.send(quota_frame(cid, await self.pipeline.remaining(self.identity)))
             return
         if frame.get("isGenImg"):
             await self._draw(cid, payer, prompt)

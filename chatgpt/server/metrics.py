@@ -50,6 +50,10 @@ class Metrics:
         self.images = Gauge("chatgpt_images_on_disk", "Saved pictures in the images folder", registry=r)
         self.image_bytes = Gauge("chatgpt_images_on_disk_bytes", "Bytes of saved pictures", registry=r)
         self.sockets = Gauge("chatgpt_websocket_connections", "Open mini-program websockets", registry=r)
+        self.redis_up = Gauge("chatgpt_redis_up", "1 while the shared Redis answers (only with state.redis_url)",
+                              registry=r)
+        self.redis_errors = Counter("chatgpt_redis_errors", "Redis commands that failed (local store used, or refused)",
+                                    registry=r)
         self._children: dict[tuple[object, ...], Any] = {}  # labels() takes a lock and hashes; once is enough
 
     def _child(self, metric: Any, *labels: str) -> Any:
