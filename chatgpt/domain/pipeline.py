@@ -116,15 +116,21 @@ class ChatPipeline:
             question.messages, upstream.context_chars)
         if upstream.system_prompt and not own:
             history = [{"role": "system", "content": upstream.system_prompt}, *history]
-        max_tokens = question.max_tokens or upstream.max_tokens
+        # The server's defaults and cap apply when the operator pays; on the caller's own key the
+        # request is the caller's (what it did not set is not sent).
+        max_tokens, temperature = question.max_tokens, question.temperature
         if not own:
-            max_tokens = min(max_tokens, upstream.max_tokens)  # the operator pays: cap it
-        temperature = upstream.temperature if question.temperature is None else question.temperature
+            max_tokens = min(max_tokens or upstream.max_tokens, upstream.max_tokens)
+            temperature = upstream.temperature if temperature is None else temperature
         model = self._upstreams.resolve(model)  # what clients say -> what upstreams are asked
         return ChatRequest(history, model, temperature, max_tokens, question.extra)
 
     def _record(self, question: Question, kind: str) -> QuestionRecord:
         record = self._meter.start(question.entry, question.identity, kind)
+        record.payer = {"anonymous": "pool", "trusted": "trusted", "own": "own"}[question.payer.kind]
+        # An own-key caller may name any model: only the offered ones become metric labels.
+        model = question.model or self._upstreams.default_model
+        record.model = model if self._upstreams.offers(model) else "other"
         if self._settings.logging.prompts:
             users = [m.get("content") for m in question.messages if m.get("role") == "user"]
             record.prompt = str(users[-1])[:2000] if users else ""
@@ -162,10 +168,10 @@ class ChatPipeline:
         async with self._accounted(question, "chat", route) as (progress, record):
             deltas = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
             held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
-            usage: dict[str, int] | None = None
             async with opened(deltas):
                 async for delta in deltas:
-                    usage = delta.usage or usage
+                    if delta.usage is not None:
+                        record.usage = delta.usage
                     if produced(delta):
                         record.token()
                         if not progress.produced:
@@ -179,8 +185,11 @@ class ChatPipeline:
                     yield delta
             if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
                 raise UpstreamFailed("empty")
-            if usage and progress.pool_key is not None and self.usage is not None:
-                await self.usage.add(fingerprint(progress.pool_key), request.model, usage)
+            usage = record.usage
+            if progress.upstream is not None:
+                record.upstream = progress.upstream.name
+            if usage is not None and progress.pool_key is not None and self.usage is not None:
+                await self.usage.add(fingerprint(progress.pool_key), request.model, usage.counts())
 
     async def draw(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
         """One picture for `prompt`, saved; charged like a chat question. `size` is honoured only on the

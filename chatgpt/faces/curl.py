@@ -71,6 +71,8 @@ async def _body(first: Delta | None, deltas: Answer, memory: ConversationMemory,
         if delta.text:
             parts.append(delta.text)
             yield (_event(None, {"content": delta.text}) if sse else delta.text.encode(errors="replace")), False
+        elif delta.reasoning and sse and not parts:  # the model's thinking, before its answer
+            yield _event("reasoning", {"content": delta.reasoning}), False
         delta = await anext(deltas, None)
     await memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered
     yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True

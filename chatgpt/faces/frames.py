@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from chatgpt import jsontext
+from chatgpt.domain import texts
 from chatgpt.faces.markdown import IncrementalRenderer, to_html
 from chatgpt.faces.pacing import TextPace
 
@@ -37,6 +38,12 @@ def text_frame(cid: Any, answer_id: str, content: str, html: str | None = None) 
     """The whole answer so far (cumulative) with its Markdown rendered."""
     return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content) if html is None else html,
                   createTime=now_text(), isDone=False, isSuccess=True)
+
+
+def thinking_quote(reasoning: str) -> str:
+    """What a bubble shows while only reasoning has arrived: a Markdown quote, the line `> 思考中…`
+    then the reasoning so far, every line prefixed `> `."""
+    return f"> {texts.THINKING}\n> " + reasoning.replace("\n", "\n> ")
 
 
 def done_frame(cid: Any) -> dict[str, Any]:
@@ -73,7 +80,8 @@ def pong_frame() -> dict[str, Any]:
 class _PendingText:
     cid: Any
     answer_id: str
-    content: str
+    parts: list[str]  # the answer (or the reasoning) so far: joined only when a frame is sent
+    thinking: bool = False
 
 
 class FrameWriter:
@@ -98,6 +106,7 @@ class FrameWriter:
         self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
         self._last_answer: str | None = None
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
+        self._thinking = IncrementalRenderer()  # of its reasoning, inside the quote
         self._stall_seconds = stall_seconds
         self._buffered = buffered  # bytes the transport holds that the client has not taken yet
         self._on_stall = on_stall
@@ -110,13 +119,15 @@ class FrameWriter:
         """Queue a frame to be sent after everything queued before it."""
         self._push(frame)
 
-    def send_text(self, cid: Any, answer_id: str, content: str) -> None:
-        """Queue the cumulative text of an answer, replacing its queued older text if any."""
+    def send_text(self, cid: Any, answer_id: str, parts: list[str], thinking: bool = False) -> None:
+        """Queue the cumulative text of an answer (`parts`, still growing: it is joined when the frame
+        goes out), replacing its queued older text if any. `thinking`: the parts are reasoning, shown
+        as a quote (`thinking_quote`) until the answer's own text replaces it."""
         tail = self._queue[-1] if self._queue else None
         if isinstance(tail, _PendingText) and tail.answer_id == answer_id:
-            tail.content = content
+            tail.parts, tail.thinking = parts, thinking
             return
-        self._push(_PendingText(cid, answer_id, content))
+        self._push(_PendingText(cid, answer_id, parts, thinking))
 
     def _push(self, item: dict[str, Any] | _PendingText) -> None:
         if self.stalled:
@@ -232,8 +243,16 @@ class FrameWriter:
             if not self._queue or self._queue[0] is not head:
                 return  # the queue was cleared while the text waited (the client stopped reading)
             if head.answer_id != self._last_answer:
-                self._renderer = IncrementalRenderer()
-            frame = text_frame(head.cid, head.answer_id, head.content, self._renderer.render(head.content))
+                self._renderer, self._thinking = IncrementalRenderer(), IncrementalRenderer()
+            text = "".join(head.parts)
+            if head.thinking:
+                # The quote's HTML is a blockquote around the rendering of its unquoted lines (the
+                # same HTML, CommonMark defines a quote's content that way), so the reasoning renders
+                # incrementally instead of whole for every frame.
+                html = "<blockquote>\n" + self._thinking.render(f"{texts.THINKING}\n{text}") + "</blockquote>\n"
+                frame = text_frame(head.cid, head.answer_id, thinking_quote(text), html)
+            else:
+                frame = text_frame(head.cid, head.answer_id, text, self._renderer.render(text))
         else:
             frame = head
         self._queue.popleft()

@@ -201,19 +201,27 @@ class SocketSession:
             history = [{"role": "user", "content": prompt}]
         question = Question("ws", self.identity, payer, history, frame.get("model"))
         # The server's id, the same on every frame of this answer: upstreams repeat or omit theirs.
+        # One id for the thinking frames and the answer's.
         answer_id = new_answer_id()
-        content = ""
-        limit = self.settings.ws.max_answer_chars
+        answer: list[str] = []  # joined only when a frame goes out (FrameWriter)
+        thinking: list[str] | None = [] if self.settings.ws.reasoning == "live" else None
+        size, thought, limit = 0, 0, self.settings.ws.max_answer_chars
         async with aclosing(self.pipeline.answer(question)) as deltas:
             async for delta in deltas:
                 if delta.text:
-                    if len(content) + len(delta.text) > limit:
+                    size += len(delta.text)
+                    if size > limit:
                         # Every frame carries the whole text: a runaway answer would cost the client
                         # (and us) quadratically. Leaving the loop closes the upstream request.
                         self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
                         return
-                    content += delta.text
-                    self.writer.send_text(cid, answer_id, content)
+                    answer.append(delta.text)
+                    self.writer.send_text(cid, answer_id, answer)
+                elif delta.reasoning and thinking is not None and not answer:
+                    thought += len(delta.reasoning)
+                    if thought <= limit:  # past it the quote stops growing (each frame sends it whole)
+                        thinking.append(delta.reasoning)
+                        self.writer.send_text(cid, answer_id, thinking, thinking=True)
         self.writer.send(done_frame(cid))
 
     async def _draw(self, cid: Any, payer: Payer, prompt: str) -> None:
