@@ -61,7 +61,8 @@ from chatgpt.domain.wordfilter import WordListError
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
-from chatgpt.upstream.openai import OpenAIProvider, make_session
+from chatgpt.upstream.openai import OpenAIProvider
+from chatgpt.upstream.session import make_session
 from chatgpt.upstream.wechat import WeChatClient
 from chatgpt.domain.wxlogin import WeChatLogin
 from chatgpt.domain.wxtoken import TokenSigner, secret_from_setting
@@ -90,14 +91,16 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     them and each pool's key re-probe task."""
     settings = app[settings_key]
     upstream = settings.upstream
-    session = make_session(upstream.connect_timeout, upstream.read_timeout)
-    providers = {e.name: OpenAIProvider(session, e.base_url) for e in settings.upstream_entries}
+    session = make_session(upstream.connect_timeout)
+    providers = {e.name: OpenAIProvider(session, e.base_url, read_timeout=upstream.read_timeout,
+                                        answer_timeout=upstream.answer_timeout, usage=e.usage)
+                 for e in settings.upstream_entries}
     store = app[store_key]
     live = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name],
                      KeyPool(e.api_keys, store=store)) for e in settings.upstream_entries]
     routes = RouteTable(live, settings.default_model, settings.models.aliases, settings.models.image)
     offline = OfflineProvider() if settings.pool_provider == "offline" else None
-    baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
+    baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key, upstream.answer_timeout)
     images = ImageStore(settings.images.folder, settings.public_url, session,
                         int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds,
                         app[image_usage_key])

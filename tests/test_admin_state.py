@@ -169,8 +169,9 @@ async def test_admin_keys_lists_each_key_masked_with_its_health_and_never_the_fu
     assert json.loads(text) == {"usable": 1, "keys": [
         {"key": "…1111", "state": "disabled", "until": None, "reason": "invalid_api_key",
          "requests": 1, "failures": 1, "upstream": "default", "tokens_today": {}},
+        # The answer's usage (the fake's last chunk), counted on the key that paid for it, per model.
         {"key": "…2222", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 0,
-         "upstream": "default", "tokens_today": {}},
+         "upstream": "default", "tokens_today": {"gpt-3.5-turbo": {"prompt": 9, "completion": 12}}},
     ]}
     for secret in (KEY_A, KEY_B, "sk-key", "aaaa", "bbbb"):
         assert secret not in text

@@ -289,3 +289,67 @@ def test_check_says_how_many_words_are_listed(tmp_path: Path, words_file: Path) 
     result = run_app(tmp_path, {"moderation": {"words_file": str(words_file), "action": "refuse"}}, "--check")
     assert result.returncode == 0, result.stderr
     assert "moderation: 3 listed words, action refuse" in result.stdout
+
+
+# --- reasoning and the rest of what /v1 sends ----------------------------------------------------------------
+
+THOUGHT = ["先想想敏", "感词怎么", "办"]  # the reasoning, with a word split across two chunks
+
+
+async def test_the_websocket_masks_the_reasoning_it_quotes(make_client: MakeClient, words_file: Path,
+                                                           fake: FakeOpenAI) -> None:
+    client = await start(make_client, words_file)
+    fake.script.append(Stream(reasoning=THOUGHT, pieces=["好的"], delay=0.05))
+    frames = await ask(client)
+    assert [f["content"] for f in frames] == [
+        "> 思考中…\n> 先想想敏", "> 思考中…\n> 先想想***怎么", "> 思考中…\n> 先想想***怎么办", "好的", "DONE"]
+    assert "<p>思考中…<br />\n先想想***怎么办</p>" in frames[2]["html"]
+
+
+async def test_streamed_v1_masks_the_reasoning_and_the_answer_and_keeps_the_rest_of_each_chunk(
+        make_client: MakeClient, words_file: Path, fake: FakeOpenAI) -> None:
+    client = await start(make_client, words_file)
+    fake.script.append(Stream(reasoning=THOUGHT, reasoning_field="reasoning", pieces=SPLIT, delay=0.05))
+    response = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "stream": True, "logprobs": True,
+        "stream_options": {"include_usage": True}})
+    body = await response.text()
+    chunks = [json.loads(e[6:]) for e in body.split("\n\n") if e.startswith("data: {")]
+    thought = [c["choices"][0]["delta"].get("reasoning") for c in chunks if c["choices"]]
+    assert [t for t in thought if t] == ["先想想", "***怎么", "办"]
+    assert sse_contents(body) == ["这是", "***, 还有 ", "******* 和*星号*。"]
+    assert all(c["id"] == "chatcmpl-fake-1" for c in chunks)  # the upstream's own chunks, re-encoded
+    # Logprobs spell the text token by token: none is left with a token in it.
+    assert not [c for c in chunks if c["choices"] and (c["choices"][0].get("logprobs") or {}).get("content")]
+    assert chunks[-1]["usage"]["total_tokens"] == 21
+    assert "敏感词" not in body and "ＢＡ" not in body.split("******")[-1]
+
+
+async def test_a_whole_v1_answer_masks_its_reasoning_and_leaves_out_logprobs(
+        make_client: MakeClient, words_file: Path, fake: FakeOpenAI) -> None:
+    client = await start(make_client, words_file)
+    fake.script.append(Stream(reasoning=THOUGHT, pieces=SPLIT))
+    response = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "logprobs": True})
+    choice = (await response.json())["choices"][0]
+    assert choice["message"]["reasoning_content"] == "先想想***怎么办"
+    assert choice["message"]["content"] == MASKED
+    assert choice["logprobs"] is None
+
+
+async def test_chat_masks_its_reasoning_events(make_client: MakeClient, words_file: Path, fake: FakeOpenAI) -> None:
+    client = await start(make_client, words_file)
+    fake.script.append(Stream(reasoning=THOUGHT, pieces=["好的"], delay=0.05))
+    response = await client.post("/chat", json={"content": "hi"}, headers={"Accept": "text/event-stream"})
+    body = await response.text()
+    thought = [json.loads(e.split("data: ", 1)[1])["content"] for e in body.split("\n\n")
+               if e.startswith("event: reasoning")]
+    assert thought == ["先想想", "***怎么", "办"]
+
+
+async def test_refuse_mode_stops_a_word_in_the_reasoning(make_client: MakeClient, words_file: Path,
+                                                         fake: FakeOpenAI) -> None:
+    client = await start(make_client, words_file, "refuse")
+    fake.script.append(Stream(reasoning=THOUGHT, pieces=["好的"], delay=0.05))
+    frames = await ask(client)
+    assert [f["content"] for f in frames] == ["> 思考中…\n> 先想想敏", texts.CONTENT_BLOCKED]

@@ -166,6 +166,20 @@ def test_secrets_from_the_environment_override_the_file(tmp_path: Path) -> None:
     assert settings.admin == AdminSettings(token="admin-env-0123456789")
 
 
+def test_a_bad_value_from_the_environment_names_the_variable_and_shows_the_value(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, "upstream:\n  base_url: https://file.example/v1\n"),
+                      env={"OPENAI_BASE_URL": "api.deepseek.com/v1"})
+    assert str(caught.value) == ("environment variable OPENAI_BASE_URL='api.deepseek.com/v1': expected an http:// "
+                                 "or https:// URL (it sets upstream.base_url)")
+
+
+def test_a_bad_value_from_the_file_still_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, "upstream:\n  answer_timeout: 0\n"), env={"OPENAI_BASE_URL": "https://x/v1"})
+    assert str(caught.value) == "setting upstream.answer_timeout: expected a positive number"
+
+
 def test_redis_url_comes_from_the_environment_over_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "state:\n  redis_url: redis://file:6379/0\n  redis_fail: closed\n")
     settings = load_settings(path, env={"REDIS_URL": " redis://:pw@env:6380/1 "})

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from chatgpt.domain.provider import Usage
+
 
 @dataclass
 class QuestionRecord:
@@ -19,6 +21,10 @@ class QuestionRecord:
     tokens: int = 0
     outcome: str = "ok"
     prompt: str | None = None  # logged only when settings.logging.prompts is on
+    model: str = "other"  # an offered model, or "other" (metric labels stay bounded)
+    payer: str = "pool"  # pool | trusted | own
+    upstream: str = ""  # the upstream that answered ("" for the built-in providers)
+    usage: Usage | None = None  # the upstream's count of the answer's tokens, when it gave one
 
     def token(self) -> None:
         """Count one delta with something of the answer; the first one stamps the time to first token."""

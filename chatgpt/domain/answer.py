@@ -13,9 +13,8 @@ _COUNTER = itertools.count(1)
 
 
 def produced(delta: Delta) -> bool:
-    """True when a delta carries something of an answer: text, reasoning or a piece of a tool call.
-    (`reasoning` and `tool_call` are read only when the provider's deltas have them.)"""
-    return bool(delta.text or getattr(delta, "reasoning", "") or getattr(delta, "tool_call", False))
+    """True when a delta carries something of an answer: text, reasoning or a piece of a tool call."""
+    return bool(delta.text or delta.reasoning or delta.tool_call)
 
 
 def new_answer_id() -> str:

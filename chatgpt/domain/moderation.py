@@ -98,43 +98,54 @@ class Moderation:
         """The filter a door masks an answer's text with (mask mode with listed words), else None."""
         return self.words if self.action == "mask" and self.words.size else None
 
-    def watch(self, user: str | None) -> AnswerWatch:
-        """What watches one answer as it grows: listed words in refuse mode, WeChat's check of the segments."""
+    def watch(self, user: str | None, check_reasoning: bool = False) -> AnswerWatch:
+        """What watches one answer as it grows: listed words in refuse mode, WeChat's check of the segments
+        (of the reasoning too when `check_reasoning`: the user is shown it)."""
         refuse = self.words if self.action == "refuse" and self.words.size else None
-        return AnswerWatch(refuse, self.wechat if user else None, user or "")
+        return AnswerWatch(refuse, self.wechat if user else None, user or "", check_reasoning)
 
 
 class AnswerWatch:
-    """One answer's content rules. `feed` each piece of text before it is passed on: it raises AnswerBlocked
-    when a listed word completes (refuse mode) or a finished WeChat check found a segment risky; `finish`
-    checks what is left at the end and waits for every check. Checks run as tasks owned by the answer, so
-    the text flows while WeChat is asked; `close` cancels what is still running."""
+    """One answer's content rules. `feed` each piece of answer text and reasoning before it is passed on:
+    it raises AnswerBlocked when a listed word completes in either (refuse mode) or a finished WeChat
+    check found a segment risky; `finish` checks what is left at the end and waits for every check.
+    Checks run as tasks owned by the answer, so the text flows while WeChat is asked (a verdict is
+    acted on at the next piece, or at the end); `close` cancels what is still running."""
 
-    def __init__(self, refuse: WordFilter | None, check: ContentCheck | None, user: str) -> None:
-        self._scanner = Scanner(refuse) if refuse is not None else None
+    def __init__(self, refuse: WordFilter | None, check: ContentCheck | None, user: str,
+                 check_reasoning: bool = False) -> None:
+        # One scanner per text: a word does not run from the reasoning into the answer.
+        self._scanners = (Scanner(refuse), Scanner(refuse)) if refuse is not None else None
         self._check = check
         self._user = user
-        self._unchecked = ""  # answer text not yet sent to WeChat (less than one segment)
+        self._check_reasoning = check_reasoning  # the reasoning is shown to the user (ws.reasoning live)
+        self._unchecked = ["", ""]  # answer text, reasoning not yet sent to WeChat (under one segment each)
         self._checks: list[asyncio.Task[str]] = []
 
     @property
     def active(self) -> bool:
         """Whether anything is watched at all (else feeding costs nothing)."""
-        return self._scanner is not None or self._check is not None
+        return self._scanners is not None or self._check is not None
 
-    def feed(self, text: str) -> None:
-        """More answer text; raise AnswerBlocked if what is known so far ends the answer."""
-        if self._scanner is not None:
-            self._scanner.feed(text)
-            if self._scanner.hits:
-                raise AnswerBlocked("word")
+    def feed(self, text: str, reasoning: str = "") -> None:
+        """More answer text and reasoning; raise AnswerBlocked if what is known so far ends the answer."""
+        if self._scanners is not None:
+            for scanner, piece in zip(self._scanners, (text, reasoning)):
+                if piece:
+                    scanner.feed(piece)
+                    if scanner.hits:
+                        raise AnswerBlocked("word")
         if self._check is None:
             return
         self._verdicts()
-        self._unchecked += text
-        while len(self._unchecked) >= SEGMENT:
-            self._start(self._unchecked[:SEGMENT])
-            self._unchecked = self._unchecked[SEGMENT:]
+        for channel, piece in enumerate((text, reasoning if self._check_reasoning else "")):
+            if not piece:
+                continue
+            unchecked = self._unchecked[channel] + piece
+            while len(unchecked) >= SEGMENT:
+                self._start(unchecked[:SEGMENT])
+                unchecked = unchecked[SEGMENT:]
+            self._unchecked[channel] = unchecked
 
     def _start(self, segment: str) -> None:
         assert self._check is not None
@@ -151,12 +162,13 @@ class AnswerWatch:
         self._checks = still
 
     async def finish(self) -> None:
-        """The upstream has ended the answer: check the last segment and wait for every verdict."""
+        """The upstream has ended the answer: check the last segments and wait for every verdict."""
         if self._check is None:
             return
-        if self._unchecked.strip():
-            self._start(self._unchecked)
-            self._unchecked = ""
+        for channel, unchecked in enumerate(self._unchecked):
+            if unchecked.strip():
+                self._start(unchecked)
+            self._unchecked[channel] = ""
         if self._checks:
             await asyncio.wait(self._checks)
             self._verdicts()

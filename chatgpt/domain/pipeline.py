@@ -122,15 +122,21 @@ class ChatPipeline:
             question.messages, upstream.context_chars)
         if upstream.system_prompt and not own:
             history = [{"role": "system", "content": upstream.system_prompt}, *history]
-        max_tokens = question.max_tokens or upstream.max_tokens
+        # The server's defaults and cap apply when the operator pays; on the caller's own key the
+        # request is the caller's (what it did not set is not sent).
+        max_tokens, temperature = question.max_tokens, question.temperature
         if not own:
-            max_tokens = min(max_tokens, upstream.max_tokens)  # the operator pays: cap it
-        temperature = upstream.temperature if question.temperature is None else question.temperature
+            max_tokens = min(max_tokens or upstream.max_tokens, upstream.max_tokens)
+            temperature = upstream.temperature if temperature is None else temperature
         model = self._upstreams.resolve(model)  # what clients say -> what upstreams are asked
         return ChatRequest(history, model, temperature, max_tokens, question.extra)
 
     def _record(self, question: Question, kind: str) -> QuestionRecord:
         record = self._meter.start(question.entry, question.identity, kind)
+        record.payer = {"anonymous": "pool", "trusted": "trusted", "own": "own"}[question.payer.kind]
+        # An own-key caller may name any model: only the offered ones become metric labels.
+        model = question.model or self._upstreams.default_model
+        record.model = model if self._upstreams.offers(model) else "other"
         if self._settings.logging.prompts:
             users = [m.get("content") for m in question.messages if m.get("role") == "user"]
             record.prompt = str(users[-1])[:2000] if users else ""
@@ -173,7 +179,8 @@ class ChatPipeline:
         after the charge, so a user with nothing left today costs no WeChat call; a refused prompt is
         refunded, since nothing went upstream."""
         await self._moderation.check_prompt(prompt, question.user)
-        watch = self._moderation.watch(question.user)
+        # The websocket shows the reasoning while only reasoning has arrived (ws.reasoning live).
+        watch = self._moderation.watch(question.user, self._settings.ws.reasoning == "live")
         try:
             yield watch
         finally:
@@ -185,27 +192,31 @@ class ChatPipeline:
             watched = watch.active
             deltas = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
             held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
-            usage: dict[str, int] | None = None
             async with opened(deltas):
                 async for delta in deltas:
-                    usage = delta.usage or usage
+                    if delta.usage is not None:
+                        record.usage = delta.usage
                     if produced(delta):
                         record.token()
-                        if not progress.produced:
-                            progress.produced = True
+                        first, progress.produced = not progress.produced, True
+                        if watched and (delta.text or delta.reasoning):
+                            # Before anyone sees it (or the pieces held before it): refuse mode stops here.
+                            watch.feed(delta.text, delta.reasoning)
+                        if first:
                             for early in held:
                                 yield early
                             held.clear()
-                        if watched and delta.text:
-                            watch.feed(delta.text)  # before anyone sees it: refuse mode stops a word here
                     elif not progress.produced:
                         held.append(delta)  # so that an empty answer fails before any door has sent a byte
                         continue
                     yield delta
             if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
                 raise UpstreamFailed("empty")
-            if usage and progress.pool_key is not None and self.usage is not None:
-                await self.usage.add(fingerprint(progress.pool_key), request.model, usage)
+            usage = record.usage
+            if progress.upstream is not None:
+                record.upstream = progress.upstream.name
+            if usage is not None and progress.pool_key is not None and self.usage is not None:
+                await self.usage.add(fingerprint(progress.pool_key), request.model, usage.counts())
             await watch.finish()  # the end of the answer waits for WeChat's verdict on its last segment
 
     async def draw(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:

@@ -19,6 +19,8 @@ WS_TOO_FAST = "请求频繁!"
 QUOTA_USED_UP = "今天请求已达最大限制数。"
 UPSTREAM_FAILED = "服务出错, 请稍后再试!"
 UPSTREAM_UNREACHABLE = "服务器网络开小差了, 请稍后再试~"
+UPSTREAM_TIMEOUT = "服务响应超时, 请稍后再试!"
+THINKING = "思考中…"  # the first line of the quote a websocket bubble shows while the model reasons
 FRAME_NOT_JSON = "消息格式不正确: 需要一个JSON对象。"
 FRAME_BAD_FIELD = "消息格式不正确: 字段 {field} 的类型错误。"
 TOKEN_MODE_GONE = "Token登录方式已停用, 请使用API Key。"
@@ -51,3 +53,11 @@ OFFLINE_ANSWER = (
 
 # Prompt that asks for the remaining daily quota instead of an answer (PROTOCOL.md A.5).
 QUOTA_QUERY = "查询次数"
+
+# What the upstream reader says of a failure, in English: in the log line, and for a timeout also to
+# SDK and curl users (which limit ran out). Never a key: only the upstream's host.
+EN_UPSTREAM_TIMEOUT = "The upstream did not answer in time."
+EN_UNREACHABLE = "Could not reach the upstream {host} ({cause})."
+EN_READ_TIMEOUT = "The upstream {host} sent no answer event for {seconds:g} s (upstream.read_timeout)."
+EN_ANSWER_TIMEOUT = "The upstream {host} took longer than {seconds:g} s for one answer (upstream.answer_timeout)."
+EN_BROKEN = "The upstream {host} broke off its answer: {cause}."

@@ -64,15 +64,26 @@ async def _body(first: Delta | None, deltas: Answer, memory: ConversationMemory,
                 content: str, sse: bool) -> AsyncGenerator[Piece, None]:
     """The answer as plain text, or as SSE events (`conversation`, then data, then `done`)."""
     parts: list[str] = []
-    masker = deltas.words.stream() if deltas.words is not None else None  # holds back a possible word start
+    # With listed words, each holds back only a tail that could still become a word (PROTOCOL.md E.5).
+    masker = deltas.words.stream() if deltas.words is not None else None
+    thinking = deltas.words.stream() if deltas.words is not None else None
+    answering = False
     if sse:
         yield _event("conversation", {"conversationId": cid}), False
     delta = first
     while delta is not None:
-        text = delta.text if masker is None or not delta.text else masker.feed(delta.text)
-        if text:
-            parts.append(text)
-            yield _piece(text, sse), False
+        if delta.text:
+            if sse and not answering and thinking is not None and (held := thinking.flush()):
+                yield _event("reasoning", {"content": held}), False  # the reasoning is over
+            answering = True
+            text = delta.text if masker is None else masker.feed(delta.text)
+            if text:
+                parts.append(text)
+                yield _piece(text, sse), False
+        elif delta.reasoning and sse and not answering:  # the model's thinking, before its answer
+            reasoning = delta.reasoning if thinking is None else thinking.feed(delta.reasoning)
+            if reasoning:
+                yield _event("reasoning", {"content": reasoning}), False
         delta = await anext(deltas, None)
     end = _event("done", {"conversationId": cid}) if sse else b"\n"
     if masker is not None and (rest := masker.flush()):

@@ -60,6 +60,8 @@ def _upstream(failure: UpstreamFailed) -> tuple[str, str]:
     code = "400001" if failure.kind == "refused" and failure.status in (401, 403) else "500001"
     if failure.message:
         return code, failure.message
+    if failure.kind == "timeout":  # PROTOCOL.md E.2: read_timeout or answer_timeout ran out
+        return code, texts.UPSTREAM_TIMEOUT
     return code, texts.UPSTREAM_UNREACHABLE if failure.kind == "unreachable" else texts.UPSTREAM_FAILED
 
 

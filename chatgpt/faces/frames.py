@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from chatgpt import jsontext
+from chatgpt.domain import texts
 from chatgpt.faces.markdown import IncrementalRenderer, to_html
 from chatgpt.faces.masking import unhide
 from chatgpt.faces.pacing import TextPace
@@ -38,6 +39,12 @@ def text_frame(cid: Any, answer_id: str, content: str, html: str | None = None) 
     """The whole answer so far (cumulative) with its Markdown rendered."""
     return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content) if html is None else html,
                   createTime=now_text(), isDone=False, isSuccess=True)
+
+
+def thinking_quote(reasoning: str) -> str:
+    """What a bubble shows while only reasoning has arrived: a Markdown quote, the line `> 思考中…`
+    then the reasoning so far, every line prefixed `> `."""
+    return f"> {texts.THINKING}\n> " + reasoning.replace("\n", "\n> ")
 
 
 def done_frame(cid: Any) -> dict[str, Any]:
@@ -74,8 +81,9 @@ def pong_frame() -> dict[str, Any]:
 class _PendingText:
     cid: Any
     answer_id: str
-    content: str
-    markdown: str | None = None  # what the html is rendered from, when not `content` (masked words)
+    parts: list[str]  # the answer (or the reasoning) so far: joined only when a frame is sent
+    thinking: bool = False
+    source: list[str] | None = None  # the Markdown its html is rendered from, when not `parts` (masked words)
 
 
 class FrameWriter:
@@ -100,6 +108,7 @@ class FrameWriter:
         self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
         self._last_answer: str | None = None
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
+        self._thinking = IncrementalRenderer()  # of its reasoning, inside the quote
         self._stall_seconds = stall_seconds
         self._buffered = buffered  # bytes the transport holds that the client has not taken yet
         self._on_stall = on_stall
@@ -112,14 +121,17 @@ class FrameWriter:
         """Queue a frame to be sent after everything queued before it."""
         self._push(frame)
 
-    def send_text(self, cid: Any, answer_id: str, content: str, markdown: str | None = None) -> None:
-        """Queue the cumulative text of an answer, replacing its queued older text if any. `markdown`:
-        the source of its html when that is not `content` (masked words, faces/masking.py)."""
+    def send_text(self, cid: Any, answer_id: str, parts: list[str], thinking: bool = False,
+                  source: list[str] | None = None) -> None:
+        """Queue the cumulative text of an answer (`parts`, still growing: it is joined when the frame
+        goes out), replacing its queued older text if any. `thinking`: the parts are reasoning, shown
+        as a quote (`thinking_quote`) until the answer's own text replaces it. `source`: the Markdown
+        the html is rendered from when it is not the text itself (masked words, faces/masking.py)."""
         tail = self._queue[-1] if self._queue else None
         if isinstance(tail, _PendingText) and tail.answer_id == answer_id:
-            tail.content, tail.markdown = content, markdown
+            tail.parts, tail.thinking, tail.source = parts, thinking, source
             return
-        self._push(_PendingText(cid, answer_id, content, markdown))
+        self._push(_PendingText(cid, answer_id, parts, thinking, source))
 
     def _push(self, item: dict[str, Any] | _PendingText) -> None:
         if self.stalled:
@@ -235,12 +247,18 @@ class FrameWriter:
             if not self._queue or self._queue[0] is not head:
                 return  # the queue was cleared while the text waited (the client stopped reading)
             if head.answer_id != self._last_answer:
-                self._renderer = IncrementalRenderer()
-            if head.markdown is None:
-                html = self._renderer.render(head.content)
+                self._renderer, self._thinking = IncrementalRenderer(), IncrementalRenderer()
+            text = "".join(head.parts)
+            source = text if head.source is None else "".join(head.source)
+            if head.thinking:
+                # The quote's HTML is a blockquote around the rendering of its unquoted lines (the
+                # same HTML, CommonMark defines a quote's content that way), so the reasoning renders
+                # incrementally instead of whole for every frame.
+                html = "<blockquote>\n" + self._thinking.render(f"{texts.THINKING}\n{source}") + "</blockquote>\n"
+                content = thinking_quote(text)
             else:
-                html = unhide(self._renderer.render(head.markdown))
-            frame = text_frame(head.cid, head.answer_id, head.content, html)
+                html, content = self._renderer.render(source), text
+            frame = text_frame(head.cid, head.answer_id, content, html if head.source is None else unhide(html))
         else:
             frame = head
         self._queue.popleft()

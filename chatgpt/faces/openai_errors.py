@@ -82,8 +82,9 @@ def _upstream(failure: UpstreamFailed) -> OpenAIError:
         return OpenAIError(503, "The upstream refused this server's key; try again later.", "api_error")
     if failure.kind == "unreachable":
         return OpenAIError(502, f"Could not reach the upstream{where}.", "api_error")
-    if failure.kind == "timeout":
-        return OpenAIError(504, f"The upstream{where} did not answer in time.", "api_error")
+    if failure.kind == "timeout":  # which limit ran out, when the reader said
+        return OpenAIError(504, failure.detail or f"The upstream{where} did not answer in time.", "api_error",
+                           "upstream_timeout")
     if failure.kind == "empty":
         return OpenAIError(502, "The upstream sent an empty answer.", "api_error")
     return OpenAIError(502, f"The upstream{where} broke off its answer or sent something unreadable.",

@@ -209,10 +209,14 @@ class SocketSession:
             await self._draw(cid, question, prompt)
             return
         # The server's id, the same on every frame of this answer: upstreams repeat or omit theirs.
+        # One id for the thinking frames and the answer's.
         answer_id = new_answer_id()
-        size, limit = 0, self.settings.ws.max_answer_chars
+        thinking = self.settings.ws.reasoning == "live"
+        size, thought, limit = 0, 0, self.settings.ws.max_answer_chars
         async with aclosing(self.pipeline.answer(question)) as deltas:
-            shown = ShownText(deltas.words)  # listed words masked in the text and in its html
+            # The answer and the reasoning as the client may see them: listed words masked in the text
+            # and in its html; parts joined only when a frame goes out (FrameWriter).
+            answer, reasoning = ShownText(deltas.words), ShownText(deltas.words)
             async for delta in deltas:
                 if delta.text:
                     size += len(delta.text)
@@ -221,8 +225,13 @@ class SocketSession:
                         # (and us) quadratically. Leaving the loop closes the upstream request.
                         self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
                         return
-                    shown.feed(delta.text)
-                    self.writer.send_text(cid, answer_id, shown.text(), shown.markdown())
+                    answer.feed(delta.text)
+                    self.writer.send_text(cid, answer_id, answer.parts, source=answer.source)
+                elif delta.reasoning and thinking and not size:
+                    thought += len(delta.reasoning)
+                    if thought <= limit:  # past it the quote stops growing (each frame sends it whole)
+                        reasoning.feed(delta.reasoning)
+                        self.writer.send_text(cid, answer_id, reasoning.parts, thinking=True, source=reasoning.source)
         self.writer.send(done_frame(cid))
 
     async def _draw(self, cid: Any, question: Question, prompt: str) -> None:

@@ -39,6 +39,8 @@ class Metrics:
         self.duration = Histogram("chatgpt_answer_duration_seconds", "Time to the end of an answer",
                                   ["entry"], buckets=_DURATION, registry=r)
         self.tokens = Counter("chatgpt_relayed_deltas", "Answer pieces relayed to clients", ["entry"], registry=r)
+        self.token_usage = Counter("chatgpt_tokens", "Tokens the upstream counted, by kind, payer, model and upstream",
+                                   ["kind", "payer", "model", "upstream"], registry=r)
         self.upstream_errors = Counter("chatgpt_upstream_errors", "Upstream failures by upstream, status and masked key",
                                        ["upstream", "status", "key"], registry=r)
         self.limiter_refusals = Counter("chatgpt_limiter_refusals", "Requests refused by a per-IP limiter",
@@ -99,9 +101,17 @@ class Metrics:
             self._child(self.first_token, record.entry).observe(record.first_token - record.started)
         if record.tokens:
             self._child(self.tokens, record.entry).inc(record.tokens)
+        usage = record.usage
+        if usage is not None:
+            for kind, count in (("prompt", usage.prompt), ("completion", usage.completion),
+                                ("reasoning", usage.reasoning)):
+                if count:
+                    self._child(self.token_usage, kind, record.payer, record.model, record.upstream).inc(count)
         if not log.isEnabledFor(logging.INFO):
             return  # the line is not wanted: spare the hash and the formatting
         ttft = f"{(record.first_token - record.started) * 1000:.0f}" if record.first_token else "-"
-        log.info("question entry=%s kind=%s who=%s outcome=%s deltas=%d first_ms=%s ms=%.0f%s",
+        log.info("question entry=%s kind=%s who=%s outcome=%s deltas=%d first_ms=%s ms=%.0f "
+                 "prompt_tokens=%s completion_tokens=%s%s",
                  record.entry, record.kind, hashed(record.identity), record.outcome, record.tokens, ttft,
-                 (now - record.started) * 1000, f" prompt={record.prompt!r}" if record.prompt is not None else "")
+                 (now - record.started) * 1000, usage.prompt if usage else "-", usage.completion if usage else "-",
+                 f" prompt={record.prompt!r}" if record.prompt is not None else "")
