@@ -353,3 +353,18 @@ async def test_refuse_mode_stops_a_word_in_the_reasoning(make_client: MakeClient
     fake.script.append(Stream(reasoning=THOUGHT, pieces=["好的"], delay=0.05))
     frames = await ask(client)
     assert [f["content"] for f in frames] == ["> 思考中…\n> 先想想敏", texts.CONTENT_BLOCKED]
+
+
+async def test_answers_of_a_provider_without_chunks_of_its_own_are_masked_too(
+        make_client: MakeClient, tmp_path: Path) -> None:
+    # The built-in offline provider streams its notice token by token, with no OpenAI chunks.
+    path = tmp_path / "words.txt"
+    path.write_text("offline mode\n", encoding="utf-8")
+    client = await make_client(upstream={"api_keys": []}, moderation={"words_file": str(path)})
+    expected = texts.OFFLINE_ANSWER.replace("Offline mode", "*" * 12)
+    assert (await ask(client))[-2]["content"] == expected
+    response = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert "".join(sse_contents(await response.text())) == expected
+    response = await client.post("/chat", json={"content": "hi"})
+    assert await response.text() == expected + "\n"
