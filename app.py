@@ -26,6 +26,7 @@ from chatgpt.keys import (
     memory_key,
     metrics_allow_key,
     metrics_key,
+    moderation_key,
     page_key,
     pipeline_key,
     pruner_key,
@@ -36,6 +37,8 @@ from chatgpt.keys import (
     started_key,
     state_key,
     state_lock_key,
+    store_key,
+    local_store_key,
     trusted_key,
     upstream_key,
     wechat_login_key,
@@ -49,28 +52,36 @@ from chatgpt.server.images import ImageStore, ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
 from chatgpt.domain.failover import Upstream, host_of
 from chatgpt.domain.keypool import KeyPool, mask, probe_forever
-from chatgpt.domain.limits import FailureLimit, LimiterTable
+from chatgpt.domain.failures import FailureLimit
+from chatgpt.domain.limits import LimiterTable
 from chatgpt.server.logs import quiet_bad_requests, setup_logging
 from chatgpt.domain.memory import ConversationMemory
+from chatgpt.domain.moderation import ContentCheck, Moderation
+from chatgpt.domain.wordfilter import WordListError
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
-from chatgpt.upstream.openai import OpenAIProvider, make_session
+from chatgpt.upstream.openai import OpenAIProvider
+from chatgpt.upstream.session import make_session
 from chatgpt.upstream.wechat import WeChatClient
 from chatgpt.domain.wxlogin import WeChatLogin
 from chatgpt.domain.wxtoken import TokenSigner, secret_from_setting
-from chatgpt.domain.quota import DailyQuota
+from chatgpt.domain.quota import Quota
+from chatgpt.domain.usage import TokenUsage
 from chatgpt.server.routing import merge_slashes
 from chatgpt.domain.routes import RouteTable
 from chatgpt.domain.runtime import RuntimeFlags
 from chatgpt.settings import Settings, SettingsError, load_settings, notes, replace_section
 from chatgpt.server.state import StateFile, StateLock, StateLocked
+from chatgpt.server.local_store import LocalStore
+from chatgpt.server.redis_store import RedisStore, redacted
 from chatgpt.faces.sockets import SocketRegistry
 from chatgpt.faces.ws import close_sockets, websocket_handler
 
 log = logging.getLogger("chatgpt")
 
 SAVE_EVERY = 30.0  # seconds between state snapshots (only written when something changed)
+WECHAT_SECRET = "wechat-token"  # the store's name of the WeChat token signing secret
 ADMIN_FAILURES = 10  # wrong admin tokens per address per minute, then 429 (PROTOCOL.md E.3)
 SHUTDOWN_SECONDS = 5.0  # in-flight requests get this long at SIGTERM; systemd waits 15 s
 
@@ -80,13 +91,16 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     them and each pool's key re-probe task."""
     settings = app[settings_key]
     upstream = settings.upstream
-    session = make_session(upstream.connect_timeout, upstream.read_timeout)
-    providers = {e.name: OpenAIProvider(session, e.base_url) for e in settings.upstream_entries}
-    live = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name], KeyPool(e.api_keys))
-            for e in settings.upstream_entries]
+    session = make_session(upstream.connect_timeout)
+    providers = {e.name: OpenAIProvider(session, e.base_url, read_timeout=upstream.read_timeout,
+                                        answer_timeout=upstream.answer_timeout, usage=e.usage)
+                 for e in settings.upstream_entries}
+    store = app[store_key]
+    live = [Upstream(e.name, e.base_url, e.models, e.images, e.usage, providers[e.name],
+                     KeyPool(e.api_keys, store=store)) for e in settings.upstream_entries]
     routes = RouteTable(live, settings.default_model, settings.models.aliases, settings.models.image)
     offline = OfflineProvider() if settings.pool_provider == "offline" else None
-    baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key)
+    baixing = BaixingProvider(session, upstream.baixing_url, upstream.baixing_key, upstream.answer_timeout)
     images = ImageStore(settings.images.folder, settings.public_url, session,
                         int(settings.images.download_mb * 1024 * 1024), settings.images.download_seconds,
                         app[image_usage_key])
@@ -94,13 +108,14 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     gate = Gate(flags, {"ws": LimiterTable(limits.ws_per_minute, 60.0),
                         **{door: LimiterTable(limits.http_per_second, 1.0) for door in ("http", "v1", "chat")}},
                 meter)
-    accounts = Accounts(flags, DailyQuota(settings.quota.daily_questions),
-                        DailyQuota(settings.quota.baixing_daily_questions), meter)
+    accounts = Accounts(flags, Quota(store, "quota", settings.quota.daily_questions),
+                        Quota(store, "debug_quota", settings.quota.baixing_daily_questions), meter)
     upstreams = Upstreams(routes, offline, baixing, meter)
     app[session_key] = session
     app[routes_key] = routes
     app[upstream_key] = providers[routes.for_own_key(settings.default_model).name]
-    app[pipeline_key] = ChatPipeline(settings, gate, accounts, upstreams, images, meter)
+    app[pipeline_key] = ChatPipeline(settings, gate, accounts, upstreams, images, meter, TokenUsage(store),
+                                     app[moderation_key])
     probes = [asyncio.create_task(probe_forever(u.keys, providers[u.name].key_works, every=60.0))
               for u in routes.upstreams if u.keys]
     yield
@@ -113,13 +128,21 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def wechat_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The WeChat client on the upstream session (when wechat.appid is set) and the login built on it."""
+    """The WeChat client on the upstream session (when wechat.appid is set), the login built on it, and
+    WeChat's content check of logged-in users' prompts and answers (wechat.msg_sec_check)."""
     wechat = app[settings_key].wechat
     client = WeChatClient(app[session_key], appid=wechat.appid, secret=wechat.secret,
                           api_base=wechat.api_base) if wechat.appid else None
-    signer = TokenSigner(secret_from_setting(wechat.token_secret))
+    # Every instance must verify the others' tokens: the setting, else a secret kept in the store (made
+    # once, shared through Redis; in the state file for one instance).
+    secret = (secret_from_setting(wechat.token_secret) if wechat.token_secret
+              else bytes.fromhex(await app[store_key].secret(WECHAT_SECRET)))
+    signer = TokenSigner(secret)
     app[wechat_login_key] = WeChatLogin(client, signer, wechat.session_days * 86400)
+    if client is not None and wechat.msg_sec_check:
+        app[moderation_key].wechat = ContentCheck(client, wechat.fail_open, app[metrics_key])
     yield
+    app[moderation_key].wechat = None
 
 
 async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -136,9 +159,24 @@ async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With `state.redis_url`: connect to Redis (retried in the background while it is down)."""
+    store = app[store_key]
+    if not isinstance(store, RedisStore):
+        yield
+        return
+    await store.start()
+    yield
+    await store.close()
+
+
 async def state_lock_ctx(app: web.Application) -> AsyncIterator[None]:
     """First of all: hold the state file's lock, so a second process on the same file stops before it
-    touches anything (PROTOCOL.md E.3)."""
+    touches anything (PROTOCOL.md E.3). Not with Redis: the state file is not used, and instances may
+    share a folder and a settings file."""
+    if app[settings_key].state.redis_url:
+        yield
+        return
     lock = StateLock(app[settings_key].state.file)
     lock.acquire()
     app[state_lock_key] = lock
@@ -147,11 +185,17 @@ async def state_lock_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Restore quotas, flags and key health at start; save periodically and at shutdown."""
+    """Restore quotas, flags and key health at start; save periodically and at shutdown.
+    Not used when the state is shared through Redis (instances must not each keep their own)."""
+    if app[settings_key].state.redis_url:
+        yield
+        return
+    local = app[local_store_key]
     # Key health per upstream: "keys" for the one of the `upstream:` shorthand (as before), "keys.<name>" else.
     pools = {"keys" if u.name == "default" else f"keys.{u.name}": u.keys for u in app[routes_key].upstreams}
     state = StateFile(app[settings_key].state.file, {
-        "flags": app[flags_key], **app[pipeline_key].stores(), **pools, "chat": app[memory_key]})
+        "flags": app[flags_key], "quota": local.counter("quota"), "debug_quota": local.counter("debug_quota"),
+        **pools, "chat": local.conversations, "usage": local.usage, "secrets": local.secrets})
     state.load(app[state_lock_key])
     app[state_key] = state
     saver = asyncio.create_task(state.save_periodically(SAVE_EVERY))
@@ -176,8 +220,17 @@ def describe(settings: Settings) -> str:
     names = ", ".join(e.name for e in settings.upstream_entries)
     if settings.pool_provider == "offline":
         return ("provider: offline (built-in, no network) — no upstream has a key, so anonymous questions "
-                f"get a canned notice; users' own API keys still go to their upstream ({names})")
-    return f"provider: openai, upstreams {names}, default model {settings.default_model}"
+                f"get a canned notice; users' own API keys still go to their upstream ({names})"
+                + describe_state(settings))
+    return f"provider: openai, upstreams {names}, default model {settings.default_model}" + describe_state(settings)
+
+
+def describe_state(settings: Settings) -> str:
+    """Where the shared state lives, for the start line (a Redis URL without its password)."""
+    state = settings.state
+    if not state.redis_url:
+        return ""
+    return f"; state: redis at {redacted(state.redis_url)} (redis_fail: {state.redis_fail})"
 
 
 def describe_routes(settings: Settings) -> list[str]:
@@ -201,19 +254,24 @@ def create_app(settings: Settings) -> web.Application:
     quiet_bad_requests()
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.ws.max_message_bytes)
     app[settings_key] = settings
-    app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions)
+    app[metrics_key] = Metrics()
+    local = app[local_store_key] = LocalStore()
+    app[store_key] = (RedisStore(settings.state.redis_url, settings.state.redis_fail, local, metrics=app[metrics_key])
+                      if settings.state.redis_url else local)
+    app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions, app[store_key])
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
     app[metrics_allow_key] = TrustedProxies(settings.ops.metrics_allow)  # an address set, like the proxies
     app[sockets_key] = SocketRegistry(settings.ws.max_sockets_per_ip, settings.ws.max_sockets)
-    app[metrics_key] = Metrics()
     app[image_usage_key] = ImageUsage(app[metrics_key].set_images)
     app[started_key] = time.monotonic()
     app[inflight_key] = InFlight()
-    app[admin_failures_key] = FailureLimit(ADMIN_FAILURES, 60.0)
+    app[admin_failures_key] = FailureLimit(app[store_key], "admin", ADMIN_FAILURES, 60.0)
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
+    # The word list is read here, so a bad words file stops the start (main() says so in one line).
+    app[moderation_key] = Moderation.configured(settings.moderation.words_file, settings.moderation.action)
     chat = settings.chat
-    app[memory_key] = ConversationMemory(chat.max_conversations, chat.max_turns, chat.ttl_hours * 3600,
-                                         settings.upstream.context_chars)
+    app[memory_key] = ConversationMemory(app[store_key], chat.max_conversations, chat.max_turns,
+                                         chat.ttl_hours * 3600, settings.upstream.context_chars)
     merge_slashes(app, aliases={"/api1/": "/api/"})
     views.add_routes(app)
     curl.add_routes(app)
@@ -224,8 +282,9 @@ def create_app(settings: Settings) -> web.Application:
     wxlogin.add_routes(app)
     app.cleanup_ctx.append(state_lock_ctx)
     app.cleanup_ctx.append(upstream_ctx)
-    app.cleanup_ctx.append(wechat_ctx)  # after upstream_ctx: it uses its session
+    app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(state_ctx)
+    app.cleanup_ctx.append(wechat_ctx)  # after upstream_ctx (its session) and the state (the token secret)
     app.cleanup_ctx.append(pruner_ctx)
     app.on_shutdown.append(close_sockets)
     app.on_shutdown.append(end_http_streams)
@@ -254,12 +313,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not 0 <= settings.server.port < 65536:
                 raise SettingsError("setting server.port: expected 1..65535")
         TrustedProxies(settings.server.trusted_proxies)
+        words = Moderation.configured(settings.moderation.words_file, settings.moderation.action).words
     except (SettingsError, ValueError) as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except WordListError as error:
+        print(f"chatgpt-api: setting moderation.words_file: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(settings.logging.level, args.log_format or settings.logging.format)
     if args.check:
         print(f"settings OK; {describe(settings)}")
+        if settings.moderation.words_file:
+            print(f"  moderation: {words.size} listed words, action {settings.moderation.action}")
         for line in describe_routes(settings):
             print(f"  {line}")
         for line in notes(settings):
@@ -269,9 +334,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         # Before anything is logged or the state file touched: a second instance, a busy port or a bad
         # host ends in one line naming what to change (run_app would fail the same way, later).
-        probe = StateLock(settings.state.file)  # first: the same instance started twice says so
-        probe.acquire()
-        probe.release()
+        if not settings.state.redis_url:  # with Redis there is no state file to share
+            probe = StateLock(settings.state.file)  # first: the same instance started twice says so
+            probe.acquire()
+            probe.release()
         if settings.server.port == 0:
             # `--port 0` (tests): bind here so the log line below names the port the OS picked; nobody can
             # take it between choosing and binding, as with a port picked first and bound later.
@@ -290,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
              describe(settings))
     for line in describe_routes(settings):
         log.info("%s", line)
+    if settings.moderation.words_file:
+        log.info("moderation: %d listed words, action %s", words.size, settings.moderation.action)
     for line in notes(settings):
         log.warning("%s", line)
     try:
@@ -297,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     port=None if listener else settings.server.port, sock=listener, print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
     except StateLocked as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except WordListError as error:  # the file changed since the check above
+        print(f"chatgpt-api: setting moderation.words_file: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (OSError, UnicodeError) as error:  # UnicodeError: a host name IDNA cannot encode ("a..b")
         print(f"chatgpt-api: {listen_failure(error, settings.server.host, settings.server.port)}", file=sys.stderr)

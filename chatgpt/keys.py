@@ -11,8 +11,11 @@ from chatgpt.domain.routes import RouteTable
 from chatgpt.server.clientip import TrustedProxies
 from chatgpt.server.images import ImageUsage, Pruner
 from chatgpt.server.inflight import InFlight
-from chatgpt.domain.limits import FailureLimit
+from chatgpt.domain.failures import FailureLimit
+from chatgpt.domain.store import Store
+from chatgpt.server.local_store import LocalStore
 from chatgpt.domain.memory import ConversationMemory
+from chatgpt.domain.moderation import Moderation
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
 from chatgpt.domain.runtime import RuntimeFlags
@@ -38,5 +41,8 @@ metrics_key = web.AppKey("metrics", Metrics)
 page_key = web.AppKey("page", bytes)
 started_key = web.AppKey("started", float)
 inflight_key = web.AppKey("inflight", InFlight)
-admin_failures_key = web.AppKey("admin_failures", FailureLimit)  # wrong admin tokens per address
+store_key = web.AppKey("store", Store)  # the shared state: LocalStore, or RedisStore with state.redis_url
+local_store_key = web.AppKey("local_store", LocalStore)  # the in-process store (state file; Redis fallback)
+admin_failures_key = web.AppKey("admin_failures", FailureLimit)  # wrong admin tokens per address (in the store)
 wechat_login_key = web.AppKey("wechat_login", WeChatLogin)
+moderation_key = web.AppKey("moderation", Moderation)  # the word list (reloadable) and WeChat's content check

@@ -17,7 +17,15 @@ from chatgpt.domain.routes import RouteError, RouteTable
 
 
 class SettingsError(Exception):
-    """A setting is unknown, of the wrong type or out of range; the message names the key."""
+    """A setting is unknown, of the wrong type or out of range; the message names the key (or the
+    environment variable it came from)."""
+
+    def __init__(self, message: str, key: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        if key is None and message.startswith("setting ") and ": " in message:
+            key, _, reason = message.removeprefix("setting ").partition(": ")
+        self.key = key  # the dotted setting, e.g. "upstream.base_url", when one is at fault
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,9 @@ class UpstreamSettings:
     system_prompt: str = ""
     context_chars: int = 12000
     connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    read_timeout: float = 60.0  # the longest wait for the next answer event (comments do not count)
+    answer_timeout: float = 600.0  # the cap on one answer
+    usage: bool = True  # the shorthand's upstream: ask streamed answers for stream_options.include_usage
     baixing_url: str = "https://gpt.baixing.com"
     baixing_key: str = ""
 
@@ -68,7 +78,7 @@ class ModelsSettings:
 
 
 # `upstream:` keys that describe the one upstream of the shorthand; with `upstreams:` they go on each entry.
-SHORTHAND_KEYS = ("base_url", "api_keys", "model", "models")
+SHORTHAND_KEYS = ("base_url", "api_keys", "model", "models", "usage")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # shown in metrics labels, logs and state keys
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -89,13 +99,15 @@ class QuotaSettings:
 class WsSettings:
     max_message_bytes: int = 1048576
     frame_interval_ms: int = 50
+    bytes_per_second: int = 15000
+    burst_bytes: int = 700000
     max_sockets_per_ip: int = 50
     max_sockets: int = 10000
     idle_seconds: float = 90.0
     stall_seconds: float = 25.0
     close_seconds: float = 5.0
     max_answer_chars: int = 200000
-
+    reasoning: str = "live"  # live: show the model's thinking as a quote until the answer starts; hide
 
 @dataclass(frozen=True)
 class ImagesSettings:
@@ -111,6 +123,8 @@ class ImagesSettings:
 @dataclass(frozen=True)
 class StateSettings:
     file: str = "state.json"
+    redis_url: str = ""  # set: quotas, flags, /chat memory, key health... shared through Redis
+    redis_fail: str = "open"  # Redis unreachable: open (count locally) | closed (refuse quota questions)
 
 
 @dataclass(frozen=True)
@@ -158,7 +172,7 @@ class WechatSettings:
     session_days: int = 30
     msg_sec_check: bool = False
     fail_open: bool = True
-    token_secret: str = field(default="", repr=False)  # empty: 32 random bytes at start
+    token_secret: str = field(default="", repr=False)  # empty: a random one kept in the store (state file or Redis)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -232,7 +246,7 @@ class Settings:
             return self.upstreams
         u = self.upstream
         models = tuple(dict.fromkeys((*u.models, u.model)))
-        return (UpstreamEntry("default", u.base_url, u.api_keys, "", models, images=True),)
+        return (UpstreamEntry("default", u.base_url, u.api_keys, "", models, images=True, usage=u.usage),)
 
     @property
     def default_model(self) -> str:
@@ -343,21 +357,40 @@ def _env_keys(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         entry["api_keys"] = _keys_of(env.get(entry["api_keys_env"].strip(), ""))
 
 
-def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    """Secrets from the environment win over the file."""
-    # OPENAI_API_KEY / OPENAI_BASE_URL fill the one-upstream shorthand only; with `upstreams:` an
-    # upstream names its variable in api_keys_env.
-    if env.get("OPENAI_API_KEY", "").strip() and not raw.get("upstreams"):
-        _section(raw, "upstream")["api_keys"] = _keys_of(env["OPENAI_API_KEY"])
-    if env.get("OPENAI_BASE_URL", "").strip() and not raw.get("upstreams"):
-        _section(raw, "upstream")["base_url"] = env["OPENAI_BASE_URL"].strip()
+# Environment variable → the setting it fills; a secret's value is never shown in an error.
+ENV_SETTINGS = {"OPENAI_API_KEY": "upstream.api_keys", "OPENAI_BASE_URL": "upstream.base_url",
+                "BAIXING_API_KEY": "upstream.baixing_key", "REDIS_URL": "state.redis_url",
+                "CHATGPT_ADMIN_TOKEN": "admin.token", "WECHAT_APP_SECRET": "wechat.secret"}
+# A Redis URL may hold a password: shown no more than a key.
+SECRET_ENV = frozenset({"OPENAI_API_KEY", "BAIXING_API_KEY", "REDIS_URL", "CHATGPT_ADMIN_TOKEN",
+                        "WECHAT_APP_SECRET"})
+SHORTHAND_ENV = frozenset({"OPENAI_API_KEY", "OPENAI_BASE_URL"})
+
+
+def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Secrets from the environment win over the file; returns {setting: variable} of those applied."""
+    applied: dict[str, str] = {}
+    for variable, setting in ENV_SETTINGS.items():
+        value = env.get(variable, "").strip()
+        # OPENAI_API_KEY / OPENAI_BASE_URL fill the one-upstream shorthand only; with `upstreams:` an
+        # upstream names its variable in api_keys_env.
+        if not value or (variable in SHORTHAND_ENV and raw.get("upstreams")):
+            continue
+        section, name = setting.split(".")
+        _section(raw, section)[name] = _keys_of(value) if variable == "OPENAI_API_KEY" else value
+        applied[setting] = variable
     _env_keys(raw, env)
-    if env.get("BAIXING_API_KEY", "").strip():
-        _section(raw, "upstream")["baixing_key"] = env["BAIXING_API_KEY"].strip()
-    if env.get("CHATGPT_ADMIN_TOKEN", "").strip():
-        _section(raw, "admin")["token"] = env["CHATGPT_ADMIN_TOKEN"].strip()
-    if env.get("WECHAT_APP_SECRET", "").strip():
-        _section(raw, "wechat")["secret"] = env["WECHAT_APP_SECRET"].strip()
+    return applied
+
+
+def _env_error(error: SettingsError, applied: dict[str, str], env: Mapping[str, str]) -> SettingsError:
+    """An error in a setting that came from the environment, told as the variable and its value."""
+    variable = applied.get(error.key or "")
+    if variable is None:
+        return error
+    shown = "(value hidden)" if variable in SECRET_ENV else repr(env[variable].strip())
+    return SettingsError(f"environment variable {variable}={shown}: {error.reason} (it sets {error.key})",
+                         error.key, error.reason)
 
 
 MIN_ADMIN_TOKEN = 16  # characters; a shorter token falls to guessing even at 10 tries a minute
@@ -393,12 +426,16 @@ def validate(settings: Settings) -> Settings:
         (u.context_chars > 0, "upstream.context_chars: expected a positive integer"),
         (u.connect_timeout > 0, "upstream.connect_timeout: expected a positive number"),
         (u.read_timeout > 0, "upstream.read_timeout: expected a positive number"),
+        (u.answer_timeout > 0, "upstream.answer_timeout: expected a positive number"),
+        (settings.ws.reasoning in ("live", "hide"), "ws.reasoning: expected live or hide"),
         (settings.limits.http_per_second > 0, "limits.http_per_second: expected a positive number"),
         (settings.limits.ws_per_minute > 0, "limits.ws_per_minute: expected a positive number"),
         (settings.quota.daily_questions >= 0, "quota.daily_questions: expected 0 or more"),
         (settings.quota.baixing_daily_questions >= 0, "quota.baixing_daily_questions: expected 0 or more"),
         (1024 <= settings.ws.max_message_bytes <= 64 * 1048576, "ws.max_message_bytes: expected 1024..67108864"),
         (0 <= settings.ws.frame_interval_ms <= 10000, "ws.frame_interval_ms: expected 0..10000"),
+        (settings.ws.bytes_per_second >= 0, "ws.bytes_per_second: expected 0 or more"),
+        (settings.ws.burst_bytes >= 0, "ws.burst_bytes: expected 0 or more"),
         (settings.ws.max_sockets_per_ip > 0, "ws.max_sockets_per_ip: expected a positive integer"),
         (settings.ws.max_sockets > 0, "ws.max_sockets: expected a positive integer"),
         (settings.ws.idle_seconds > 0, "ws.idle_seconds: expected a positive number"),
@@ -417,6 +454,9 @@ def validate(settings: Settings) -> Settings:
         (settings.images.download_seconds > 0, "images.download_seconds: expected a positive number"),
         (bool(settings.images.folder.strip()), "images.folder: must not be empty"),
         (bool(settings.state.file.strip()), "state.file: must not be empty"),
+        (not settings.state.redis_url or settings.state.redis_url.startswith(("redis://", "rediss://", "unix://")),
+         "state.redis_url (or REDIS_URL): expected a redis://, rediss:// or unix:// URL"),
+        (settings.state.redis_fail in ("open", "closed"), "state.redis_fail: expected open or closed"),
         (settings.chat.max_conversations > 0, "chat.max_conversations: expected a positive integer"),
         (settings.chat.max_turns > 0, "chat.max_turns: expected a positive integer"),
         (settings.chat.ttl_hours > 0, "chat.ttl_hours: expected a positive number"),
@@ -449,12 +489,15 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise SettingsError(f"settings file {path}{where}: not valid YAML") from None
         if not isinstance(raw, dict):
             raise SettingsError(f"settings file {path}: expected a mapping at the top level")
-    _env_overrides(raw, env)
+    applied = _env_overrides(raw, env)
     token = env.get("CHATGPT_ADMIN_TOKEN", "").strip()
     if token and len(token) < MIN_ADMIN_TOKEN:  # named as the variable it came from; never shown
         raise SettingsError(f"environment variable CHATGPT_ADMIN_TOKEN: expected at least {MIN_ADMIN_TOKEN} "
                             f"characters, got {len(token)}")
-    return validate(_build(Settings, raw, ""))
+    try:
+        return validate(_build(Settings, raw, ""))
+    except SettingsError as error:
+        raise _env_error(error, applied, env) from None
 
 
 def notes(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:

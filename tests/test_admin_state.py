@@ -15,7 +15,7 @@ from chatgpt.domain.keypool import fingerprint
 from chatgpt.faces.markdown import to_html
 from chatgpt.settings import Settings
 from tests.conftest import MakeClient, build_settings, url, ws_connect
-from tests.fakes.openai import Fail, FakeOpenAI
+from tests.fakes.openai import Fail, FakeOpenAI, Stream
 from tests.helpers.frames import question, receive_answer
 
 ADMIN_TOKEN = "adm-secret-123-state"
@@ -24,7 +24,7 @@ KEY_A = "sk-key-aaaa1111"
 KEY_B = "sk-key-bbbb2222"
 DEFAULT_FLAGS = {"status": "TRUE", "isDebug": "FALSE", "announcement": "", "demoChat": "", "demoLimit": 20}
 ROUTES = [("GET", "/admin/runtime"), ("PATCH", "/admin/runtime"), ("GET", "/admin/keys"),
-          ("POST", "/admin/quota/reset")]
+          ("POST", "/admin/quota/reset"), ("POST", "/admin/words/reload")]
 
 
 async def ask(client: TestClient, prompt: str = "你好", who: str | None = None) -> list[dict[str, Any]]:
@@ -168,9 +168,10 @@ async def test_admin_keys_lists_each_key_masked_with_its_health_and_never_the_fu
     text = await response.text()
     assert json.loads(text) == {"usable": 1, "keys": [
         {"key": "…1111", "state": "disabled", "until": None, "reason": "invalid_api_key",
-         "requests": 1, "failures": 1, "upstream": "default"},
+         "requests": 1, "failures": 1, "upstream": "default", "tokens_today": {}},
+        # The answer's usage (the fake's last chunk), counted on the key that paid for it, per model.
         {"key": "…2222", "state": "healthy", "until": None, "reason": None, "requests": 1, "failures": 0,
-         "upstream": "default"},
+         "upstream": "default", "tokens_today": {"gpt-3.5-turbo": {"prompt": 9, "completion": 12}}},
     ]}
     for secret in (KEY_A, KEY_B, "sk-key", "aaaa", "bbbb"):
         assert secret not in text
@@ -217,6 +218,7 @@ async def test_flags_quota_and_a_disabled_key_survive_a_restart(tmp_path: Path, 
         saved = json.loads(state_file.read_text(encoding="utf-8"))  # written on change
         assert (saved["flags"]["announcement"], saved["flags"]["demoLimit"]) == ("persisted", 5)
         fake.script.append(Fail(401, "Incorrect API key provided.", code="invalid_api_key"))
+        fake.default = Stream(usage={"prompt_tokens": 7, "completion_tokens": 3})
         assert answered(await ask(first, who="10.0.0.1"))  # KEY_A refused, KEY_B answered
         assert answered(await ask(first, who="10.0.0.1"))
     finally:
@@ -237,6 +239,7 @@ async def test_flags_quota_and_a_disabled_key_survive_a_restart(tmp_path: Path, 
         keys = await (await second.get("/admin/keys", headers=ADMIN)).json()
         assert [(k["key"], k["state"], k["reason"]) for k in keys["keys"]] == [
             ("…1111", "disabled", "invalid_api_key"), ("…2222", "healthy", None)]
+        assert [k["tokens_today"] for k in keys["keys"]] == [{}, {"gpt-3.5-turbo": {"prompt": 14, "completion": 6}}]
         before = len(fake.chat_requests())
         assert answered(await ask(second, who="10.0.0.2"))
         assert [r.authorization for r in fake.chat_requests()[before:]] == [f"Bearer {KEY_B}"]

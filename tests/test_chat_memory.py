@@ -14,6 +14,7 @@ from app import create_app
 from chatgpt.domain import texts
 from chatgpt.domain.memory import ConversationMemory, owner_of
 from chatgpt.domain.question import Payer
+from chatgpt.server.local_store import LocalConversations, LocalStore
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY, USER_KEY, MakeClient, build_settings
 from tests.fakes.clock import FakeClock
 from tests.fakes.openai import Fail, FakeOpenAI, Stream
@@ -32,25 +33,32 @@ def turn(question: str, answer: str) -> list[dict[str, str]]:
 OWNER = "203.0.113.7 anonymous"  # who a conversation belongs to: identity and payer
 
 
-def memory(clock: FakeClock, *, conversations: int = 10, turns: int = 10, ttl: float = 3600.0) -> ConversationMemory:
-    """A memory driven by `clock`."""
-    return ConversationMemory(conversations, turns, ttl, clock=clock)
+def memory(clock: FakeClock, *, conversations: int = 10, turns: int = 10, ttl: float = 3600.0,
+           chars: int = 12000) -> ConversationMemory:
+    """A memory driven by `clock`, on an in-process store with the same clock (`kept(mem)`)."""
+    return ConversationMemory(LocalStore(wall=clock), conversations, turns, ttl, max_chars=chars, clock=clock)
+
+
+def kept(mem: ConversationMemory) -> LocalConversations:
+    """The in-process store's records behind `mem` (what the state file keeps)."""
+    assert isinstance(mem.store, LocalStore)
+    return mem.store.conversations
 
 
 # --- ConversationMemory without a server --------------------------------------------------------------------------
 
-def test_history_is_the_remembered_turns_as_openai_messages_oldest_first() -> None:
+async def test_history_is_the_remembered_turns_as_openai_messages_oldest_first() -> None:
     mem = memory(FakeClock())
-    mem.remember("c-1", OWNER, "q1", "a1")
-    mem.remember("c-1", OWNER, "q2", "a2")
-    assert mem.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
+    await mem.remember("c-1", OWNER, "q1", "a1")
+    await mem.remember("c-1", OWNER, "q2", "a2")
+    assert await mem.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
 
 
-def test_an_unknown_conversation_has_no_history() -> None:
+async def test_an_unknown_conversation_has_no_history() -> None:
     mem = memory(FakeClock())
-    mem.remember("c-1", OWNER, "q1", "a1")
-    assert mem.history("c-2", OWNER) == []
-    assert len(mem) == 1
+    await mem.remember("c-1", OWNER, "q1", "a1")
+    assert await mem.history("c-2", OWNER) == []
+    assert len(kept(mem)) == 1
 
 
 def test_new_ids_are_fresh_32_hex_strings() -> None:
@@ -59,68 +67,69 @@ def test_new_ids_are_fresh_32_hex_strings() -> None:
     assert all(FRESH_ID.match(cid) for cid in ids)
 
 
-def test_only_the_newest_max_turns_are_kept() -> None:
+async def test_only_the_newest_max_turns_are_kept() -> None:
     mem = memory(FakeClock(), turns=2)
     for n in range(1, 5):
-        mem.remember("c-1", OWNER, f"q{n}", f"a{n}")
-    assert mem.history("c-1", OWNER) == turn("q3", "a3") + turn("q4", "a4")
+        await mem.remember("c-1", OWNER, f"q{n}", f"a{n}")
+    assert await mem.history("c-1", OWNER) == turn("q3", "a3") + turn("q4", "a4")
 
 
-def test_past_max_conversations_the_least_recently_used_is_forgotten() -> None:
+async def test_past_max_conversations_the_least_recently_used_is_forgotten() -> None:
     clock = FakeClock()
     mem = memory(clock, conversations=2)
-    mem.remember("a", OWNER, "qa", "aa")
+    await mem.remember("a", OWNER, "qa", "aa")
     clock.now += 1
-    mem.remember("b", OWNER, "qb", "ab")
+    await mem.remember("b", OWNER, "qb", "ab")
     clock.now += 1
-    mem.remember("a", OWNER, "qa2", "aa2")  # "a" is used again: "b" is now the least recently used
+    await mem.remember("a", OWNER, "qa2", "aa2")  # "a" is used again: "b" is now the least recently used
     clock.now += 1
-    mem.remember("c", OWNER, "qc", "ac")
-    assert len(mem) == 2
-    assert mem.history("b", OWNER) == []
-    assert mem.history("a", OWNER) == turn("qa", "aa") + turn("qa2", "aa2")
-    assert mem.history("c", OWNER) == turn("qc", "ac")
+    await mem.remember("c", OWNER, "qc", "ac")
+    assert len(kept(mem)) == 2
+    assert await mem.history("b", OWNER) == []
+    assert await mem.history("a", OWNER) == turn("qa", "aa") + turn("qa2", "aa2")
+    assert await mem.history("c", OWNER) == turn("qc", "ac")
 
 
-def test_a_conversation_unused_for_the_ttl_is_forgotten() -> None:
+async def test_a_conversation_unused_for_the_ttl_is_forgotten() -> None:
     clock = FakeClock()
     mem = memory(clock, ttl=60)
-    mem.remember("old", OWNER, "q", "a")
+    await mem.remember("old", OWNER, "q", "a")
     clock.now += 30
-    mem.remember("new", OWNER, "q", "a")
+    await mem.remember("new", OWNER, "q", "a")
     clock.now += 29.9  # "old" unused for 59.9 s
-    assert mem.history("old", OWNER) == turn("q", "a")
+    assert await mem.history("old", OWNER) == turn("q", "a")
     clock.now += 0.2  # "old" unused for 60.1 s, "new" for 30.1 s
-    assert mem.history("old", OWNER) == []
-    assert mem.history("new", OWNER) == turn("q", "a")
-    assert len(mem) == 1
+    assert await mem.history("old", OWNER) == []
+    assert await mem.history("new", OWNER) == turn("q", "a")
+    await mem.remember("other", OWNER, "q", "a")  # the store drops what has expired as it saves
+    assert len(kept(mem)) == 2
 
 
-def test_remembering_again_restarts_the_ttl() -> None:
+async def test_remembering_again_restarts_the_ttl() -> None:
     clock = FakeClock()
     mem = memory(clock, ttl=60)
-    mem.remember("c-1", OWNER, "q1", "a1")
+    await mem.remember("c-1", OWNER, "q1", "a1")
     clock.now += 50
-    mem.remember("c-1", OWNER, "q2", "a2")
+    await mem.remember("c-1", OWNER, "q2", "a2")
     clock.now += 50  # 100 s after the first turn, 50 s after the last
-    assert mem.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
+    assert await mem.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
 
 
-def test_snapshot_and_restore_round_trip_through_json() -> None:
+async def test_snapshot_and_restore_round_trip_through_json() -> None:
     clock = FakeClock()
     saved = memory(clock)
-    saved.remember("c-1", OWNER, "q1", "a1")
+    await saved.remember("c-1", OWNER, "q1", "a1")
     clock.now += 1
-    saved.remember("c-2", OWNER, "问题", "回答")
-    saved.remember("c-1", OWNER, "q2", "a2")
-    snapshot = json.loads(json.dumps(saved.snapshot()))
+    await saved.remember("c-2", OWNER, "问题", "回答")
+    await saved.remember("c-1", OWNER, "q2", "a2")
+    snapshot = json.loads(json.dumps(kept(saved).snapshot()))
     assert snapshot == {"c-2": {"owner": OWNER, "used": 1001.0, "turns": [["问题", "回答"]]},
                         "c-1": {"owner": OWNER, "used": 1001.0, "turns": [["q1", "a1"], ["q2", "a2"]]}}
     restored = memory(clock)
-    restored.restore(snapshot)
-    assert restored.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
-    assert restored.history("c-2", OWNER) == turn("问题", "回答")
-    assert json.loads(json.dumps(restored.snapshot())) == snapshot
+    kept(restored).restore(snapshot)
+    assert await restored.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
+    assert await restored.history("c-2", OWNER) == turn("问题", "回答")
+    assert json.loads(json.dumps(kept(restored).snapshot())) == snapshot
 
 
 @pytest.mark.parametrize("garbage", [None, 42, "text", [["c-1", "q", "a"]], {"c-1": "turns"}, {"c-1": []},
@@ -128,56 +137,58 @@ def test_snapshot_and_restore_round_trip_through_json() -> None:
                                      {"c-1": {"turns": [["q", "a"]]}},
                                      {"c-1": {"turns": [["q", "a"]], "used": "1000"}},
                                      {"c-1": {"turns": [["q", "a"]], "used": True}}])
-def test_garbage_is_ignored_on_restore(garbage: Any) -> None:
+async def test_garbage_restored_never_opens_a_conversation(garbage: Any) -> None:
     mem = memory(FakeClock())
-    mem.restore(garbage)
-    assert len(mem) == 0
-    assert mem.snapshot() == {}
+    kept(mem).restore(garbage)
+    assert await mem.open("c-1", OWNER) != ("c-1", turn("q", "a"))
+    assert await mem.history("c-1", OWNER) == []
 
 
-def test_malformed_turns_are_skipped_and_the_good_ones_kept_on_restore() -> None:
+async def test_malformed_turns_are_skipped_and_the_good_ones_kept_on_restore() -> None:
     mem = memory(FakeClock())
-    mem.restore({"c-1": {"owner": OWNER, "used": 1000, "turns": [
+    kept(mem).restore({"c-1": {"owner": OWNER, "used": 1000, "turns": [
         ["q1", "a1"], ["q"], ["q", "a", "x"], [1, "a"], ["q", None], "q/a", {"q": "a"}, ["q2", "a2"]]}})
-    assert mem.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
+    assert await mem.history("c-1", OWNER) == turn("q1", "a1") + turn("q2", "a2")
 
 
 @pytest.mark.parametrize("bad_id", ["", "has space", "slash/id", "x" * 101, "ü-umlaut", "new\nline"])
 def test_conversation_ids_are_validated_on_restore(bad_id: str) -> None:
     mem = memory(FakeClock())
     good = {"owner": OWNER, "used": 1000, "turns": [["q", "a"]]}
-    mem.restore({bad_id: good, "ok_1.a:b-c": good})
-    assert list(mem.snapshot()) == ["ok_1.a:b-c"]
+    kept(mem).restore({bad_id: good, "ok_1.a:b-c": good})
+    assert list(kept(mem).snapshot()) == ["ok_1.a:b-c"]
 
 
-def test_restore_keeps_the_bounds_and_drops_what_has_expired() -> None:
+async def test_restored_conversations_keep_the_bounds_and_drop_what_has_expired() -> None:
     clock = FakeClock(10_000.0)
     mem = memory(clock, conversations=2, turns=1, ttl=60)
-    mem.restore({
+    kept(mem).restore({
         "expired": {"owner": OWNER, "used": 9_000, "turns": [["q", "a"]]},
         "older": {"owner": OWNER, "used": 9_970, "turns": [["q", "a"]]},
         "newer": {"owner": OWNER, "used": 9_980, "turns": [["q1", "a1"], ["q2", "a2"]]},
         "newest": {"owner": OWNER, "used": 9_990, "turns": [["q", "a"]]},
     })
-    assert list(mem.snapshot()) == ["newer", "newest"]
-    assert mem.history("newer", OWNER) == turn("q2", "a2")
+    assert await mem.history("expired", OWNER) == []
+    assert await mem.history("newer", OWNER) == turn("q2", "a2")
+    await mem.remember("newest", OWNER, "q", "a")  # the first save applies the count bound
+    assert list(kept(mem).snapshot()) == ["newer", "newest"]
 
 
-def test_a_conversation_is_only_opened_by_its_owner_others_get_a_new_id() -> None:
+async def test_a_conversation_is_only_opened_by_its_owner_others_get_a_new_id() -> None:
     mem = memory(FakeClock())
-    mem.remember("c-1", OWNER, "q1", "a1")
-    assert mem.open("c-1", OWNER) == ("c-1", turn("q1", "a1"))
+    await mem.remember("c-1", OWNER, "q1", "a1")
+    assert await mem.open("c-1", OWNER) == ("c-1", turn("q1", "a1"))
     for stranger in ("198.51.100.1 anonymous", "203.0.113.7 trusted", "203.0.113.7 own:0123456789abcdef"):
-        cid, history = mem.open("c-1", stranger)
+        cid, history = await mem.open("c-1", stranger)
         assert FRESH_ID.match(cid) and history == []
-        assert mem.history("c-1", stranger) == []
-        mem.remember("c-1", stranger, "hijack", "no")  # cannot be written into either
-    assert mem.history("c-1", OWNER) == turn("q1", "a1")
+        assert await mem.history("c-1", stranger) == []
+        await mem.remember("c-1", stranger, "hijack", "no")  # cannot be written into either
+    assert await mem.history("c-1", OWNER) == turn("q1", "a1")
 
 
-def test_unknown_or_missing_ids_open_a_new_conversation_under_a_new_id() -> None:
+async def test_unknown_or_missing_ids_open_a_new_conversation_under_a_new_id() -> None:
     mem = memory(FakeClock())
-    first, second = mem.open(None, OWNER), mem.open("never-issued", OWNER)
+    first, second = await mem.open(None, OWNER), await mem.open("never-issued", OWNER)
     assert first[1] == second[1] == []
     assert FRESH_ID.match(first[0]) and FRESH_ID.match(second[0]) and first[0] != second[0] != "never-issued"
 
@@ -192,22 +203,23 @@ def test_the_owner_is_identity_and_payer_and_an_own_key_is_only_a_hash() -> None
     assert owner_of("198.51.100.1", Payer("anonymous")) != anonymous
 
 
-def test_a_conversation_keeps_at_most_max_chars_the_oldest_turns_dropped() -> None:
-    mem = ConversationMemory(10, 100, 3600.0, max_chars=25, clock=FakeClock())
-    mem.remember("c", OWNER, "a" * 10, "b" * 10)  # 20
-    mem.remember("c", OWNER, "c" * 5, "d" * 5)  # 30 in all: the first turn goes
-    assert mem.history("c", OWNER) == turn("c" * 5, "d" * 5)
-    mem.remember("c", OWNER, "e" * 20, "f" * 10)  # alone over the budget: nothing of it can be kept
-    assert mem.history("c", OWNER) == []
-    assert mem.open("c", OWNER)[0] == "c"  # the conversation (and its owner) stays
+async def test_a_conversation_keeps_at_most_max_chars_the_oldest_turns_dropped() -> None:
+    mem = memory(FakeClock(), turns=100, chars=25)
+    await mem.remember("c", OWNER, "a" * 10, "b" * 10)  # 20
+    await mem.remember("c", OWNER, "c" * 5, "d" * 5)  # 30 in all: the first turn goes
+    assert await mem.history("c", OWNER) == turn("c" * 5, "d" * 5)
+    await mem.remember("c", OWNER, "e" * 20, "f" * 10)  # alone over the budget: nothing of it can be kept
+    assert await mem.history("c", OWNER) == []
+    assert (await mem.open("c", OWNER))[0] == "c"  # the conversation (and its owner) stays
 
 
-def test_restore_bounds_each_conversation_by_chars_and_skips_conversations_without_an_owner() -> None:
-    mem = ConversationMemory(10, 100, 3600.0, max_chars=25, clock=FakeClock())
-    mem.restore({"kept": {"owner": OWNER, "used": 1000, "turns": [["a" * 10, "b" * 10], ["c" * 5, "d" * 5]]},
-                 "ownerless": {"used": 1000, "turns": [["q", "a"]]}})
-    assert list(mem.snapshot()) == ["kept"]
-    assert mem.history("kept", OWNER) == turn("c" * 5, "d" * 5)
+async def test_restored_conversations_are_bounded_by_chars_and_ownerless_ones_never_open() -> None:
+    mem = memory(FakeClock(), turns=100, chars=25)
+    kept(mem).restore({"kept": {"owner": OWNER, "used": 1000, "turns": [["a" * 10, "b" * 10], ["c" * 5, "d" * 5]]},
+                       "ownerless": {"used": 1000, "turns": [["q", "a"]]}})
+    assert await mem.history("kept", OWNER) == turn("c" * 5, "d" * 5)
+    for owner in (OWNER, "", "None"):
+        assert (await mem.open("ownerless", owner))[0] != "ownerless"
 
 
 # --- POST /chat through the app -----------------------------------------------------------------------------------

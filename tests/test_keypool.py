@@ -293,3 +293,25 @@ def test_the_module_does_not_import_aiohttp() -> None:
     source = Path(keypool.__file__).read_text(encoding="utf-8")
     assert "aiohttp" not in keypool.__dict__
     assert "import aiohttp" not in source and "from aiohttp" not in source
+
+
+# --- Health shared between instances (issue 17): instants travel as wall-clock epochs ---------------------------
+
+def test_shared_health_moves_a_cool_down_and_a_disable_between_pools_with_different_monotonic_clocks() -> None:
+    here, there = FakeClock(), FakeClock()
+    here.now, there.now = 50_000.0, 7.0  # two processes, two monotonic clocks; one wall clock
+    wall = lambda: 1_700_000_000.0  # noqa: E731
+    sender = KeyPool(KEYS, clock=here, wall=wall)
+    receiver = KeyPool(list(reversed(KEYS)), clock=there, wall=wall)
+    sender.report_rate_limited(A, 30.0)
+    sender.report_invalid(B, "invalid_api_key")
+    receiver.apply_shared({fingerprint(k): sender.shared_health(k) for k in (A, B)})
+    health = {row["key"]: row for row in receiver.health()}
+    assert (health[mask(A)]["state"], health[mask(A)]["until"]) == ("cooling", 30.0)
+    assert (health[mask(B)]["state"], health[mask(B)]["reason"]) == ("disabled", "invalid_api_key")
+    assert receiver.pick() == C and receiver.pick() == C
+    sender.report_success(A)
+    receiver.apply_shared({fingerprint(A): sender.shared_health(A), "junk": {"cool_until": "x"},
+                           fingerprint(C): {"cool_until": float("nan"), "disabled": "yes"}})
+    assert {row["key"]: row["state"] for row in receiver.health()} == {
+        mask(C): "healthy", mask(B): "disabled", mask(A): "healthy"}

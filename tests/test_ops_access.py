@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from chatgpt.domain.limits import FailureLimit
+from chatgpt.domain.failures import FailureLimit
+from chatgpt.server.local_store import MAX_FAILURE_ENTRIES, LocalStore
 from chatgpt.settings import SettingsError
 from tests.conftest import MakeClient, build_settings, url
 
@@ -111,27 +112,28 @@ async def test_right_tokens_do_not_count_towards_the_limit(make_client: MakeClie
         assert (await client.get("/admin/runtime", headers=RIGHT)).status == 200
 
 
-def test_the_failure_limit_lets_an_address_try_again_when_its_oldest_failure_is_a_minute_old() -> None:
+async def test_the_failure_limit_lets_an_address_try_again_when_its_oldest_failure_is_a_minute_old() -> None:
     clock = FakeClock()
-    limit = FailureLimit(10, 60.0, clock=clock)
+    limit = FailureLimit(LocalStore(), "admin", 10, 60.0, clock=clock)
     for _ in range(9):
-        limit.record("203.0.113.66")
+        await limit.record("203.0.113.66")
         clock.now += 1
-    assert limit.retry_after("203.0.113.66") == 0
-    limit.record("203.0.113.66")  # the 10th, 9 s after the first
-    assert limit.retry_after("203.0.113.66") == pytest.approx(51.0)
-    assert limit.retry_after("198.51.100.1") == 0
+    assert await limit.retry_after("203.0.113.66") == 0
+    await limit.record("203.0.113.66")  # the 10th, 9 s after the first
+    assert await limit.retry_after("203.0.113.66") == pytest.approx(51.0)
+    assert await limit.retry_after("198.51.100.1") == 0
     clock.now += 50.9
-    assert limit.retry_after("203.0.113.66") > 0
+    assert await limit.retry_after("203.0.113.66") > 0
     clock.now += 0.2  # the first failure is now over a minute old: 9 in the window
-    assert limit.retry_after("203.0.113.66") == 0
+    assert await limit.retry_after("203.0.113.66") == 0
 
 
-def test_the_failure_limit_keeps_a_bounded_number_of_addresses() -> None:
-    limit = FailureLimit(2, 60.0, max_keys=100, clock=FakeClock())
-    for n in range(1000):
-        limit.record(f"10.0.{n // 256}.{n % 256}")
-    assert len(limit._failures) == 100  # noqa: SLF001  (our own class: its memory bound is the point)
+async def test_the_failure_limit_keeps_a_bounded_number_of_addresses() -> None:
+    store = LocalStore()
+    limit = FailureLimit(store, "admin", 2, 60.0, clock=FakeClock())
+    for n in range(MAX_FAILURE_ENTRIES + 500):
+        await limit.record(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}")
+    assert len(store.failure_log) == MAX_FAILURE_ENTRIES
 
 
 @pytest.mark.parametrize("value", [b"Bearer \xff\xfe\xfd", b"\xc3\x28 token", b"Bearer adm-\x80-x",

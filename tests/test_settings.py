@@ -118,6 +118,11 @@ def test_an_integer_is_accepted_where_a_number_is_expected(tmp_path: Path) -> No
     ("upstream:\n  provider: foo\n", "setting upstream.provider: expected auto, openai or offline"),
     ("images:\n  size: big\n", "setting images.size: expected WIDTHxHEIGHT, e.g. 256x256"),
     ("images:\n  prune_at: '25:00'\n", "setting images.prune_at: expected HH:MM"),
+    ("ws:\n  bytes_per_second: -1\n", "setting ws.bytes_per_second: expected 0 or more"),
+    ("ws:\n  burst_bytes: -1\n", "setting ws.burst_bytes: expected 0 or more"),
+    ("state:\n  redis_url: localhost:6379\n",
+     "setting state.redis_url (or REDIS_URL): expected a redis://, rediss:// or unix:// URL"),
+    ("state:\n  redis_fail: maybe\n", "setting state.redis_fail: expected open or closed"),
 ])
 def test_a_value_out_of_range_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     assert load_error(tmp_path, text) == message
@@ -159,6 +164,33 @@ def test_secrets_from_the_environment_override_the_file(tmp_path: Path) -> None:
     assert settings.upstream == UpstreamSettings(base_url="http://env.example:8000/v1", baixing_key="bx-env",
                                                  model="gpt-4o")
     assert settings.admin == AdminSettings(token="admin-env-0123456789")
+
+
+def test_a_bad_value_from_the_environment_names_the_variable_and_shows_the_value(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, "upstream:\n  base_url: https://file.example/v1\n"),
+                      env={"OPENAI_BASE_URL": "api.deepseek.com/v1"})
+    assert str(caught.value) == ("environment variable OPENAI_BASE_URL='api.deepseek.com/v1': expected an http:// "
+                                 "or https:// URL (it sets upstream.base_url)")
+
+
+def test_a_bad_value_from_the_file_still_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, "upstream:\n  answer_timeout: 0\n"), env={"OPENAI_BASE_URL": "https://x/v1"})
+    assert str(caught.value) == "setting upstream.answer_timeout: expected a positive number"
+
+
+def test_redis_url_comes_from_the_environment_over_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "state:\n  redis_url: redis://file:6379/0\n  redis_fail: closed\n")
+    settings = load_settings(path, env={"REDIS_URL": " redis://:pw@env:6380/1 "})
+    assert (settings.state.redis_url, settings.state.redis_fail) == ("redis://:pw@env:6380/1", "closed")
+    assert load_settings(path, env={}).state.redis_url == "redis://file:6379/0"
+
+
+def test_a_bad_redis_url_from_the_environment_is_refused_without_showing_it(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(write(tmp_path, ""), env={"REDIS_URL": "http://:secret-pw@h"})
+    assert "REDIS_URL" in str(caught.value) and "secret-pw" not in str(caught.value)
 
 
 def test_blank_environment_variables_leave_the_file_alone(tmp_path: Path) -> None:

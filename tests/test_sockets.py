@@ -143,8 +143,9 @@ async def test_a_client_that_stops_reading_is_cut_off_and_the_close_does_not_wai
         make_client: MakeClient, fake: FakeOpenAI) -> None:
     # A long answer of ever longer cumulative frames; the client reads nothing after its question.
     fake.default = Stream(pieces=["x" * 200] * 4000, delay=0.005)
-    client = await make_client(ws={"stall_seconds": 0.5, "close_seconds": 0.5, "max_answer_chars": 10_000_000},
-                               quota={"daily_questions": 100})
+    # No byte budget: the frames must outgrow every buffer on the way while the test waits.
+    client = await make_client(ws={"stall_seconds": 0.5, "close_seconds": 0.5, "max_answer_chars": 10_000_000,
+                                   "bytes_per_second": 0}, quota={"daily_questions": 100})
     sockets = client.app[sockets_key]
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window

@@ -1,85 +1,208 @@
-"""The incremental SSE decoder: events split anywhere across network reads decode the same."""
+"""The one upstream stream reader (aiohttp-sse-client, wrapped): one POST and never a reconnect, a
+refused request readable before the library sees it, `[DONE]` ends the stream and frees the
+connection, every wait for an event under a deadline that comments do not restart."""
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from chatgpt.upstream.sse import SSEDecoder
+from chatgpt.domain.errors import UpstreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from chatgpt.upstream.events import event_payloads
+from chatgpt.upstream.session import make_session
 
-STREAM = (b'data: {"a": 1}\n\n: a comment\n\nevent: ping\ndata: {"b": 2}\n\n'
-          b'data: first line\ndata: second line\n\nid: 7\nretry: 10\n\ndata:no-space\r\n\r\ndata: [DONE]\n\n')
-PAYLOADS = [b'{"a": 1}', b'{"b": 2}', b"first line\nsecond line", b"no-space", b"[DONE]"]
-
-
-def test_a_whole_stream_in_one_read_gives_every_payload_in_order() -> None:
-    assert SSEDecoder().feed(STREAM) == PAYLOADS
+Script = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 
-@given(st.lists(st.integers(1, len(STREAM)), max_size=20))
-def test_reads_split_at_any_byte_give_the_same_payloads(cuts: list[int]) -> None:
-    decoder, payloads, start = SSEDecoder(), [], 0
-    for cut in sorted(set(cuts)) + [len(STREAM)]:
-        payloads += decoder.feed(STREAM[start:cut])
-        start = cut
-    assert payloads == PAYLOADS
+class Upstream:
+    """A tiny SSE server: each POST is answered by the next script; it records every POST's client port."""
+
+    def __init__(self) -> None:
+        self.scripts: list[Script] = []
+        self.posts: list[int] = []
+        self.app = web.Application()
+        self.app.router.add_post("/sse", self.sse)
+        self.url = ""
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.posts.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+        script = self.scripts.pop(0) if self.scripts else None
+        if script is None:
+            return web.json_response({"error": {"message": "no more answers"}}, status=500)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await script(request, response)
+        await response.write_eof()
+        return response
 
 
-def test_an_event_is_only_given_once_its_blank_line_arrived() -> None:
-    decoder = SSEDecoder()
-    assert decoder.feed(b'data: {"a": 1}\n') == []
-    assert decoder.feed(b"\n") == [b'{"a": 1}']
+def writes(*chunks: bytes, delay: float = 0.0) -> Script:
+    async def script(request: web.Request, response: web.StreamResponse) -> None:
+        for chunk in chunks:
+            if delay:
+                await asyncio.sleep(delay)
+            await response.write(chunk)
+    return script
 
 
-def test_an_over_long_line_without_a_newline_is_refused() -> None:
-    with pytest.raises(ValueError):
-        SSEDecoder(max_event_bytes=1000).feed(b"data: " + b"x" * 2000)
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
+    fake = Upstream()
+    server = await aiohttp_server(fake.app)
+    fake.url = str(server.make_url("/sse"))
+    return fake
 
 
-def test_an_over_long_event_made_of_many_lines_is_refused() -> None:
-    with pytest.raises(ValueError):
-        SSEDecoder(max_event_bytes=1000).feed(b"data: " + b"x" * 600 + b"\ndata: " + b"y" * 600 + b"\n")
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with make_session(connect_timeout=2) as client:
+        yield client
 
 
-def test_plain_data_events_are_kept_verbatim_for_a_relay() -> None:
-    decoder = SSEDecoder()
-    assert decoder.feed(b'data: {"a": 1}\n\ndata: {"b": 2}\n\ndata: {"c"') == [b'{"a": 1}', b'{"b": 2}']
-    assert decoder.verbatim == b'data: {"a": 1}\n\ndata: {"b": 2}\n\n'
-    assert decoder.feed(b': 3}\n\n') == [b'{"c": 3}']
-    assert decoder.verbatim == b'data: {"c": 3}\n\n'
+async def read(session: aiohttp.ClientSession, url: str, read_timeout: float = 5.0,
+               answer_timeout: float = 30.0, pause: float = 0.0) -> list[str]:
+    payloads = []
+    async for payload in event_payloads(session, url, b"{}", {"Content-Type": "application/json"}, host="fake",
+                                        read_timeout=read_timeout, answer_timeout=answer_timeout, parse=str):
+        payloads.append(payload)
+        if pause:
+            await asyncio.sleep(pause)
+    return payloads
 
 
-@pytest.mark.parametrize("stream", [b"data: a\n\n: keep-alive\n\n", b"data: a\ndata: b\n\n",
-                                    b"data: a\n\n\ndata: b\n\n", b"data:a\n\n", b"event: x\ndata: a\n\n",
-                                    b"data: a\r\n\r\n"])
-def test_anything_but_plain_data_lines_is_not_offered_verbatim(stream: bytes) -> None:
-    decoder = SSEDecoder()
-    assert decoder.feed(stream)
-    assert decoder.verbatim is None
+async def test_payloads_come_untouched_until_done_and_the_connection_is_used_again(
+        upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    stream = (b': OPENROUTER PROCESSING\n\ndata: {"a": 1}\n\nevent: x\nid: 7\nretry: 10\ndata: {"b":\ndata: 2}\n\n'
+              b"data:no-space\r\n\r\n: keep-alive\n\ndata: [DONE]\n\n")
+    upstream.scripts += [writes(stream), writes(b"data: again\n\ndata: [DONE]\n\n")]
+    assert await read(session, upstream.url) == ['{"a": 1}', '{"b":\n2}', "no-space"]
+    assert await read(session, upstream.url) == ["again"]
+    assert len(upstream.posts) == 2 and upstream.posts[0] == upstream.posts[1]  # one kept-alive connection
 
 
-def test_an_over_long_event_arriving_whole_in_one_read_is_refused() -> None:
-    with pytest.raises(ValueError):
-        SSEDecoder(max_event_bytes=1000).feed(b"data: " + b"x" * 2000 + b"\n\n")
+@pytest.mark.parametrize("ending", ["eof", "events after the end"])
+async def test_a_stream_that_ends_without_done_is_broken_and_never_posted_again(
+        upstream: Upstream, session: aiohttp.ClientSession, ending: str) -> None:
+    upstream.scripts.append(writes(b"data: one\n\n", b"data: two\n\n", delay=0.01))
+    upstream.scripts.append(writes(b"data: a second answer\n\ndata: [DONE]\n\n"))  # what a re-POST would get
+    got: list[str] = []
+    with pytest.raises(UpstreamBroken, match="ended before \\[DONE\\]"):
+        async for payload in event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5,
+                                            answer_timeout=30, parse=str):
+            got.append(payload)
+    await asyncio.sleep(0.2)  # the library would have re-POSTed at once (reconnection_time is 0)
+    assert got == ["one", "two"]
+    assert len(upstream.posts) == 1
 
 
-@given(st.lists(st.sampled_from([b'data: {"a": 1}\n\n', b": keep-alive\n\n", b"data: one\ndata: two\n\n",
-                                 b"data: [DONE]\n\n", b"event: x\ndata: y\n\n"]), max_size=12),
-       st.lists(st.integers(1, 200), max_size=10))
-def test_mixed_events_split_anywhere_decode_like_a_whole_read(events: list[bytes], cuts: list[int]) -> None:
-    stream = b"".join(events)
-    expected = SSEDecoder().feed(stream)
-    decoder, got, start = SSEDecoder(), [], 0
-    for cut in sorted({c for c in cuts if c < len(stream)}) + [len(stream)]:
-        got += decoder.feed(stream[start:cut])
-        start = cut
-    assert got == expected
+async def test_a_connection_dropped_mid_stream_is_broken_and_never_posted_again(
+        upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    async def drop(request: web.Request, response: web.StreamResponse) -> None:
+        await response.write(b"data: one\n\n")
+        await asyncio.sleep(0.02)
+        assert request.transport is not None
+        request.transport.close()  # mid-body: no chunked-encoding terminator
+        await asyncio.sleep(0.1)
+    upstream.scripts.append(drop)
+    with pytest.raises(UpstreamBroken, match="closed mid-answer"):
+        await read(session, upstream.url)
+    await asyncio.sleep(0.2)
+    assert len(upstream.posts) == 1
 
 
-@given(st.lists(st.sampled_from([b'data: {"a": 1}\n\n', b"data: [DONE]\n\n", b": ping\n\n", b"data: x\ndata: y\n\n",
-                                 b"data: \n\n", b"\n"]), max_size=12))
-def test_verbatim_bytes_always_encode_exactly_the_payloads_returned(events: list[bytes]) -> None:
-    decoder = SSEDecoder()
-    payloads = decoder.feed(b"".join(events))
-    if decoder.verbatim is not None:
-        assert decoder.verbatim == b"".join(b"data: " + p + b"\n\n" for p in payloads)
+@pytest.mark.parametrize("status", [400, 401, 404, 429, 500, 503])
+async def test_a_refusal_is_our_upstream_error_with_its_json_and_the_connection_freed(
+        aiohttp_server: Callable[..., Awaitable[TestServer]], status: int) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": f"refused {status}", "code": "nope"}}, status=status,
+                                 headers={"Retry-After": "3"})
+    app = web.Application()
+    app.router.add_post("/sse", refuse)
+    server = await aiohttp_server(app)
+    # One connection at most: a response left unreleased would make the second call wait forever.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        for _ in range(2):
+            with pytest.raises(UpstreamError) as caught:
+                await asyncio.wait_for(read(session, str(server.make_url("/sse"))), 3)
+            error = caught.value
+            assert (error.status, error.message, error.code, error.headers) == (
+                status, f"refused {status}", "nope", {"retry-after": "3"})
+
+
+async def test_a_2xx_that_is_not_an_event_stream_is_refused(aiohttp_server: Callable[..., Awaitable[TestServer]],
+                                                            session: aiohttp.ClientSession) -> None:
+    async def whole(request: web.Request) -> web.Response:
+        return web.json_response({"id": "x", "choices": []})
+    app = web.Application()
+    app.router.add_post("/sse", whole)
+    server = await aiohttp_server(app)
+    with pytest.raises(UpstreamError, match="application/json instead of an event stream"):
+        await read(session, str(server.make_url("/sse")))
+
+
+@pytest.mark.parametrize("chunk, cause", [
+    (b"data: " + b"x" * (2 * 1024 * 1024) + b"\n\n", "a line over the length limit"),
+    (b"data: " + b"x" * (2 * 1024 * 1024), "a line over the length limit"),  # no newline at all
+    (b'data: {"text": "\xff\xfe"}\n\n', "not UTF-8"),
+])
+async def test_unreadable_data_is_a_broken_upstream(upstream: Upstream, session: aiohttp.ClientSession,
+                                                    chunk: bytes, cause: str) -> None:
+    upstream.scripts.append(writes(b"data: fine\n\n", chunk))
+    with pytest.raises(UpstreamBroken, match=cause):
+        await read(session, upstream.url)
+
+
+async def test_comments_are_not_progress(upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    upstream.scripts.append(writes(b"data: one\n\n", *[b": keep-alive\n\n"] * 200, delay=0.05))
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamTimeout, match="sent no answer event for 0.3 s"):
+        await read(session, upstream.url, read_timeout=0.3)
+    assert 0.3 <= asyncio.get_running_loop().time() - started < 1.5
+
+
+async def test_an_upstream_silent_before_its_headers_times_out(
+        aiohttp_server: Callable[..., Awaitable[TestServer]], session: aiohttp.ClientSession) -> None:
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.sleep(10)
+        return web.Response()
+    app = web.Application()
+    app.router.add_post("/sse", silent)
+    server = await aiohttp_server(app)
+    with pytest.raises(UpstreamTimeout, match="0.3 s"):
+        await read(session, str(server.make_url("/sse")), read_timeout=0.3)
+
+
+async def test_the_answer_timeout_caps_a_stream_that_keeps_sending(upstream: Upstream,
+                                                                   session: aiohttp.ClientSession) -> None:
+    upstream.scripts.append(writes(*[b"data: more\n\n"] * 200, delay=0.05))
+    with pytest.raises(UpstreamTimeout, match="took longer than 0.4 s for one answer"):
+        await read(session, upstream.url, read_timeout=5, answer_timeout=0.4)
+
+
+async def test_time_our_side_spends_between_events_does_not_count(upstream: Upstream,
+                                                                  session: aiohttp.ClientSession) -> None:
+    # The whole answer is already there; the reader is slow (a client that reads slowly).
+    upstream.scripts.append(writes(b"data: 1\n\ndata: 2\n\ndata: 3\n\ndata: [DONE]\n\n"))
+    assert await read(session, upstream.url, read_timeout=0.2, pause=0.3) == ["1", "2", "3"]
+
+
+async def test_an_unreachable_upstream_is_told_as_such(session: aiohttp.ClientSession) -> None:
+    with pytest.raises(UpstreamUnreachable, match="Could not reach the upstream fake"):
+        await read(session, "http://127.0.0.1:9/sse")
+
+
+async def test_payload_of_the_reader_reaches_a_caller_that_stops_early_without_leaking(
+        upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    upstream.scripts.append(writes(b"data: 1\n\n", *[b": keep-alive\n\n"] * 100, delay=0.02))
+    reader = event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5, answer_timeout=30,
+                            parse=str)
+    assert await anext(reader) == "1"
+    await reader.aclose()  # a client that left: the connection is closed, nothing re-POSTed
+    await asyncio.sleep(0.1)
+    assert len(upstream.posts) == 1
+

@@ -76,7 +76,8 @@ FAILED, UNREACHABLE, BUSY = texts.UPSTREAM_FAILED, texts.UPSTREAM_UNREACHABLE, t
 KEY_REFUSED = "The upstream refused this server's key; try again later."
 KEYS_BUSY = "Every upstream key of this server is busy; try again later."
 BROKE = "The upstream at 127.0.0.1 broke off its answer or sent something unreadable."
-SILENT = "The upstream at 127.0.0.1 did not answer in time."
+SILENT = "The upstream {host} sent no answer event for 0.5 s (upstream.read_timeout)."  # which limit ran out
+TIMEOUT = texts.UPSTREAM_TIMEOUT
 
 FAULTS: dict[str, Fault] = {
     # A refusal of the server's own key is the operator's business: the client gets the generic text.
@@ -126,11 +127,18 @@ FAULTS: dict[str, Fault] = {
         FAILED, 502, BROKE, text="partial", opened=True),
     "connection reset before any event": Fault(lambda: RawStream([], end="reset"), FAILED, 502, BROKE),
     "stream hangs before any text": Fault(
-        lambda: Stream(pieces=[], hang=True), FAILED, 504, SILENT,  # a read timeout is a gateway timeout
+        lambda: Stream(pieces=[], hang=True), TIMEOUT, 504, SILENT,  # a read timeout is a gateway timeout
         upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
     "stream hangs after some text": Fault(
-        lambda: Stream(pieces=["partial"], hang=True), FAILED, 504, SILENT, text="partial", opened=True,
+        lambda: Stream(pieces=["partial"], hang=True), TIMEOUT, 504, SILENT, text="partial", opened=True,
         upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
+    # DeepSeek while a request waits in its queue: comments, never an event. Comments are not progress.
+    "only keep-alive comments, forever": Fault(
+        lambda: RawStream([b": keep-alive\n\n"] * 1000, delay=0.05), TIMEOUT, 504, SILENT,
+        upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
+    "keep-alive comments after some text": Fault(
+        lambda: Stream(pieces=["partial"], hang=True, keep_alive=0.05), TIMEOUT, 504, SILENT, text="partial",
+        opened=True, upstream={"read_timeout": HANG_READ_TIMEOUT}, seconds=HANG_READ_TIMEOUT + 1.0),
     "connection refused": Fault(None, UNREACHABLE, 502, "Could not reach the upstream at 127.0.0.1.",
                                 upstream={"base_url": f"http://127.0.0.1:{refusing_port()}/v1"}),
     # .invalid never resolves (RFC 6761): the resolver fails, so no connection to anywhere is attempted.
@@ -181,7 +189,7 @@ def sse_payloads(raw: bytes) -> list[Any]:
     return payloads
 
 
-async def ask_on_v1(client: TestClient, fault: Fault, stream: bool) -> float:
+async def ask_on_v1(client: TestClient, fault: Fault, stream: bool, host: str) -> float:
     """Ask once on `/v1`; check the error (JSON, or inside a begun stream); return how long it took."""
     started = time.monotonic()
     response = await asyncio.wait_for(client.post(
@@ -194,7 +202,7 @@ async def ask_on_v1(client: TestClient, fault: Fault, stream: bool) -> float:
         assert response.status == 200 and response.content_type == "text/event-stream"
         *chunks, last = sse_payloads(raw)
         assert set(last) == {"error"} and set(last["error"]) == ERROR_KEYS, raw[-300:]
-        assert last["error"]["message"] == fault.v1_message
+        assert last["error"]["message"] == fault.v1_message.format(host=host)
         assert all(isinstance(c, dict) and "error" not in c for c in chunks), "one error event, and only at the end"
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == fault.text
         assert not raw.endswith(SSE_DONE)
@@ -203,7 +211,7 @@ async def ask_on_v1(client: TestClient, fault: Fault, stream: bool) -> float:
     assert response.content_type == "application/json"
     body = json.loads(raw)
     assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
-    assert body["error"]["message"] == fault.v1_message
+    assert body["error"]["message"] == fault.v1_message.format(host=host)
     if fault.retry_after is not None:
         assert response.headers.get("Retry-After") == fault.retry_after
     return elapsed
@@ -271,13 +279,14 @@ async def test_an_upstream_fault_ends_the_question_with_one_clear_error_and_leav
     if entry == "websocket":
         elapsed = await ask_on_the_websocket(client, fault)
     else:
-        elapsed = await ask_on_v1(client, fault, stream=entry == "v1 stream")
+        host = fake.base_url.split("/")[2]  # type: ignore[attr-defined]
+        elapsed = await ask_on_v1(client, fault, entry == "v1 stream", host)
 
     assert elapsed < fault.seconds, f"the question took {elapsed:.2f} s"
     if fault.upstream.get("read_timeout"):
         assert elapsed >= HANG_READ_TIMEOUT * 0.9, "it ended before the upstream was silent for read_timeout"
     # Charged only when the user got text (PROTOCOL.md A.5, C.2).
-    assert pipeline.remaining(IDENTITY) == DAILY - (1 if fault.text else 0)
+    assert await pipeline.remaining(IDENTITY) == DAILY - (1 if fault.text else 0)
     # Exactly one POST: a failed question is never re-sent (it may already be billed).
     assert len(fake.chat_requests()) == (0 if fault.behaviour is None else 1)
     # Nothing left behind: tasks (ours and the fake's), upstream connections, files.
@@ -318,3 +327,42 @@ async def test_comments_and_multi_line_events_from_the_upstream_reach_an_sdk_as_
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello"
     assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
     assert {c.id for c in chunks} == {"chatcmpl-fake-1"}
+
+
+@pytest.mark.parametrize("accept", ["text/plain", "text/event-stream"])
+async def test_chat_is_504_before_any_byte_when_the_upstream_sends_only_keep_alive_comments(
+        make_client: MakeClient, fake: FaultyOpenAI, accept: str) -> None:
+    client = await make_client(upstream={"read_timeout": 0.3})
+    fake.script.append(RawStream([b": keep-alive\n\n"] * 1000, delay=0.05))
+    response = await client.post("/chat", json={"content": "Hi"}, headers={"Accept": accept})
+    assert response.status == 504
+    host = fake.base_url.split("/")[2]  # type: ignore[attr-defined]
+    assert (await response.json())["error"]["message"] == (
+        f"The upstream {host} sent no answer event for 0.3 s (upstream.read_timeout).")
+
+
+async def test_chat_ends_with_an_error_event_when_the_upstream_falls_silent_after_some_text(
+        make_client: MakeClient, fake: FaultyOpenAI) -> None:
+    client = await make_client(upstream={"read_timeout": 0.3})
+    fake.script.append(Stream(pieces=["partial"], hang=True, keep_alive=0.05))
+    response = await client.post("/chat", json={"content": "Hi"}, headers={"Accept": "text/event-stream"})
+    assert response.status == 200
+    text = await response.text()
+    host = fake.base_url.split("/")[2]  # type: ignore[attr-defined]
+    assert text.endswith('event: error\ndata: {"message":"The upstream %s sent no answer event for 0.3 s '
+                         '(upstream.read_timeout)."}\n\n' % host)
+    assert 'data: {"content":"partial"}' in text
+
+
+async def test_the_answer_timeout_ends_a_websocket_answer_that_keeps_coming(
+        make_client: MakeClient, fake: FaultyOpenAI) -> None:
+    client = await make_client(upstream={"answer_timeout": 0.5}, quota={"daily_questions": DAILY})
+    fake.script.append(Stream(pieces=["word "] * 100, delay=0.05))
+    async with ws_connect(client) as ws:
+        await ws.send_json(ws_question())
+        frames = await receive_answer(ws, 5)
+    *pieces, end = frames
+    assert (end["content"], end["isDone"], end["isSuccess"]) == (TIMEOUT, True, False)
+    assert pieces and pieces[-1]["content"].startswith("word word")
+    # Text was produced: the question is charged.
+    assert await client.app[pipeline_key].remaining(IDENTITY) == DAILY - 1

@@ -373,7 +373,9 @@ async def test_metrics_label_upstream_errors_by_upstream(start: Any, chat: FakeU
     assert (await ask(client, "shared"))[0] == 200
     text = await (await client.get("/metrics")).text()
     assert 'chatgpt_upstream_errors_total{key="…0001",status="503",upstream="deepseek"} 1.0' in text
-    assert 'upstream="pictures"' not in text
+    assert 'chatgpt_upstream_errors_total{key="…0003"' not in text  # the upstream that answered had no error
+    # Tokens are counted on the upstream that answered.
+    assert 'chatgpt_tokens_total{kind="prompt",model="shared",payer="trusted",upstream="pictures"} 9.0' in text
 
 
 async def test_each_upstreams_key_health_survives_a_restart_under_its_own_name(

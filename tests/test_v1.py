@@ -72,15 +72,20 @@ async def test_streamed_completion_is_byte_exact_sse_ending_with_done(client: Te
     assert len(fake.chat_requests()) == 1
 
 
-async def test_upstream_is_asked_to_stream_the_callers_messages(client: TestClient, fake: FakeOpenAI) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+async def test_upstream_is_asked_to_stream_the_callers_messages_with_their_usage(
+        client: TestClient, fake: FakeOpenAI, stream: bool) -> None:
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                {"role": "user", "content": "Again"}]
-    response = await client.post("/v1/chat/completions", json=chat_body(messages=history))
+    response = await client.post("/v1/chat/completions", json=chat_body(messages=history, stream=stream))
     assert response.status == 200
+    await response.read()
     sent = fake.chat_requests()[0].body
+    # Always streamed (a plain answer is assembled from the stream): the same timeouts on every door.
     assert sent["stream"] is True
     assert sent["model"] == "gpt-3.5-turbo"
     assert sent["messages"] == history
+    assert sent["stream_options"] == {"include_usage": True}  # the server counts tokens
 
 
 async def test_plain_completion_is_one_chat_completion_object(client: TestClient) -> None:
@@ -91,8 +96,11 @@ async def test_plain_completion_is_one_chat_completion_object(client: TestClient
     assert body["object"] == "chat.completion"
     assert body["id"] == "chatcmpl-fake-1"
     assert body["model"] == "gpt-3.5-turbo"
+    # Assembled from the upstream's chunks, every field of them: usage, system_fingerprint...
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": FAKE_TEXT},
-                                "finish_reason": "stop"}]
+                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+    assert body["system_fingerprint"] == "fp_fake"
 
 
 async def test_models_lists_the_configured_models_in_openai_list_shape(make_client: MakeClient) -> None:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from chatgpt.domain.wechat import CHECK_FAILED, CONFIG_FAILED, WeChatRefused, WeChatUnreachable, WxSession
-from chatgpt.upstream.openai import make_session
+from chatgpt.upstream.session import make_session
 from chatgpt.upstream.wechat import WeChatClient
 from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
 from tests.helpers.capture import SecretCapture
@@ -122,7 +122,7 @@ async def test_a_wechat_that_never_answers_is_unreachable_after_the_timeout(
 
 async def test_an_http_error_through_the_apps_own_session_is_unreachable(wechat: FakeWeChat) -> None:
     wechat.broken = "html"  # the app session's middleware turns a non-2xx into its own error first
-    async with make_session(2, 5) as app_session:
+    async with make_session(2) as app_session:
         with pytest.raises(WeChatUnreachable):
             await client_for(wechat, app_session).code2session(wechat.login_code(OPENID))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from chatgpt.keys import wechat_login_key
 from tests.conftest import MakeClient, url
 from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
 from tests.helpers.capture import SecretCapture
+from tests.helpers.redisd import RedisServer, redis_server  # noqa: F401 (a fixture)
 
 OPENID = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
 LOGIN = "/api/auth/wx/login"
@@ -126,7 +128,7 @@ async def test_a_token_from_another_server_or_edited_is_refused(
         app_client: TestClient, wechat: FakeWeChat, make_client: MakeClient) -> None:  # type: ignore[type-arg]
     token = (await login(app_client, {"code": wechat.login_code(OPENID)}))["token"]
     other = await make_client(wechat={"appid": wechat.appid, "secret": wechat.secret, "api_base": wechat.base_url})
-    with pytest.raises(InvalidToken):  # each start without wechat.token_secret signs with a new random secret
+    with pytest.raises(InvalidToken):  # without wechat.token_secret, each server makes its own random secret
         other.app[wechat_login_key].openid_of(token)
     with pytest.raises(InvalidToken):
         app_client.app[wechat_login_key].openid_of(token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
@@ -137,5 +139,23 @@ async def test_a_configured_token_secret_keeps_tokens_valid_across_restarts(
     settings = {"appid": wechat.appid, "secret": wechat.secret, "api_base": wechat.base_url,
                 "token_secret": "a-shared-token-secret-0123456789"}
     first, second = await make_client(wechat=settings), await make_client(wechat=settings)
+    token = (await login(first, {"code": wechat.login_code(OPENID)}))["token"]
+    assert second.app[wechat_login_key].openid_of(token) == OPENID
+
+
+async def test_without_a_token_secret_tokens_stay_valid_across_a_restart_on_the_same_state_file(
+        make_client: MakeClient, wechat: FakeWeChat, tmp_path: Path) -> None:
+    settings = {"appid": wechat.appid, "secret": wechat.secret, "api_base": wechat.base_url}
+    first = await make_client(wechat=settings)
+    token = (await login(first, {"code": wechat.login_code(OPENID)}))["token"]
+    await first.close()  # the state file (with the made secret) is written at shutdown
+    second = await make_client(wechat=settings, state={"file": str(tmp_path / "state.json")})
+    assert second.app[wechat_login_key].openid_of(token) == OPENID
+
+
+async def test_without_a_token_secret_instances_sharing_redis_verify_each_others_tokens(
+        make_client: MakeClient, wechat: FakeWeChat, redis_server: RedisServer) -> None:
+    settings = {"appid": wechat.appid, "secret": wechat.secret, "api_base": wechat.base_url}
+    first, second = [await make_client(wechat=settings, state={"redis_url": redis_server.url}) for _ in range(2)]
     token = (await login(first, {"code": wechat.login_code(OPENID)}))["token"]
     assert second.app[wechat_login_key].openid_of(token) == OPENID

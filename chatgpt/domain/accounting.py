@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from chatgpt.domain.provider import Usage
+
 
 @dataclass
 class QuestionRecord:
@@ -19,6 +21,10 @@ class QuestionRecord:
     tokens: int = 0
     outcome: str = "ok"
     prompt: str | None = None  # logged only when settings.logging.prompts is on
+    model: str = "other"  # an offered model, or "other" (metric labels stay bounded)
+    payer: str = "pool"  # pool | trusted | own
+    upstream: str = ""  # the upstream that answered ("" for the built-in providers)
+    usage: Usage | None = None  # the upstream's count of the answer's tokens, when it gave one
 
     def token(self) -> None:
         """Count one delta with something of the answer; the first one stamps the time to first token."""
@@ -49,4 +55,9 @@ class Meter(Protocol):
     def upstream_failed(self, upstream: str, status: str, key: str) -> None:
         """A call to `upstream` failed with `status` (an HTTP status or the failure's name); `key` is the
         masked pool key, or "own" for the caller's key or none."""
+        ...
+
+    def content_checked(self, target: str, outcome: str) -> None:
+        """WeChat's content check of a `target` (prompt or answer segment) said `outcome` (pass, review,
+        risky), or `failed` (WeChat unreachable or refusing)."""
         ...

@@ -76,6 +76,32 @@ class PromptTooLong(BadQuestion):
         self.budget = budget
 
 
+ContentReason = Literal["word", "risky", "unchecked"]
+
+
+class ContentRefused(Refused):
+    """A prompt refused for its content (PROTOCOL.md E.5): a listed word, WeChat judged it risky, or WeChat
+    could not check it and `wechat.fail_open` is off (`unchecked`). Nothing is counted for it."""
+
+    def __init__(self, reason: ContentReason) -> None:
+        super().__init__(f"prompt refused ({reason})")
+        self.reason: ContentReason = reason
+
+
+class AnswerBlocked(Exception):
+    """An answer stopped for its content: a listed word completed (moderation.action refuse), a segment
+    WeChat judged risky, or one it could not check with `wechat.fail_open` off (`unchecked`). The
+    question went upstream, so it is charged."""
+
+    def __init__(self, reason: ContentReason) -> None:
+        super().__init__(f"answer blocked ({reason})")
+        self.reason: ContentReason = reason
+
+
+class LoginExpired(Refused):
+    """A mini-program login token that is malformed, not signed by this server, or expired."""
+
+
 class ShuttingDown(Exception):
     """An answer cut short because the server is stopping (SIGTERM)."""
 
@@ -93,7 +119,7 @@ class UpstreamFailed(Exception):
 
     def __init__(self, kind: FailureKind, *, status: int | None = None, message: str | None = None,
                  code: str | None = None, retry_after: float | None = None, host: str = "",
-                 subject: Literal["answer", "picture"] = "answer") -> None:
+                 subject: Literal["answer", "picture"] = "answer", detail: str | None = None) -> None:
         super().__init__(f"upstream {kind}" + (f" (HTTP {status})" if status else ""))
         self.kind: FailureKind = kind
         self.status = status
@@ -102,6 +128,7 @@ class UpstreamFailed(Exception):
         self.retry_after = retry_after
         self.host = host
         self.subject = subject  # what could not be had: an answer, or the picture the upstream linked
+        self.detail = detail  # for a timeout: which limit ran out, in English (host and seconds, no secret)
 
 
 # --- what providers raise (PROTOCOL.md's "upstream failures"), mapped by the pipeline -------------
@@ -109,8 +136,10 @@ class UpstreamFailed(Exception):
 class UpstreamError(Exception):
     """The upstream answered with a non-2xx status (or a 2xx that is not what was asked for)."""
 
-    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        super().__init__(f"upstream answered HTTP {status}")
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None, host: str = "",
+                 description: str | None = None) -> None:
+        where = f"the upstream {host}" if host else "the upstream"
+        super().__init__(description or f"{where} answered HTTP {status}")
         self.status = status
         self.body = body
         self.headers = headers or {}
@@ -118,15 +147,16 @@ class UpstreamError(Exception):
 
 
 class UpstreamUnreachable(Exception):
-    """The upstream could not be reached (DNS, refused, reset before an answer)."""
+    """The upstream could not be reached (DNS, refused, reset before an answer); the message says why."""
 
 
 class UpstreamBroken(Exception):
-    """The upstream stream ended or stalled before `[DONE]`, or sent something unreadable."""
+    """The upstream stream ended before `[DONE]`, or sent something unreadable; the message says what."""
 
 
 class UpstreamTimeout(UpstreamBroken):
-    """The upstream sent nothing for `upstream.read_timeout` seconds in the middle of an answer."""
+    """No answer event within `upstream.read_timeout` (comments do not count), or the answer outran
+    `upstream.answer_timeout`; the message says which."""
 
 
 def _parse_openai_error(body: bytes) -> tuple[str | None, str | None]:

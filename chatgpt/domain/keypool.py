@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import re
 import time
@@ -11,6 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+
+from chatgpt.domain.store import Store
+
+log = logging.getLogger(__name__)
 
 MAX_COOLDOWN = 3600.0
 _SNAPSHOT_VERSION = 1
@@ -51,15 +56,23 @@ class KeyPool:
     """Round-robin over healthy keys; 429 cools a key, 401/no quota disables it until a probe."""
 
     def __init__(self, keys: Sequence[str], *, clock: Callable[[], float] = time.monotonic,
-                 backoff_seconds: float = 20.0, probe_interval: float = 600.0) -> None:
-        """Keep the distinct non-blank keys in their given order."""
+                 backoff_seconds: float = 20.0, probe_interval: float = 600.0, store: Store | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
+        """Keep the distinct non-blank keys in their given order; with a shared store, every instance
+        sees a key's cool-down or disable (the store carries instants as `wall` epochs)."""
         self._clock = clock
+        self._wall = wall
+        self._store = store if store is not None and store.shared else None
+        self._publishing: set[asyncio.Task[None]] = set()
         self._backoff = backoff_seconds
         self.probe_interval = probe_interval
         # A dict keeps insertion order and drops duplicates in one step.
         self._states = {k: _KeyState() for k in (key.strip() for key in keys) if k}
         self._keys = list(self._states)
+        self._by_fingerprint = {fingerprint(key): key for key in self._keys}
         self._cursor = 0
+        if self._store is not None:
+            self._store.watch_key_health(self.apply_shared)
 
     def __len__(self) -> int:
         """Return how many keys are configured."""
@@ -68,6 +81,10 @@ class KeyPool:
     def __bool__(self) -> bool:
         """Return True when any key is configured, usable or not."""
         return bool(self._keys)
+
+    def fingerprints(self) -> list[str]:
+        """The keys' fingerprints in configured order (the order of `health()`)."""
+        return list(self._by_fingerprint)
 
     def _usable(self, state: _KeyState, now: float) -> bool:
         return not state.disabled and state.cool_until <= now
@@ -102,9 +119,10 @@ class KeyPool:
 
     def report_success(self, key: str) -> None:
         """Clear the key's 429 streak and cool-down (a disabled key waits for its probe)."""
-        if state := self._states.get(key):
+        if (state := self._states.get(key)) and (state.streak or state.cool_until):
             state.streak = 0
             state.cool_until = 0.0
+            self._publish(key)
 
     def report_rate_limited(self, key: str, retry_after: float | None) -> None:
         """Cool the key for Retry-After seconds, or an exponential backoff without one."""
@@ -119,6 +137,7 @@ class KeyPool:
             # The exponent is capped so a long streak cannot overflow the float.
             delay = min(self._backoff * 2.0 ** min(state.streak - 1, 32), MAX_COOLDOWN)
         state.cool_until = self._clock() + delay
+        self._publish(key)
 
     def report_invalid(self, key: str, reason: str) -> None:
         """Disable the key (401 or insufficient_quota) until a later probe succeeds."""
@@ -128,6 +147,7 @@ class KeyPool:
         state.disabled = True
         state.reason = reason
         state.probe_from = self._clock()
+        self._publish(key)
 
     def report_error(self, key: str) -> None:
         """Count a 5xx or network failure; the key stays usable since the fault is not its own."""
@@ -148,6 +168,55 @@ class KeyPool:
             state.disabled, state.reason, state.streak, state.cool_until = False, None, 0, 0.0
         else:
             state.probe_from = self._clock()
+        self._publish(key)
+
+    def _publish(self, key: str) -> None:
+        """Send the key's new health to every instance (shared store only), without waiting for it."""
+        if self._store is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): nobody to tell
+            return
+        task = loop.create_task(self._send(fingerprint(key), self.shared_health(key)))
+        self._publishing.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._publishing.discard)
+
+    async def _send(self, fp: str, health: dict[str, Any]) -> None:
+        assert self._store is not None
+        try:
+            await self._store.publish_key_health(fp, health)
+        except Exception:  # the store keeps it to retry; this task must not die noisily
+            log.exception("key health of %s not published", fp[:8])
+
+    def shared_health(self, key: str) -> dict[str, Any]:
+        """The key's health as the store keeps it: instants as wall-clock epochs (monotonic clocks differ
+        between processes)."""
+        state = self._states[key]
+        offset = self._wall() - self._clock()
+        return {"cool_until": state.cool_until + offset if state.cool_until else 0.0, "streak": state.streak,
+                "disabled": state.disabled, "reason": state.reason,
+                "probe_from": state.probe_from + offset if state.disabled else 0.0}
+
+    def apply_shared(self, records: dict[str, dict[str, Any]]) -> None:
+        """Take key health published by any instance; malformed records and unknown keys are ignored."""
+        offset = self._clock() - self._wall()
+        for fp, record in records.items():
+            key = self._by_fingerprint.get(fp)
+            if key is None or not isinstance(record, dict):
+                continue
+            state = self._states[key]
+            cool_until = _number(record.get("cool_until"), 2.0**40)
+            if cool_until is not None:
+                state.cool_until = cool_until + offset if cool_until > self._wall() else 0.0
+            if (streak := _number(record.get("streak"), 64)) is not None:
+                state.streak = int(streak)
+            if isinstance(record.get("disabled"), bool):
+                state.disabled = record["disabled"]
+                reason = record.get("reason")
+                state.reason = (reason[:200] if isinstance(reason, str) else "disabled") if state.disabled else None
+                if (probe_from := _number(record.get("probe_from"), 2.0**40)) is not None and state.disabled:
+                    state.probe_from = probe_from + offset
 
     def health(self) -> list[dict[str, Any]]:
         """Return one masked status dict per key, in configured order."""

@@ -1,9 +1,9 @@
-"""Per-key (per-IP) rate limiters on aiolimiter, bounded in memory by idle eviction and a size cap;
-and a sliding-window limit on failures (wrong admin tokens)."""
+"""Per-key (per-IP) rate limiters on aiolimiter, bounded in memory by idle eviction and a size cap.
+(The sliding-window limit on wrong admin tokens is in failures.py: it is kept in the store.)"""
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 
 from aiolimiter import AsyncLimiter
@@ -106,40 +106,3 @@ class LimiterTable:
             # buckets have drained the most, so forgetting them lets the least through.
             self._entries.popitem(last=False)
 
-
-class FailureLimit:
-    """At most `max_failures` failures per key in any `window` seconds (the admin API's wrong tokens):
-    past that the key is refused, even with the right answer, until its oldest failure leaves the window."""
-
-    def __init__(self, max_failures: int = 10, window: float = 60.0, *, max_keys: int = 10000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_failures = max_failures
-        self.window = window
-        self.max_keys = max_keys
-        self._clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # oldest-touched key first
-
-    def retry_after(self, key: str) -> float:
-        """Seconds until `key` may try again (0: it may now)."""
-        times = self._failures.get(key)
-        if times is None:
-            return 0.0
-        now = self._clock()
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return 0.0
-        if len(times) < self.max_failures:
-            return 0.0
-        return times[0] + self.window - now
-
-    def record(self, key: str) -> None:
-        """Count one failure of `key`."""
-        times = self._failures.pop(key, None)
-        if times is None:
-            times = deque(maxlen=self.max_failures)
-            while len(self._failures) >= self.max_keys:
-                self._failures.popitem(last=False)  # a flood of addresses forgets the quietest first
-        times.append(self._clock())
-        self._failures[key] = times

@@ -8,25 +8,49 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """What is asked of a provider: OpenAI-shaped messages and sampling options."""
+    """What is asked of a provider: OpenAI-shaped messages and sampling options. `extra` holds the
+    other request fields of an OpenAI caller (tools, response_format, stream_options...), passed on
+    as they came."""
 
     messages: list[dict[str, Any]]
     model: str
     temperature: float | None = None
     max_tokens: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # other OpenAI options, passed through
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens the upstream counted for one answer (`reasoning` is part of `completion`)."""
+
+    prompt: int = 0
+    completion: int = 0
+    reasoning: int = 0
+
+    def counts(self) -> dict[str, int]:
+        """`{"prompt", "completion", "reasoning"}` as the usage store keeps them (zeros left out)."""
+        return {k: n for k, n in (("prompt", self.prompt), ("completion", self.completion),
+                                  ("reasoning", self.reasoning)) if n}
+
+
+@dataclass(slots=True)  # not frozen: one is made per upstream event, and frozen ones cost twice as much
 class Delta:
-    """One new piece of an answer (all that one network read brought); `answer_id` is the same for
-    every piece of one answer."""
+    """One event of an answer: what it adds to the answer text, to the reasoning, whether it carries
+    (part of) a tool call, the usage when the upstream reports it, and the event's own data text
+    (`payload`, relayed as is on `/v1`; "" when the provider has no OpenAI events of its own)."""
 
-    answer_id: str
-    text: str
+    text: str = ""
+    reasoning: str = ""
+    tool_call: bool = False
+    usage: Usage | None = None
+    payload: str = ""
     finish_reason: str | None = None
-    raw: bytes = b""  # the upstream's own SSE events behind this piece (`data: ...` lines), relayed as is on /v1
-    last: bool = False  # the upstream ended the answer in the same read: nothing follows this piece
+    answer_id: str = ""  # the upstream's id for the answer ("" when it sent none)
+
+    @property
+    def usage_only(self) -> bool:
+        """An event that carries nothing but the usage (OpenAI's last chunk, `choices: []`)."""
+        return self.usage is not None and not (self.text or self.reasoning or self.tool_call or self.finish_reason)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any
 
+from chatgpt.domain.store import Store
+
 
 class DailyQuota:
     """Counts questions per identity for the current local day; `limit` may change at runtime."""
@@ -35,12 +37,12 @@ class DailyQuota:
         self._today()
         return max(0, self.limit - self._used.get(identity, 0))
 
-    def take(self, identity: str) -> bool:
+    def take(self, identity: str, limit: int | None = None) -> bool:
         """Count one question for `identity`; return False (counting nothing) if none are left."""
         self._today()
         used = self._used.get(identity, 0)
         # Compared against the current limit, so lowering demoLimit takes effect at once.
-        if used >= self.limit:
+        if used >= (self.limit if limit is None else limit):
             return False
         self._used[identity] = used + 1
         return True
@@ -89,3 +91,30 @@ class DailyQuota:
             # bool is an int subclass; true/false in a hand-edited file is not a count.
             if isinstance(identity, str) and type(count) is int and count > 0
         }
+
+
+class Quota:
+    """A named daily quota (the rule the pipeline calls); its counters live in the store, so with
+    Redis every instance counts against the same number."""
+
+    def __init__(self, store: Store, counter: str, limit: int) -> None:
+        """Count under `counter` in `store`, allowing `limit` per identity per day (changeable)."""
+        self.store = store
+        self.counter = counter
+        self.limit = limit
+
+    async def take(self, identity: str) -> bool:
+        """Count one question; False (nothing counted) when the day's questions are used up."""
+        return await self.store.take(self.counter, identity, self.limit)
+
+    async def refund(self, identity: str) -> None:
+        """Give one question back (the upstream produced nothing)."""
+        await self.store.refund(self.counter, identity)
+
+    async def remaining(self, identity: str) -> int:
+        """Questions `identity` may still ask today (never negative)."""
+        return max(0, self.limit - await self.store.used(self.counter, identity))
+
+    async def reset(self, identity: str | None = None) -> int:
+        """Clear one identity's counter, or everyone's; how many were cleared."""
+        return await self.store.reset(self.counter, identity)

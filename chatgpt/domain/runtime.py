@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from chatgpt.domain.store import Store
 from chatgpt.settings import RuntimeSettings
 
 TEXT_LIMIT = 20000  # announcement / demoChat are shown in the client; keep them bounded
@@ -13,7 +14,11 @@ class RuntimeFlags:
 
     NAMES = ("status", "isDebug", "announcement", "demoChat", "demoLimit")
 
-    def __init__(self, initial: RuntimeSettings, demo_limit: int) -> None:
+    def __init__(self, initial: RuntimeSettings, demo_limit: int, store: Store | None = None) -> None:
+        """Start from the configured values; with a store, changes made elsewhere are applied here."""
+        self._store = store
+        if store is not None:
+            store.watch_flags(self.restore, self.as_dict)
         self.status = initial.status
         self.isDebug = initial.isDebug
         self.announcement = initial.announcement
@@ -49,8 +54,25 @@ class RuntimeFlags:
                 except ValueError:
                     pass
 
+    async def change(self, changes: Any) -> dict[str, Any]:
+        """The admin's change: checked, applied here, then published to every instance (the store)."""
+        checked = self.check(changes)
+        self._apply(checked)
+        if self._store is not None:
+            await self._store.publish_flags(checked)
+        return self.as_dict()
+
     def update(self, changes: Any) -> dict[str, Any]:
         """Apply a JSON object of changes after checking every one; raise ValueError naming the field."""
+        self._apply(self.check(changes))
+        return self.as_dict()
+
+    def _apply(self, checked: dict[str, Any]) -> None:
+        for name, value in checked.items():
+            setattr(self, name, value)
+
+    def check(self, changes: Any) -> dict[str, Any]:
+        """The changes if every one is valid; raise ValueError naming the first bad field."""
         if not isinstance(changes, dict) or not changes:
             raise ValueError("expected a non-empty JSON object of flags")
         checked: dict[str, Any] = {}
@@ -65,6 +87,4 @@ class RuntimeFlags:
             elif name in ("status", "isDebug") and value.strip().upper() not in ("TRUE", "FALSE"):
                 raise ValueError(f"{name}: expected TRUE or FALSE")
             checked[name] = value
-        for name, value in checked.items():
-            setattr(self, name, value)
-        return self.as_dict()
+        return checked

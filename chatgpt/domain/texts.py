@@ -19,6 +19,8 @@ WS_TOO_FAST = "请求频繁!"
 QUOTA_USED_UP = "今天请求已达最大限制数。"
 UPSTREAM_FAILED = "服务出错, 请稍后再试!"
 UPSTREAM_UNREACHABLE = "服务器网络开小差了, 请稍后再试~"
+UPSTREAM_TIMEOUT = "服务响应超时, 请稍后再试!"
+THINKING = "思考中…"  # the first line of the quote a websocket bubble shows while the model reasons
 FRAME_NOT_JSON = "消息格式不正确: 需要一个JSON对象。"
 FRAME_BAD_FIELD = "消息格式不正确: 字段 {field} 的类型错误。"
 TOKEN_MODE_GONE = "Token登录方式已停用, 请使用API Key。"
@@ -28,9 +30,15 @@ SHUTTING_DOWN = "服务器正在重启, 请稍后再试~"  # PROTOCOL.md E.3
 ANSWER_TOO_LONG = "回答超出长度限制, 已停止。"
 PROMPT_EMPTY = "请输入图片描述。"
 NO_SERVER_KEY = "服务器未配置API Key, 请使用自己的API Key。"
-SERVER_BUSY = "服务繁忙, 请稍后再试~"  # every key of the server's pool is cooling down (PROTOCOL.md E.1)
+SERVER_BUSY = "服务繁忙, 请稍后再试~"  # every pool key cooling (E.1), or the shared quota unreachable (E.6)
 MODEL_NOT_FOUND = "模型 {model} 不可用, 请换一个模型。"
 NO_IMAGES = "这台服务器不提供图片生成。"
+
+# Content safety (PROTOCOL.md E.5).
+CONTENT_SENSITIVE = "内容包含敏感词, 请修改后再试"  # a prompt with a listed word, or one WeChat judged risky
+CONTENT_BLOCKED = "内容不合规, 已被屏蔽"  # an answer stopped for its content
+CONTENT_UNCHECKED = "内容安全检查失败, 请稍后再试"  # WeChat could not check it and wechat.fail_open is off
+LOGIN_EXPIRED = "登录已过期, 请重新登录"  # a websocket frame's login token is invalid or expired
 
 # Obsolete ChatGPT web login (PROTOCOL.md C.1).
 LOGIN_GONE = "账号密码和Token登录已停用, 请使用API Key登录。"
@@ -45,3 +53,11 @@ OFFLINE_ANSWER = (
 
 # Prompt that asks for the remaining daily quota instead of an answer (PROTOCOL.md A.5).
 QUOTA_QUERY = "查询次数"
+
+# What the upstream reader says of a failure, in English: in the log line, and for a timeout also to
+# SDK and curl users (which limit ran out). Never a key: only the upstream's host.
+EN_UPSTREAM_TIMEOUT = "The upstream did not answer in time."
+EN_UNREACHABLE = "Could not reach the upstream {host} ({cause})."
+EN_READ_TIMEOUT = "The upstream {host} sent no answer event for {seconds:g} s (upstream.read_timeout)."
+EN_ANSWER_TIMEOUT = "The upstream {host} took longer than {seconds:g} s for one answer (upstream.answer_timeout)."
+EN_BROKEN = "The upstream {host} broke off its answer: {cause}."

@@ -55,6 +55,8 @@ class Progress:
 
     asked: bool = False  # a request went upstream
     produced: bool = False  # the upstream gave something of an answer (text, reasoning, a tool call, a picture)
+    upstream: Upstream | None = None  # who was asked last (None: a built-in provider)
+    pool_key: str | None = None  # the server's key of the last request (its tokens are counted against it)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ def failure_of(exc: BaseException, pooled: bool, host: str, subject: Subject = "
     if isinstance(exc, UpstreamUnreachable):
         return UpstreamFailed("unreachable", host=host, subject=subject)
     if isinstance(exc, (UpstreamTimeout, asyncio.TimeoutError)):
-        return UpstreamFailed("timeout", host=host, subject=subject)
+        detail = str(exc) if isinstance(exc, UpstreamTimeout) and str(exc) else None
+        return UpstreamFailed("timeout", host=host, subject=subject, detail=detail)
     return UpstreamFailed("broken", host=host, subject=subject)
 
 
@@ -191,6 +194,7 @@ class Upstreams:
         if upstream is not None and pool_key is not None:
             upstream.keys.record_request(pool_key)
         progress.asked = True
+        progress.upstream, progress.pool_key = upstream, pool_key
         try:
             async with opened(attempt(provider, key)) as items:
                 async for item in items:

@@ -47,7 +47,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     # Ids are issued by the server and bound to their caller: an id this caller does not hold
     # (unknown, expired, someone else's) starts a new conversation under a new id (PROTOCOL.md E.3).
     owner = owner_of(identity, payer)
-    cid, history = memory.open(cid, owner)
+    cid, history = await memory.open(cid, owner)
     question = Question("chat", identity, payer, [*history, {"role": "user", "content": content}], model)
     sse = "text/event-stream" in request.headers.get("Accept", "")
     async with aclosing(pipeline.answer(question)) as deltas:
@@ -64,16 +64,37 @@ async def _body(first: Delta | None, deltas: Answer, memory: ConversationMemory,
                 content: str, sse: bool) -> AsyncGenerator[Piece, None]:
     """The answer as plain text, or as SSE events (`conversation`, then data, then `done`)."""
     parts: list[str] = []
+    # With listed words, each holds back only a tail that could still become a word (PROTOCOL.md E.5).
+    masker = deltas.words.stream() if deltas.words is not None else None
+    thinking = deltas.words.stream() if deltas.words is not None else None
+    answering = False
     if sse:
         yield _event("conversation", {"conversationId": cid}), False
     delta = first
     while delta is not None:
         if delta.text:
-            parts.append(delta.text)
-            yield (_event(None, {"content": delta.text}) if sse else delta.text.encode(errors="replace")), False
+            if sse and not answering and thinking is not None and (held := thinking.flush()):
+                yield _event("reasoning", {"content": held}), False  # the reasoning is over
+            answering = True
+            text = delta.text if masker is None else masker.feed(delta.text)
+            if text:
+                parts.append(text)
+                yield _piece(text, sse), False
+        elif delta.reasoning and sse and not answering:  # the model's thinking, before its answer
+            reasoning = delta.reasoning if thinking is None else thinking.feed(delta.reasoning)
+            if reasoning:
+                yield _event("reasoning", {"content": reasoning}), False
         delta = await anext(deltas, None)
-    memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered
-    yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True
+    end = _event("done", {"conversationId": cid}) if sse else b"\n"
+    if masker is not None and (rest := masker.flush()):
+        parts.append(rest)
+        end = _piece(rest, sse) + end
+    await memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered, as sent
+    yield end, True
+
+
+def _piece(text: str, sse: bool) -> bytes:
+    return _event(None, {"content": text}) if sse else text.encode(errors="replace")
 
 
 def _error_event(sse: bool) -> Callable[[BaseException], bytes]:

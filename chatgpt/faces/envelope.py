@@ -11,9 +11,12 @@ from aiohttp import web
 from chatgpt import jsontext
 from chatgpt.domain import texts
 from chatgpt.domain.errors import (
+    AnswerBlocked,
     BadQuestion,
     Busy,
+    ContentRefused,
     EmptyContext,
+    LoginExpired,
     Maintenance,
     ModelNotFound,
     NoServerKey,
@@ -57,6 +60,8 @@ def _upstream(failure: UpstreamFailed) -> tuple[str, str]:
     code = "400001" if failure.kind == "refused" and failure.status in (401, 403) else "500001"
     if failure.message:
         return code, failure.message
+    if failure.kind == "timeout":  # PROTOCOL.md E.2: read_timeout or answer_timeout ran out
+        return code, texts.UPSTREAM_TIMEOUT
     return code, texts.UPSTREAM_UNREACHABLE if failure.kind == "unreachable" else texts.UPSTREAM_FAILED
 
 
@@ -72,6 +77,12 @@ def known_error(exc: BaseException) -> tuple[str, str] | None:
         return "700001", texts.QUOTA_USED_UP
     if isinstance(exc, ModelNotFound):
         return "300001", texts.MODEL_NOT_FOUND.format(model=exc.model)
+    if isinstance(exc, ContentRefused):
+        return "400001", texts.CONTENT_UNCHECKED if exc.reason == "unchecked" else texts.CONTENT_SENSITIVE
+    if isinstance(exc, AnswerBlocked):
+        return "400001", texts.CONTENT_UNCHECKED if exc.reason == "unchecked" else texts.CONTENT_BLOCKED
+    if isinstance(exc, LoginExpired):
+        return "400001", texts.LOGIN_EXPIRED
     if isinstance(exc, Busy):
         return "500001", texts.SERVER_BUSY
     if isinstance(exc, NoServerKey):

@@ -13,7 +13,10 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from chatgpt import jsontext
+from chatgpt.domain import texts
 from chatgpt.faces.markdown import IncrementalRenderer, to_html
+from chatgpt.faces.masking import unhide
+from chatgpt.faces.pacing import TextPace
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,12 @@ def text_frame(cid: Any, answer_id: str, content: str, html: str | None = None) 
     """The whole answer so far (cumulative) with its Markdown rendered."""
     return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content) if html is None else html,
                   createTime=now_text(), isDone=False, isSuccess=True)
+
+
+def thinking_quote(reasoning: str) -> str:
+    """What a bubble shows while only reasoning has arrived: a Markdown quote, the line `> 思考中…`
+    then the reasoning so far, every line prefixed `> `."""
+    return f"> {texts.THINKING}\n> " + reasoning.replace("\n", "\n> ")
 
 
 def done_frame(cid: Any) -> dict[str, Any]:
@@ -72,13 +81,16 @@ def pong_frame() -> dict[str, Any]:
 class _PendingText:
     cid: Any
     answer_id: str
-    content: str
+    parts: list[str]  # the answer (or the reasoning) so far: joined only when a frame is sent
+    thinking: bool = False
+    source: list[str] | None = None  # the Markdown its html is rendered from, when not `parts` (masked words)
 
 
 class FrameWriter:
     """The only task that writes to one socket. Text frames of an answer are coalesced: a newer
-    cumulative text replaces a queued one, and at most one is sent per interval (the first at once).
-    HTML is rendered only for frames actually sent. The task exists only while frames wait, so an
+    cumulative text replaces a queued one, and the next goes out when the answer's pace allows
+    (faces/pacing.py: the interval, then a byte budget per answer; the first frame at once, the last
+    text never held for the budget). HTML is rendered only for frames actually sent. The task exists only while frames wait, so an
     idle socket costs no task.
 
     While frames wait, a watchdog checks the socket's send buffer: when bytes sit there without
@@ -86,15 +98,17 @@ class FrameWriter:
     `on_stall` (which closes the socket), instead of waiting on the full buffer for ever."""
 
     def __init__(self, ws: web.WebSocketResponse, interval: float, *, stall_seconds: float = 25.0,
-                 buffered: Callable[[], int] = lambda: 0, on_stall: Callable[[], None] = lambda: None) -> None:
+                 buffered: Callable[[], int] = lambda: 0, on_stall: Callable[[], None] = lambda: None,
+                 bytes_per_second: float = 0.0, burst_bytes: float = 0.0) -> None:
         self._ws = ws
-        self._interval = interval
+        self._pace = TextPace(interval, bytes_per_second, burst_bytes)
+        self._behind: asyncio.Future[None] | None = None  # set when a frame is queued behind a waiting text
         self._queue: deque[dict[str, Any] | _PendingText] = deque()
         self._task: asyncio.Task[None] | None = None
         self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
         self._last_answer: str | None = None
-        self._last_text_at = 0.0
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
+        self._thinking = IncrementalRenderer()  # of its reasoning, inside the quote
         self._stall_seconds = stall_seconds
         self._buffered = buffered  # bytes the transport holds that the client has not taken yet
         self._on_stall = on_stall
@@ -107,13 +121,17 @@ class FrameWriter:
         """Queue a frame to be sent after everything queued before it."""
         self._push(frame)
 
-    def send_text(self, cid: Any, answer_id: str, content: str) -> None:
-        """Queue the cumulative text of an answer, replacing its queued older text if any."""
+    def send_text(self, cid: Any, answer_id: str, parts: list[str], thinking: bool = False,
+                  source: list[str] | None = None) -> None:
+        """Queue the cumulative text of an answer (`parts`, still growing: it is joined when the frame
+        goes out), replacing its queued older text if any. `thinking`: the parts are reasoning, shown
+        as a quote (`thinking_quote`) until the answer's own text replaces it. `source`: the Markdown
+        the html is rendered from when it is not the text itself (masked words, faces/masking.py)."""
         tail = self._queue[-1] if self._queue else None
         if isinstance(tail, _PendingText) and tail.answer_id == answer_id:
-            tail.content = content
+            tail.parts, tail.thinking, tail.source = parts, thinking, source
             return
-        self._push(_PendingText(cid, answer_id, content))
+        self._push(_PendingText(cid, answer_id, parts, thinking, source))
 
     def _push(self, item: dict[str, Any] | _PendingText) -> None:
         if self.stalled:
@@ -123,6 +141,8 @@ class FrameWriter:
             self._stall("%d frames waiting", len(self._queue))
             return
         self._queue.append(item)
+        if self._behind is not None and not self._behind.done():
+            self._behind.set_result(None)  # the waiting text is now the last of its run: it goes sooner
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
             if self._watchdog is None:
@@ -158,9 +178,18 @@ class FrameWriter:
     async def _wait_interval(self, item: _PendingText) -> None:
         if item.answer_id != self._last_answer:
             return  # the first text frame of an answer is never delayed
-        delay = self._last_text_at + self._interval - time.monotonic()
+        loop = asyncio.get_running_loop()
+        delay = self._pace.interval_wait(loop.time())
         if delay > 0:
             await asyncio.sleep(delay)
+        # Nothing queued behind the text: the answer goes on, so the byte budget applies. A frame
+        # queued meanwhile (the end frame) makes it the answer's last text, which goes at once.
+        while len(self._queue) == 1 and (delay := self._pace.budget_wait(loop.time())) > 0:
+            self._behind = loop.create_future()
+            try:
+                await asyncio.wait((self._behind,), timeout=delay)
+            finally:
+                self._behind = None
 
     async def wait_for_room(self, timeout: float) -> bool:
         """Wait until at most LOW_WATER frames wait; False if the client read nothing for `timeout`.
@@ -215,13 +244,28 @@ class FrameWriter:
         head = self._queue[0]
         if isinstance(head, _PendingText):
             await self._wait_interval(head)  # head stays queued, so newer text can still replace it
+            if not self._queue or self._queue[0] is not head:
+                return  # the queue was cleared while the text waited (the client stopped reading)
             if head.answer_id != self._last_answer:
-                self._renderer = IncrementalRenderer()
-            frame = text_frame(head.cid, head.answer_id, head.content, self._renderer.render(head.content))
-            self._last_answer, self._last_text_at = head.answer_id, time.monotonic()
+                self._renderer, self._thinking = IncrementalRenderer(), IncrementalRenderer()
+            text = "".join(head.parts)
+            source = text if head.source is None else "".join(head.source)
+            if head.thinking:
+                # The quote's HTML is a blockquote around the rendering of its unquoted lines (the
+                # same HTML, CommonMark defines a quote's content that way), so the reasoning renders
+                # incrementally instead of whole for every frame.
+                html = "<blockquote>\n" + self._thinking.render(f"{texts.THINKING}\n{source}") + "</blockquote>\n"
+                content = thinking_quote(text)
+            else:
+                html, content = self._renderer.render(source), text
+            frame = text_frame(head.cid, head.answer_id, content, html if head.source is None else unhide(html))
         else:
             frame = head
         self._queue.popleft()
         self._made_room()
         # Always valid UTF-8 (a lone surrogate echoed from the client goes out escaped).
-        await self._ws.send_frame(jsontext.dumpb(frame), WSMsgType.TEXT)
+        data = jsontext.dumpb(frame)
+        if isinstance(head, _PendingText):
+            self._pace.sent(asyncio.get_running_loop().time(), len(data), head.answer_id != self._last_answer)
+            self._last_answer = head.answer_id
+        await self._ws.send_frame(data, WSMsgType.TEXT)

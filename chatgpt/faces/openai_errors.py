@@ -12,9 +12,12 @@ from aiohttp import web
 
 from chatgpt import jsontext
 from chatgpt.domain.errors import (
+    AnswerBlocked,
     BadQuestion,
     Busy,
+    ContentRefused,
     EmptyContext,
+    LoginExpired,
     Maintenance,
     ModelNotFound,
     NoServerKey,
@@ -79,8 +82,9 @@ def _upstream(failure: UpstreamFailed) -> OpenAIError:
         return OpenAIError(503, "The upstream refused this server's key; try again later.", "api_error")
     if failure.kind == "unreachable":
         return OpenAIError(502, f"Could not reach the upstream{where}.", "api_error")
-    if failure.kind == "timeout":
-        return OpenAIError(504, f"The upstream{where} did not answer in time.", "api_error")
+    if failure.kind == "timeout":  # which limit ran out, when the reader said
+        return OpenAIError(504, failure.detail or f"The upstream{where} did not answer in time.", "api_error",
+                           "upstream_timeout")
     if failure.kind == "empty":
         return OpenAIError(502, "The upstream sent an empty answer.", "api_error")
     return OpenAIError(502, f"The upstream{where} broke off its answer or sent something unreadable.",
@@ -105,6 +109,18 @@ def _known(exc: BaseException) -> OpenAIError | None:
     if isinstance(exc, ModelNotFound):
         return OpenAIError(404, f"The model `{exc.model}` is not available on this server.", code="model_not_found",
                            param="model")
+    if isinstance(exc, ContentRefused):
+        if exc.reason == "unchecked":
+            return OpenAIError(503, "The content check is unavailable; try again later.", "server_error")
+        return OpenAIError(400, "The prompt contains content this server does not accept; rephrase it.",
+                           code="content_filter", param="messages")
+    if isinstance(exc, AnswerBlocked):
+        if exc.reason == "unchecked":
+            return OpenAIError(503, "The answer could not be checked; try again later.", "server_error")
+        return OpenAIError(400, "The answer was stopped: it contains content this server does not pass on.",
+                           code="content_filter")
+    if isinstance(exc, LoginExpired):
+        return OpenAIError(401, "The login token is invalid or expired; log in again.", code="invalid_token")
     if isinstance(exc, Busy):
         return OpenAIError(503, "Every upstream key of this server is busy; try again later.", "server_error",
                            retry_after=exc.retry_after)

@@ -6,18 +6,23 @@ import time
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from chatgpt.keys import (metrics_allow_key, metrics_key, pipeline_key, routes_key, settings_key, sockets_key,
-                          started_key)
+from chatgpt.keys import (metrics_allow_key, metrics_key, pipeline_key, settings_key, sockets_key, started_key,
+                          store_key)
+from chatgpt.server.redis_store import RedisStore
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 while the process serves: uptime, where answers come from, key health, upstream reachability."""
+    """200 while the process serves: uptime, where answers come from, key health, upstream reachability;
+    with Redis configured, whether it answers (`"status": "degraded"` while it does not)."""
     app = request.app
+    store = app[store_key]
+    shared = {"redis": store.up} if isinstance(store, RedisStore) else {}
     return web.json_response({
-        "status": "ok",
+        "status": "degraded" if shared.get("redis") is False else "ok",
         "uptime_s": round(time.monotonic() - app[started_key], 1),
         "provider": app[settings_key].pool_provider,
         **app[pipeline_key].health(),  # serving, keys, upstream_reachable
+        **shared,
     })
 
 

@@ -17,35 +17,41 @@ from chatgpt.domain.answer import Answer, new_answer_id
 from chatgpt.domain.errors import BadQuestion
 from chatgpt.domain.provider import Delta
 from chatgpt.domain.question import Payer, Question
+from chatgpt.faces.completion import Completion
+from chatgpt.faces.masking import ChunkMasker, mask_completion
 from chatgpt.faces.openai_errors import error_event, error_middleware
 from chatgpt.keys import pipeline_key, routes_key, settings_key
 from chatgpt.server.bodies import read_object
 from chatgpt.server.guards import identity_of
 from chatgpt.server.streaming import Piece, StreamingAnswer, send_stream
 
-PASSED_THROUGH = {"top_p": (int, float), "stop": (str, list), "presence_penalty": (int, float),
-                  "frequency_penalty": (int, float), "user": (str,), "seed": (int,)}
+# Fields the server decides itself; every other request field goes to the upstream as it came
+# (tools, tool_choice, response_format, logprobs, seed, stop, user, stream_options, metadata...).
+SERVER_OWNED = frozenset({"model", "messages", "stream", "n", "temperature"})
 IMAGE_SIZE = re.compile(r"^\d{2,4}x\d{2,4}$")
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
 
 def parse_messages(value: Any) -> list[dict[str, Any]]:
-    """`messages`: a non-empty list of {role, content}; content a string or a list of parts."""
+    """`messages`: a non-empty list of objects with a string `role`; content a string, a list of parts
+    or null. Every other field (tool_calls, tool_call_id, name, reasoning_content...) is kept."""
     if not isinstance(value, list) or not value:
         raise BadQuestion("'messages' must be a non-empty array.", "messages")
-    cleaned = []
     for i, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("role"), str):
             raise BadQuestion(f"'messages.{i}' must be an object with a string 'role'.", "messages")
         content = item.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise BadQuestion(f"'messages.{i}.content' must be a string or an array.", "messages")
-        message = {"role": item["role"], "content": content if content is not None else ""}
-        if isinstance(item.get("name"), str):
-            message["name"] = item["name"]
-        cleaned.append(message)
-    return cleaned
+    return [dict(item) for item in value]
+
+
+def _positive(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise BadQuestion(f"'{name}' must be a positive integer.", name)
+    return value
 
 
 def payer_of(request: web.Request) -> Payer:
@@ -58,20 +64,20 @@ def parse_question(body: dict[str, Any], request: web.Request) -> tuple[Question
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadQuestion("'stream' must be a boolean.", "stream")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise BadQuestion("Only n=1 is supported.", "n")
-    temperature, max_tokens = body.get("temperature"), body.get("max_tokens", body.get("max_completion_tokens"))
+    temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0 <= temperature <= 2):
         raise BadQuestion("'temperature' must be a number between 0 and 2.", "temperature")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise BadQuestion("'max_tokens' must be a positive integer.", "max_tokens")
+    # Both names stay in `extra` (the provider puts the capped limit under the name the caller used).
+    limits = [n for n in (_positive(body, "max_completion_tokens"), _positive(body, "max_tokens")) if n]
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadQuestion("'model' must be a string.", "model")
-    extra = {k: v for k, v in body.items() if k in PASSED_THROUGH and isinstance(v, PASSED_THROUGH[k])}
+    extra = {k: v for k, v in body.items() if k not in SERVER_OWNED}
     question = Question("v1", identity_of(request), payer_of(request), parse_messages(body.get("messages")), model,
-                        max_tokens=max_tokens, temperature=temperature, extra=extra)
+                        max_tokens=min(limits) if limits else None, temperature=temperature, extra=extra)
     return question, stream
 
 
@@ -85,59 +91,80 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """`POST /v1/chat/completions`, streamed (SSE) or as one JSON answer."""
     pipeline = request.config_dict[pipeline_key]
     await pipeline.admit("v1", identity_of(request))
-    question, stream = parse_question(await read_object(request), request)
+    body = await read_object(request)
+    question, stream = parse_question(body, request)
     created = int(time.time())
     async with aclosing(pipeline.answer(question)) as deltas:
         if stream:
-            return await _stream(request, deltas, deltas.model, created)
-        parts: list[str] = []
-        answer_id, finish = "", "stop"
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            return await _stream(request, deltas, deltas.model, created, usage)
+        # Assembled from the stream: the same timeouts and fall-over as every other door (completion.py).
+        answer = Completion()
         async for delta in deltas:
-            answer_id = answer_id or delta.answer_id
-            parts.append(delta.text)
-            finish = delta.finish_reason or finish
-    return web.json_response({
-        "id": answer_id or new_answer_id(), "object": "chat.completion", "created": created, "model": deltas.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                     "finish_reason": finish}],
-    }, dumps=jsontext.dumps)
+            answer.add(delta)
+    whole = answer.answer(deltas.model, created)
+    if deltas.words is not None:
+        whole = mask_completion(whole, deltas.words)  # listed words (PROTOCOL.md E.5)
+    return web.Response(body=jsontext.dumpb(whole), content_type="application/json")
 
 
-async def _stream(request: web.Request, deltas: Answer, model: str, created: int) -> web.StreamResponse:
+async def _stream(request: web.Request, deltas: Answer, model: str, created: int, usage: bool) -> web.StreamResponse:
     # The first delta is awaited before the headers go out, so a refusal or an upstream error
     # before any text still gets its real HTTP status and OpenAI's error JSON.
     first: Delta | None = await anext(deltas, None)
     response = StreamingAnswer(headers=SSE_HEADERS)
     await response.prepare(request)
-    return await send_stream(request, response, _sse_body(first, deltas, model, created), error_event)
+    return await send_stream(request, response, _sse_body(first, deltas, model, created, usage), error_event)
 
 
-async def _sse_body(first: Delta | None, deltas: Answer, model: str, created: int) -> AsyncGenerator[Piece, None]:
-    """The answer as OpenAI SSE: the upstream's own chunks when it sent some, else our encoding."""
+def _event(payload: str) -> bytes:
+    """One SSE event carrying `payload` untouched; a payload of several lines needs a `data:` field per line."""
+    if "\n" in payload:
+        payload = payload.replace("\n", "\ndata: ")
+    return f"data: {payload}\n\n".encode()
+
+
+async def _sse_body(first: Delta | None, deltas: Answer, model: str, created: int,
+                    usage: bool) -> AsyncGenerator[Piece, None]:
+    """The answer as OpenAI SSE: each upstream event re-framed with its data untouched (the usage-only
+    chunk only for a caller that asked for it); our own chunks for a provider without OpenAI events.
+    With listed words to mask, the events' text is masked and re-encoded (`ChunkMasker`)."""
     answer_id = (first.answer_id if first else "") or new_answer_id()
+    masker = ChunkMasker(deltas.words) if deltas.words is not None else None
     relayed, encoded, finish = False, False, None
-    held = b""
-    delta = first
-    while delta is not None:
-        data = b""
-        if delta.raw:
-            # The upstream's own chunks, byte for byte: one write for all a network read brought.
+
+    def piece(delta: Delta) -> bytes | None:
+        nonlocal relayed, encoded, finish
+        finish = delta.finish_reason or finish
+        if delta.payload:
             relayed = True
-            data = delta.raw
-        elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
+            if not usage and delta.usage_only:
+                return None
+            payload = delta.payload if masker is None else masker.payload(delta)
+            return _event(payload) if payload is not None else None
+        if delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
+            text = delta.text if masker is None else masker.text(delta.text)
+            if not text:
+                return None
             role = {} if encoded else {"role": "assistant"}
             encoded = True
-            data = _chunk(answer_id, created, model, {**role, "content": delta.text}, None)
-        if delta.finish_reason:
-            finish = delta.finish_reason
-        if delta.last:
-            held = data  # nothing follows: it leaves with the tail and the end of the body, in one write
-        elif data:
+            return _chunk(answer_id, created, model, {**role, "content": text}, None)
+        return None
+
+    if first is not None:
+        if (data := piece(first)) is not None:
             yield data, False
         # Also after the last piece: the pipeline finishes its accounting when the answer ends.
-        delta = await anext(deltas, None)
+        async for delta in deltas:
+            if (data := piece(delta)) is not None:
+                yield data, False
     tail = b"data: [DONE]\n\n"
-    yield held + (tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail), True
+    rest = masker.rest() if masker is not None else {}
+    if rest:  # held back at the end of a stream that sent no finish chunk
+        rest = rest if encoded or relayed else {"role": "assistant", **rest}
+        tail = _chunk(answer_id, created, model, rest, None) + tail
+    yield (tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail), True
 
 
 async def image_generations(request: web.Request) -> web.Response:

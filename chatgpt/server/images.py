@@ -19,6 +19,7 @@ import aiohttp
 from chatgpt.domain.errors import UpstreamBroken
 from chatgpt.domain.pictures import StoredImage
 from chatgpt.domain.provider import GeneratedImage
+from chatgpt.domain.failover import host_of
 from chatgpt.upstream.network import upstream_call
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class ImageStore:
     async def _download(self, url: str, temp: Path) -> str:
         timeout = aiohttp.ClientTimeout(total=self._download_seconds, sock_connect=10)
         opened = False
-        with upstream_call("picture download", lambda: opened):
+        with upstream_call(host_of(url), lambda: opened):
             async with self._session.get(url, timeout=timeout) as response:
                 opened = True
                 return await self._write_stream(response, temp)

@@ -33,6 +33,8 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # aiohttp-sse-client logs every event's data at DEBUG: answers are not the log's business.
+    logging.getLogger("aiohttp_sse_client").setLevel(logging.INFO)
 
 
 class BadRequestFilter(logging.Filter):

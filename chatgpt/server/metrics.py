@@ -39,15 +39,23 @@ class Metrics:
         self.duration = Histogram("chatgpt_answer_duration_seconds", "Time to the end of an answer",
                                   ["entry"], buckets=_DURATION, registry=r)
         self.tokens = Counter("chatgpt_relayed_deltas", "Answer pieces relayed to clients", ["entry"], registry=r)
+        self.token_usage = Counter("chatgpt_tokens", "Tokens the upstream counted, by kind, payer, model and upstream",
+                                   ["kind", "payer", "model", "upstream"], registry=r)
         self.upstream_errors = Counter("chatgpt_upstream_errors", "Upstream failures by upstream, status and masked key",
                                        ["upstream", "status", "key"], registry=r)
         self.limiter_refusals = Counter("chatgpt_limiter_refusals", "Requests refused by a per-IP limiter",
                                         ["entry"], registry=r)
         self.quota_refusals = Counter("chatgpt_quota_refusals", "Questions refused by a daily quota",
                                       ["entry"], registry=r)
+        self.content_checks = Counter("chatgpt_wechat_content_checks", "WeChat msgSecCheck calls by target and "
+                                      "outcome (pass, review, risky, failed)", ["target", "outcome"], registry=r)
         self.images = Gauge("chatgpt_images_on_disk", "Saved pictures in the images folder", registry=r)
         self.image_bytes = Gauge("chatgpt_images_on_disk_bytes", "Bytes of saved pictures", registry=r)
         self.sockets = Gauge("chatgpt_websocket_connections", "Open mini-program websockets", registry=r)
+        self.redis_up = Gauge("chatgpt_redis_up", "1 while the shared Redis answers (only with state.redis_url)",
+                              registry=r)
+        self.redis_errors = Counter("chatgpt_redis_errors", "Redis commands that failed (local store used, or refused)",
+                                    registry=r)
         self._children: dict[tuple[object, ...], Any] = {}  # labels() takes a lock and hashes; once is enough
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -74,6 +82,10 @@ class Metrics:
         """A call to `upstream` failed with `status`; `key` is the masked pool key or "own"."""
         self._child(self.upstream_errors, upstream, status, key).inc()
 
+    def content_checked(self, target: str, outcome: str) -> None:
+        """WeChat's content check of a prompt or answer segment said `outcome` (or `failed`)."""
+        self._child(self.content_checks, target, outcome).inc()
+
     def start(self, entry: str, identity: str, kind: str = "chat") -> QuestionRecord:
         """A question is going upstream."""
         self.in_flight.inc()
@@ -89,9 +101,17 @@ class Metrics:
             self._child(self.first_token, record.entry).observe(record.first_token - record.started)
         if record.tokens:
             self._child(self.tokens, record.entry).inc(record.tokens)
+        usage = record.usage
+        if usage is not None:
+            for kind, count in (("prompt", usage.prompt), ("completion", usage.completion),
+                                ("reasoning", usage.reasoning)):
+                if count:
+                    self._child(self.token_usage, kind, record.payer, record.model, record.upstream).inc(count)
         if not log.isEnabledFor(logging.INFO):
             return  # the line is not wanted: spare the hash and the formatting
         ttft = f"{(record.first_token - record.started) * 1000:.0f}" if record.first_token else "-"
-        log.info("question entry=%s kind=%s who=%s outcome=%s deltas=%d first_ms=%s ms=%.0f%s",
+        log.info("question entry=%s kind=%s who=%s outcome=%s deltas=%d first_ms=%s ms=%.0f "
+                 "prompt_tokens=%s completion_tokens=%s%s",
                  record.entry, record.kind, hashed(record.identity), record.outcome, record.tokens, ttft,
-                 (now - record.started) * 1000, f" prompt={record.prompt!r}" if record.prompt is not None else "")
+                 (now - record.started) * 1000, usage.prompt if usage else "-", usage.completion if usage else "-",
+                 f" prompt={record.prompt!r}" if record.prompt is not None else "")

@@ -9,7 +9,7 @@ from contextlib import aclosing, suppress
 
 from aiohttp import web
 
-from chatgpt.domain.errors import Refused, ShuttingDown, UpstreamFailed
+from chatgpt.domain.errors import AnswerBlocked, Refused, ShuttingDown, UpstreamFailed
 from chatgpt.keys import inflight_key
 
 log = logging.getLogger(__name__)
@@ -29,21 +29,90 @@ class StreamingAnswer(web.StreamResponse):
     _send_headers_immediately = False
 
 
+BACKLOG_BYTES = 256 * 1024  # body bytes waiting for a client that reads slowly; past this the answer waits
+
+
+class _Coalescer:
+    """Writes a body with as few socket writes as the answer allows. Pieces are queued; when the
+    answer's own task next waits (for the upstream), a flush task writes all of them at once. An answer
+    that arrived in one upstream read never waits: it leaves with the end of the body, in one write.
+    So the events of one upstream read cost one write instead of one write (one send() call) each."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self._response = response
+        self._queued: list[bytes] = []
+        self._size = 0
+        self._flushing: asyncio.Task[None] | None = None
+        self._kicked = False  # a callback will start the flush task once the answer's task waits
+        self._ended = False
+
+    def add(self, data: bytes) -> bool:
+        """Queue `data`; True when the client is far behind (then `wait()` before adding more)."""
+        self._queued.append(data)
+        self._size += len(data)
+        if not self._kicked and self._flushing is None:
+            self._kicked = True
+            # Runs only once this task yields to the loop: everything queued until then goes together.
+            asyncio.get_running_loop().call_soon(self._kick)
+        return self._size > BACKLOG_BYTES
+
+    def _kick(self) -> None:
+        self._kicked = False
+        if self._queued and self._flushing is None and not self._ended:
+            self._flushing = asyncio.create_task(self._flush())
+
+    async def wait(self) -> None:
+        """Wait until what is queued has been written (raises what the write met)."""
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+        await asyncio.shield(self._flushing)
+
+    async def _flush(self) -> None:
+        try:
+            while self._queued:
+                data = b"".join(self._queued)
+                self._queued.clear()
+                self._size = 0
+                await self._response.write(data)
+        finally:
+            if self._flushing is asyncio.current_task():
+                self._flushing = None
+
+    async def finish(self, data: bytes) -> None:
+        """Write what is queued and `data` with the end of the body."""
+        self._ended = True
+        if self._flushing is not None:
+            await self._flushing  # raises what the flush met (a client gone)
+        queued, self._queued = self._queued, []
+        await self._response.write_eof(b"".join([*queued, data]))
+
+    async def stop(self) -> None:
+        """The answer failed or the client left: end the flush task, whatever it was doing."""
+        self._ended = True
+        task, self._flushing = self._flushing, None
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            with suppress(BaseException):
+                await task
+
+
 async def send_stream(request: web.Request, response: web.StreamResponse, body: AsyncGenerator[Piece, None],
                       error_event: Callable[[BaseException], bytes]) -> web.StreamResponse:
     """Write `body` to the prepared `response`. A failure once the headers are gone ends the body
     with `error_event(failure)`; so does a shutdown (SIGTERM); a client that left gets nothing more."""
     inflight = request.config_dict[inflight_key]
     failure: BaseException | None = None
+    writer = _Coalescer(response)
     inflight.enter()
     try:
         async with aclosing(body) as pieces:
             async for data, last in pieces:
                 if last:
-                    await response.write_eof(data)
-                else:
-                    await response.write(data)
-    except (Refused, UpstreamFailed) as error:
+                    await writer.finish(data)
+                elif writer.add(data):
+                    await writer.wait()
+    except (Refused, UpstreamFailed, AnswerBlocked) as error:
         failure = error
     except asyncio.CancelledError:
         if not inflight.stopping:
@@ -56,7 +125,11 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
         failure = error
     finally:
         inflight.leave()
+        if failure is None:
+            await writer.stop()
     with suppress(ConnectionResetError):  # the client may be gone by now: nothing to tell it
-        # write_eof() is a no-op once the last piece has ended the body.
-        await response.write_eof(error_event(failure) if failure is not None else b"")
+        if failure is not None:
+            await writer.finish(error_event(failure))  # what was queued before the failure goes out first
+        else:
+            await response.write_eof(b"")  # a no-op once the last piece has ended the body
     return response

@@ -30,9 +30,9 @@ class OfflineProvider:
         """Stream the canned notice; `request` and `key` are ignored on purpose."""
         answer_id = f"chatcmpl-offline-{uuid.uuid4().hex[:24]}"
         for token in _TOKEN.findall(texts.OFFLINE_ANSWER):
-            yield Delta(answer_id, token)
+            yield Delta(token, answer_id=answer_id)
             await asyncio.sleep(self._delay)
-        yield Delta(answer_id, "", "stop")
+        yield Delta(finish_reason="stop", answer_id=answer_id)
 
     async def generate_image(self, prompt: str, size: str, key: str | None,
                              model: str | None = None) -> GeneratedImage:

@@ -12,13 +12,54 @@ from aiohttp import web
 
 @dataclass
 class Stream:
-    """Stream `pieces` as chat.completion chunks, `delay` seconds apart; optionally break off."""
+    """Stream `pieces` as chat.completion chunks, `delay` seconds apart; optionally break off.
+
+    Like the real upstreams: `reasoning` pieces come first as `delta.<reasoning_field>` (DeepSeek,
+    Qwen: reasoning_content; OpenRouter: reasoning); `tool_calls` are streamed as fragments (index, id,
+    function.name, then the arguments in pieces); `comments` are sent before the first chunk (e.g.
+    `: OPENROUTER PROCESSING`); the usage comes as a last chunk with empty `choices` when the request
+    asked `stream_options.include_usage` (OpenAI, DeepSeek), or inside `choices[0]` of the finishing
+    chunk when `usage_in_choice` (Kimi). A request with `stream: false` gets the same answer whole."""
 
     pieces: list[str] = field(default_factory=lambda: ["Hello", ", ", "**world**", "!"])
     delay: float = 0.0
     answer_id: str | None = "chatcmpl-fake-1"  # the same for every answer, as compatible upstreams do; None omits it
     done: bool = True  # False: end the stream after the pieces without [DONE]
     hang: bool = False  # True: after the pieces, send nothing until the client gives up
+    reasoning: list[str] = field(default_factory=list)
+    reasoning_field: str = "reasoning_content"
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # [{"id", "name", "arguments"}]
+    comments: list[str] = field(default_factory=list)
+    usage: dict[str, Any] | None = field(default_factory=lambda: {"prompt_tokens": 9, "completion_tokens": 12,
+                                                                   "total_tokens": 21})
+    usage_in_choice: bool = False
+    keep_alive: float = 0.0  # > 0: while hanging, a `: keep-alive` comment this often (DeepSeek's queue)
+
+    @property
+    def finish(self) -> str:
+        return "tool_calls" if self.tool_calls else "stop"
+
+    def whole(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The same answer as one non-streamed chat.completion."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.pieces) or None}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": t["id"], "type": "function",
+                                      "function": {"name": t["name"], "arguments": t["arguments"]}}
+                                     for t in self.tool_calls]
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": self.finish,
+                                  "logprobs": None}
+        if request.get("logprobs"):
+            choice["logprobs"] = {"content": [{"token": p, "logprob": -0.5, "bytes": list(p.encode()),
+                                               "top_logprobs": []} for p in self.pieces]}
+        answer: dict[str, Any] = {"id": self.answer_id, "object": "chat.completion", "created": 1, "model": model,
+                                  "choices": [choice], "system_fingerprint": "fp_fake"}
+        if self.answer_id is None:
+            del answer["id"]
+        if self.usage is not None:
+            answer["usage"] = self.usage
+        return answer
 
 
 @dataclass
@@ -65,34 +106,69 @@ class FakeOpenAI:
         behaviour = self.script.popleft() if self.script else self.default
         if isinstance(behaviour, Fail):
             return self._fail(behaviour)
+        model = body.get("model", "gpt-3.5-turbo")
+        if body.get("stream") is not True:
+            return web.json_response(behaviour.whole(model, body))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
-            await self._write(response, behaviour, body.get("model", "gpt-3.5-turbo"))
+            await self._write(response, behaviour, model, body)
         except (ConnectionResetError, asyncio.CancelledError):
             self.disconnects += 1
             self.disconnected.set()
             raise
         return response
 
-    async def _write(self, response: web.StreamResponse, s: Stream, model: str) -> None:
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    async def _write(self, response: web.StreamResponse, s: Stream, model: str, request: dict[str, Any]) -> None:
+        def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
             data: dict[str, Any] = {"id": s.answer_id, "object": "chat.completion.chunk", "created": 1,
-                                    "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                                    "model": model, "system_fingerprint": "fp_fake", "choices": [] if delta is None
+                                    else [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            text = (delta or {}).get("content")
+            if request.get("logprobs") and data["choices"]:
+                data["choices"][0]["logprobs"] = {"content": [{"token": text, "logprob": -0.5, "bytes": list(
+                    text.encode()), "top_logprobs": []}] if text else [], "refusal": None}
             if s.answer_id is None:
                 del data["id"]
-            return f"data: {json.dumps(data)}\n\n".encode()
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
-        await response.write(chunk({"role": "assistant", "content": ""}))
-        for piece in s.pieces:
+        async def send(data: bytes) -> None:
             if s.delay:
                 await asyncio.sleep(s.delay)
-            await response.write(chunk({"content": piece}))
+            await response.write(data)
+
+        for comment in s.comments:
+            await response.write(f": {comment}\n\n".encode())
+        await response.write(chunk({"role": "assistant", "content": ""}))
+        for piece in s.reasoning:
+            await send(chunk({"content": None if s.reasoning_field == "reasoning_content" else "",
+                              s.reasoning_field: piece}))
+        for piece in s.pieces:
+            await send(chunk({"content": piece}))
+        for index, call in enumerate(s.tool_calls):
+            await send(chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                              "function": {"name": call["name"], "arguments": ""}}]}))
+            arguments = call["arguments"]
+            for start in range(0, len(arguments), 7):
+                await send(chunk({"tool_calls": [{"index": index,
+                                                  "function": {"arguments": arguments[start:start + 7]}}]}))
         if s.hang:
+            while s.keep_alive:
+                await asyncio.sleep(s.keep_alive)
+                await response.write(b": keep-alive\n\n")
             await asyncio.sleep(3600)
         if not s.done:
             return  # ends the body without [DONE]: a stream that broke off
-        await response.write(chunk({}, "stop"))
+        if s.usage_in_choice and s.usage is not None:
+            finishing = chunk({}, s.finish)
+            data = json.loads(finishing[6:])
+            data["choices"][0]["usage"] = s.usage
+            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+        else:
+            await response.write(chunk({}, s.finish))
+        options = request.get("stream_options")
+        if s.usage is not None and not s.usage_in_choice and isinstance(options, dict) and options.get("include_usage"):
+            await response.write(chunk(None, usage=s.usage))
         await response.write(b"data: [DONE]\n\n")
 
     @staticmethod
