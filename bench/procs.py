@@ -31,7 +31,8 @@ def log(message: str) -> None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def preexec() -> None:
@@ -156,7 +157,8 @@ class Bench:
         conn = http.client.HTTPConnection("127.0.0.1", int(self.upstream_base.split(":")[2].split("/")[0]), timeout=5)
         try:
             conn.request("GET", "/bench/stats")
-            return json.loads(conn.getresponse().read())
+            stats: dict[str, int] = json.loads(conn.getresponse().read())
+            return stats
         finally:
             conn.close()
 
@@ -214,5 +216,6 @@ logging:
         lines = done.stdout.decode().strip().splitlines()
         if done.returncode != 0 or not lines:
             raise RuntimeError(f"load generator failed ({done.returncode}): {' '.join(args)}")
-        return json.loads(lines[-1])
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
 
