@@ -26,6 +26,7 @@ from chatgpt.keys import (
     memory_key,
     metrics_allow_key,
     metrics_key,
+    moderation_key,
     page_key,
     pipeline_key,
     pruner_key,
@@ -55,6 +56,8 @@ from chatgpt.domain.failures import FailureLimit
 from chatgpt.domain.limits import LimiterTable
 from chatgpt.server.logs import quiet_bad_requests, setup_logging
 from chatgpt.domain.memory import ConversationMemory
+from chatgpt.domain.moderation import ContentCheck, Moderation
+from chatgpt.domain.wordfilter import WordListError
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.baixing import BaixingProvider
 from chatgpt.upstream.offline import OfflineProvider
@@ -111,7 +114,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[session_key] = session
     app[routes_key] = routes
     app[upstream_key] = providers[routes.for_own_key(settings.default_model).name]
-    app[pipeline_key] = ChatPipeline(settings, gate, accounts, upstreams, images, meter, TokenUsage(store))
+    app[pipeline_key] = ChatPipeline(settings, gate, accounts, upstreams, images, meter, TokenUsage(store),
+                                     app[moderation_key])
     probes = [asyncio.create_task(probe_forever(u.keys, providers[u.name].key_works, every=60.0))
               for u in routes.upstreams if u.keys]
     yield
@@ -124,7 +128,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def wechat_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The WeChat client on the upstream session (when wechat.appid is set) and the login built on it."""
+    """The WeChat client on the upstream session (when wechat.appid is set), the login built on it, and
+    WeChat's content check of logged-in users' prompts and answers (wechat.msg_sec_check)."""
     wechat = app[settings_key].wechat
     client = WeChatClient(app[session_key], appid=wechat.appid, secret=wechat.secret,
                           api_base=wechat.api_base) if wechat.appid else None
@@ -134,7 +139,10 @@ async def wechat_ctx(app: web.Application) -> AsyncIterator[None]:
               else bytes.fromhex(await app[store_key].secret(WECHAT_SECRET)))
     signer = TokenSigner(secret)
     app[wechat_login_key] = WeChatLogin(client, signer, wechat.session_days * 86400)
+    if client is not None and wechat.msg_sec_check:
+        app[moderation_key].wechat = ContentCheck(client, wechat.fail_open, app[metrics_key])
     yield
+    app[moderation_key].wechat = None
 
 
 async def pruner_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -259,6 +267,8 @@ def create_app(settings: Settings) -> web.Application:
     app[inflight_key] = InFlight()
     app[admin_failures_key] = FailureLimit(app[store_key], "admin", ADMIN_FAILURES, 60.0)
     app[page_key] = resources.files("chatgpt").joinpath("web/index.html").read_bytes()
+    # The word list is read here, so a bad words file stops the start (main() says so in one line).
+    app[moderation_key] = Moderation.configured(settings.moderation.words_file, settings.moderation.action)
     chat = settings.chat
     app[memory_key] = ConversationMemory(app[store_key], chat.max_conversations, chat.max_turns,
                                          chat.ttl_hours * 3600, settings.upstream.context_chars)
@@ -303,12 +313,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not 0 <= settings.server.port < 65536:
                 raise SettingsError("setting server.port: expected 1..65535")
         TrustedProxies(settings.server.trusted_proxies)
+        words = Moderation.configured(settings.moderation.words_file, settings.moderation.action).words
     except (SettingsError, ValueError) as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except WordListError as error:
+        print(f"chatgpt-api: setting moderation.words_file: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(settings.logging.level, args.log_format or settings.logging.format)
     if args.check:
         print(f"settings OK; {describe(settings)}")
+        if settings.moderation.words_file:
+            print(f"  moderation: {words.size} listed words, action {settings.moderation.action}")
         for line in describe_routes(settings):
             print(f"  {line}")
         for line in notes(settings):
@@ -340,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
              describe(settings))
     for line in describe_routes(settings):
         log.info("%s", line)
+    if settings.moderation.words_file:
+        log.info("moderation: %d listed words, action %s", words.size, settings.moderation.action)
     for line in notes(settings):
         log.warning("%s", line)
     loop = event_loop(settings.server.event_loop)
@@ -349,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     port=None if listener else settings.server.port, sock=listener, print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
     except StateLocked as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except WordListError as error:  # the file changed since the check above
+        print(f"chatgpt-api: setting moderation.words_file: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (OSError, UnicodeError) as error:  # UnicodeError: a host name IDNA cannot encode ("a..b")
         print(f"chatgpt-api: {listen_failure(error, settings.server.host, settings.server.port)}", file=sys.stderr)

@@ -3,9 +3,11 @@
     python bench/wordfilter.py [--tokens 2000] [--delta 3] [--repeat 5]
 
 Streams a 2,000-token answer (the benchmark's Markdown answer, with Chinese) in deltas of ~3
-characters through both maskers and prints, per list size, the best of `--repeat` runs in µs per
-delta: `stream` (streamed HTTP: feed, returns what is safe to send), `cumulative` (websocket: given
-the whole answer so far, returns it masked), each once with no listed word in the answer and once
+characters through the maskers and prints, per list size, the best of `--repeat` runs in µs per
+delta: `stream` (streamed HTTP: feed, returns what is safe to send), `v1_chunk` (streamed `/v1`: an
+upstream chunk parsed, its text masked and the chunk re-encoded), `websocket` (what the websocket
+runs: the answer and its Markdown source kept as masked parts), `cumulative` (given the whole answer
+so far, returns it masked), each once with no listed word in the answer and once
 with listed words that occur in it (masking on); plus the cost of building the automaton and of
 checking a 200-character prompt. One JSON line per list size on stdout.
 """
@@ -24,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from common import token_text  # noqa: E402
 
+from chatgpt.domain.provider import Delta  # noqa: E402
 from chatgpt.domain.wordfilter import WordFilter, normalize  # noqa: E402
+from chatgpt.faces.masking import ChunkMasker  # noqa: E402
 
 HANZI = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角期根论运农指几九区强放决西被干做必战先回则任取据处理府研"  # noqa: E501
 LATIN = "abcdefghijklmnopqrstuvwxyz"
@@ -73,7 +77,25 @@ def measure(words: list[str], pieces: list[str], repeat: int) -> dict[str, float
             masker.update(text)
         return len(pieces)
 
-    return {"stream_us": best_us(stream, repeat), "cumulative_us": best_us(cumulative, repeat)}
+    def growing() -> int:  # what the websocket runs: the text and its Markdown source, as parts
+        masker = listed.growing(("*", "\ue000"))
+        for piece in pieces:
+            masker.feed(piece)
+        return len(pieces)
+
+    chunks = [Delta(text=piece, payload=json.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}, ensure_ascii=False))
+        for piece in pieces]
+
+    def chunk() -> int:  # streamed /v1 with listed words: each upstream chunk parsed, masked, re-encoded
+        masker = ChunkMasker(listed)
+        for delta in chunks:
+            masker.payload(delta)
+        return len(chunks)
+
+    return {"stream_us": best_us(stream, repeat), "cumulative_us": best_us(cumulative, repeat),
+            "growing_us": best_us(growing, repeat), "chunk_us": best_us(chunk, repeat)}
 
 
 def main() -> None:
@@ -107,8 +129,10 @@ def main() -> None:
             "words": count, "answer_chars": len(answer), "deltas": len(pieces), "delta_chars": args.delta,
             "build_ms": round(build_ms, 1), "prompt_200_chars_us": round(prompt_us, 1),
             "stream_us_per_delta": no_hits["stream_us"], "cumulative_us_per_delta": no_hits["cumulative_us"],
+            "websocket_us_per_delta": no_hits["growing_us"], "v1_chunk_us": no_hits["chunk_us"],
             "stream_us_per_delta_masking": with_hits["stream_us"],
             "cumulative_us_per_delta_masking": with_hits["cumulative_us"],
+            "websocket_us_per_delta_masking": with_hits["growing_us"],
             "masked_stars": WordFilter(hitting).mask(answer).count("*"),
         }), flush=True)
 

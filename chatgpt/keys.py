@@ -15,6 +15,7 @@ from chatgpt.domain.failures import FailureLimit
 from chatgpt.domain.store import Store
 from chatgpt.server.local_store import LocalStore
 from chatgpt.domain.memory import ConversationMemory
+from chatgpt.domain.moderation import Moderation
 from chatgpt.server.metrics import Metrics
 from chatgpt.upstream.openai import OpenAIProvider
 from chatgpt.domain.runtime import RuntimeFlags
@@ -44,3 +45,4 @@ store_key = web.AppKey("store", Store)  # the shared state: LocalStore, or Redis
 local_store_key = web.AppKey("local_store", LocalStore)  # the in-process store (state file; Redis fallback)
 admin_failures_key = web.AppKey("admin_failures", FailureLimit)  # wrong admin tokens per address (in the store)
 wechat_login_key = web.AppKey("wechat_login", WeChatLogin)
+moderation_key = web.AppKey("moderation", Moderation)  # the word list (reloadable) and WeChat's content check

@@ -24,7 +24,7 @@ KEY_A = "sk-key-aaaa1111"
 KEY_B = "sk-key-bbbb2222"
 DEFAULT_FLAGS = {"status": "TRUE", "isDebug": "FALSE", "announcement": "", "demoChat": "", "demoLimit": 20}
 ROUTES = [("GET", "/admin/runtime"), ("PATCH", "/admin/runtime"), ("GET", "/admin/keys"),
-          ("POST", "/admin/quota/reset")]
+          ("POST", "/admin/quota/reset"), ("POST", "/admin/words/reload")]
 
 
 async def ask(client: TestClient, prompt: str = "你好", who: str | None = None) -> list[dict[str, Any]]:

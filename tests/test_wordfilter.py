@@ -156,3 +156,19 @@ def test_markdown_source_can_carry_the_masks_as_escaped_stars() -> None:
     masker = words.cumulative(star="\\*")
     masker.update("坏")
     assert masker.update("坏蛋 ok") == "\\*\\* ok"
+
+
+@settings(max_examples=400, deadline=None)
+@given(word_lists, texts, st.lists(st.integers(min_value=0, max_value=200), max_size=30))
+def test_growing_parts_equal_masking_each_prefix_in_every_rendering(
+        words: list[str], text: str, cuts: list[int]) -> None:
+    listed = WordFilter(words)
+    masker = listed.growing(("*", "#"))
+    so_far = ""
+    for piece in split(text, cuts):
+        so_far += piece
+        masker.feed(piece)
+        shown, source = ("".join(parts) for parts in masker.parts)
+        assert shown == listed.mask(so_far)
+        assert source == listed.mask(so_far, star="#")
+        assert no_word_in(words, shown)

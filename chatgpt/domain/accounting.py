@@ -56,3 +56,8 @@ class Meter(Protocol):
         """A call to `upstream` failed with `status` (an HTTP status or the failure's name); `key` is the
         masked pool key, or "own" for the caller's key or none."""
         ...
+
+    def content_checked(self, target: str, outcome: str) -> None:
+        """WeChat's content check of a `target` (prompt or answer segment) said `outcome` (pass, review,
+        risky), or `failed` (WeChat unreachable or refusing)."""
+        ...

@@ -54,24 +54,26 @@ class Accounts:
         return self._debug_quota if debug else self._quota
 
     async def charge(self, question: Question, *, debug: bool, free: bool) -> Charge | None:
-        """Count an anonymous question (nothing for other payers, or when the answer costs nothing);
-        raise QuotaExceeded when none is left today, Busy when the shared quota cannot be checked."""
+        """Count an anonymous question against its account (the WeChat user, else the address; nothing for
+        other payers, or when the answer costs nothing); raise QuotaExceeded when none is left today, Busy
+        when the shared quota cannot be checked."""
         if question.payer.kind != "anonymous" or free:
             return None
         quota = self._current(debug)
         try:
-            taken = await quota.take(question.identity)
+            taken = await quota.take(question.account)
         except StoreUnavailable as exc:
             raise Busy(BUSY_SECONDS) from exc
         if not taken:
             self._meter.quota_refused(question.entry)
             raise QuotaExceeded("today's questions are used up")
-        return Charge(quota, question.identity)
+        return Charge(quota, question.account)
 
-    async def remaining(self, identity: str) -> int:
-        """Questions `identity` has left today: of the Baixing limit while isDebug is on (PROTOCOL.md E.1)."""
+    async def remaining(self, account: str) -> int:
+        """Questions `account` (a `Question.account`) has left today: of the Baixing limit while isDebug is
+        on (PROTOCOL.md E.1)."""
         try:
-            return await self._current(self._flags.debug).remaining(identity)
+            return await self._current(self._flags.debug).remaining(account)
         except StoreUnavailable as exc:
             raise Busy(BUSY_SECONDS) from exc
 

@@ -6,6 +6,7 @@ import secrets
 from collections.abc import AsyncGenerator, Awaitable
 
 from chatgpt.domain.provider import Delta
+from chatgpt.domain.wordfilter import WordFilter
 
 _PROCESS = secrets.token_hex(6)  # a restarted process does not repeat the ids of the last one
 _COUNTER = itertools.count(1)
@@ -23,11 +24,15 @@ def new_answer_id() -> str:
 
 
 class Answer:
-    """The deltas of one answer, and the model the pipeline chose for it (PROTOCOL.md E.1)."""
+    """The deltas of one answer, the model the pipeline chose for it (PROTOCOL.md E.1), and the word list
+    every door must mask its text with before a client sees it (None: nothing to mask; PROTOCOL.md E.5).
+    Deltas carry the upstream's text: each door masks in its own way (cumulative text on the websocket,
+    a held-back tail on streamed HTTP)."""
 
-    def __init__(self, model: str, deltas: AsyncGenerator[Delta, None]) -> None:
+    def __init__(self, model: str, deltas: AsyncGenerator[Delta, None], words: WordFilter | None = None) -> None:
         self.model = model
         self._deltas = deltas
+        self.words = words
 
     def __aiter__(self) -> Answer:
         return self

@@ -76,6 +76,32 @@ class PromptTooLong(BadQuestion):
         self.budget = budget
 
 
+ContentReason = Literal["word", "risky", "unchecked"]
+
+
+class ContentRefused(Refused):
+    """A prompt refused for its content (PROTOCOL.md E.5): a listed word, WeChat judged it risky, or WeChat
+    could not check it and `wechat.fail_open` is off (`unchecked`). Nothing is counted for it."""
+
+    def __init__(self, reason: ContentReason) -> None:
+        super().__init__(f"prompt refused ({reason})")
+        self.reason: ContentReason = reason
+
+
+class AnswerBlocked(Exception):
+    """An answer stopped for its content: a listed word completed (moderation.action refuse), a segment
+    WeChat judged risky, or one it could not check with `wechat.fail_open` off (`unchecked`). The
+    question went upstream, so it is charged."""
+
+    def __init__(self, reason: ContentReason) -> None:
+        super().__init__(f"answer blocked ({reason})")
+        self.reason: ContentReason = reason
+
+
+class LoginExpired(Refused):
+    """A mini-program login token that is malformed, not signed by this server, or expired."""
+
+
 class ShuttingDown(Exception):
     """An answer cut short because the server is stopping (SIGTERM)."""
 

@@ -11,13 +11,15 @@ from typing import Any, TypeVar
 from chatgpt.domain.accounting import Meter, QuestionRecord
 from chatgpt.domain.accounts import Accounts, Charge
 from chatgpt.domain.answer import Answer, produced
-from chatgpt.domain.errors import ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
+from chatgpt.domain.errors import AnswerBlocked, ContentRefused, ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
 from chatgpt.domain.gate import Gate
 from chatgpt.domain.keypool import fingerprint
 from chatgpt.domain.limits import LimiterTable
+from chatgpt.domain.moderation import AnswerWatch, Moderation
 from chatgpt.domain.pictures import PictureStore, StoredImage
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 from chatgpt.domain.question import Payer, Question, fit_context
+from chatgpt.domain.wordfilter import WordFilter
 from chatgpt.domain.upstreams import UPSTREAM_FAILURES, Progress, Route, Upstreams, opened
 from chatgpt.domain.usage import TokenUsage
 from chatgpt.settings import Settings
@@ -31,6 +33,8 @@ def outcome_of(exc: BaseException) -> str:
     """A short outcome label for metrics and the question log line."""
     if isinstance(exc, QuotaExceeded):
         return "quota"
+    if isinstance(exc, (ContentRefused, AnswerBlocked)):
+        return "content"
     if isinstance(exc, UpstreamFailed):
         return "upstream_error"
     if isinstance(exc, Refused):
@@ -58,7 +62,8 @@ class ChatPipeline:
     """Every rule, once, for every door; faces hand it questions and turn what it gives into wire."""
 
     def __init__(self, settings: Settings, gate: Gate, accounts: Accounts, upstreams: Upstreams,
-                 pictures: PictureStore, meter: Meter, usage: TokenUsage | None = None) -> None:
+                 pictures: PictureStore, meter: Meter, usage: TokenUsage | None = None,
+                 moderation: Moderation | None = None) -> None:
         self._settings = settings
         self.usage = usage  # tokens per pool key today (kept in the store: summed over instances)
         self._gate = gate
@@ -66,6 +71,7 @@ class ChatPipeline:
         self._upstreams = upstreams
         self._pictures = pictures
         self._meter = meter
+        self._moderation = moderation or Moderation(WordFilter(()))
 
     # --- admission and what the doors may ask about ---------------------------------------------------
 
@@ -77,9 +83,9 @@ class ChatPipeline:
         """A request that is not a question (e.g. `/v1/models`, the mini-program's routes): the limit only."""
         await self._gate.limit(door, identity)
 
-    async def remaining(self, identity: str) -> int:
-        """Questions an anonymous identity has left today (`查询次数`)."""
-        return await self._accounts.remaining(identity)
+    async def remaining(self, account: str) -> int:
+        """Questions an anonymous account (`Question.account`) has left today (`查询次数`)."""
+        return await self._accounts.remaining(account)
 
     async def reset_quota(self, identity: str | None) -> int:
         """Clear one identity's counters, or everyone's."""
@@ -139,12 +145,15 @@ class ChatPipeline:
     # --- answering ------------------------------------------------------------------------------------
 
     def answer(self, question: Question) -> Answer:
-        """The answer to an admitted question. The model rule and trimming refuse at once; charging,
-        the upstream and the accounting happen as the answer is read."""
+        """The answer to an admitted question. The model rule, trimming and the word list refuse at once;
+        charging, WeChat's check, the upstream and the accounting happen as the answer is read."""
         model = self.model_for(question.model, question.payer)
         request = self._request(question, model)
+        # Only the newest prompt: a refused one stays in the mini-program's on-screen context, and must
+        # not refuse every question after it.
+        self._moderation.check_words(question.prompt)
         route = self._upstreams.route(question.payer, request.model, debug=self._accounts.debug)
-        return Answer(model, self._stream(question, request, route))
+        return Answer(model, self._stream(question, request, route), self._moderation.masking())
 
     @asynccontextmanager
     async def _accounted(self, question: Question, kind: str,
@@ -164,8 +173,23 @@ class ChatPipeline:
         finally:
             self._meter.finish(record)
 
+    @asynccontextmanager
+    async def _watched(self, question: Question, prompt: str) -> AsyncGenerator[AnswerWatch, None]:
+        """WeChat's check of the prompt, then what watches the answer's content until it ends. Entered
+        after the charge, so a user with nothing left today costs no WeChat call; a refused prompt is
+        refunded, since nothing went upstream."""
+        await self._moderation.check_prompt(prompt, question.user)
+        # The websocket shows the reasoning while only reasoning has arrived (ws.reasoning live).
+        watch = self._moderation.watch(question.user, self._settings.ws.reasoning == "live")
+        try:
+            yield watch
+        finally:
+            await watch.close()
+
     async def _stream(self, question: Question, request: ChatRequest, route: Route) -> AsyncGenerator[Delta, None]:
-        async with self._accounted(question, "chat", route) as (progress, record):
+        async with self._accounted(question, "chat", route) as (progress, record), \
+                self._watched(question, question.prompt) as watch:
+            watched = watch.active
             deltas = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
             held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
             async with opened(deltas):
@@ -174,8 +198,11 @@ class ChatPipeline:
                         record.usage = delta.usage
                     if produced(delta):
                         record.token()
-                        if not progress.produced:
-                            progress.produced = True
+                        first, progress.produced = not progress.produced, True
+                        if watched and (delta.text or delta.reasoning):
+                            # Before anyone sees it (or the pieces held before it): refuse mode stops here.
+                            watch.feed(delta.text, delta.reasoning)
+                        if first:
                             for early in held:
                                 yield early
                             held.clear()
@@ -190,15 +217,18 @@ class ChatPipeline:
                 record.upstream = progress.upstream.name
             if usage is not None and progress.pool_key is not None and self.usage is not None:
                 await self.usage.add(fingerprint(progress.pool_key), request.model, usage.counts())
+            await watch.finish()  # the end of the answer waits for WeChat's verdict on its last segment
 
     async def draw(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
         """One picture for `prompt`, saved; charged like a chat question. `size` is honoured only on the
         caller's own key: on the pool the operator pays for the configured size."""
         if question.payer.kind != "own" or not size:
             size = self._settings.images.size
+        self._moderation.check_words(prompt)
         route = self._upstreams.drawing(question.payer)
         model = self._upstreams.image_model()
-        async with self._accounted(question, "image", route) as (progress, record):
+        async with self._accounted(question, "image", route) as (progress, record), \
+                self._watched(question, prompt):
             generated: GeneratedImage | None = None
             pictures = self._upstreams.call(
                 route, lambda provider, key: _one(provider.generate_image(prompt, size, key, model)), progress)

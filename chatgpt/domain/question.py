@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from chatgpt.domain import texts
 from chatgpt.domain.errors import BadQuestion, EmptyContext, PromptTooLong
+from chatgpt.domain.wechat import payer_key
 
 ROLES = frozenset({"system", "user", "assistant"})
 
@@ -44,6 +45,32 @@ class Question:
     max_tokens: int | None = None
     temperature: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The openid of a mini-program user logged in with WeChat (a valid `token` on the frame), else None.
+    user: str | None = None
+
+    @property
+    def account(self) -> str:
+        """Whose daily quota the question counts against: the logged-in WeChat user (`wx:<openid>`), else
+        the address. Carrier NAT puts many users behind one address (PROTOCOL.md E.5)."""
+        return payer_key(self.user) if self.user else self.identity
+
+    @property
+    def prompt(self) -> str:
+        """The newest user message's text (a content-parts list: its text parts), what content checks read."""
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                return text_of(message.get("content"))
+        return ""
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content: the string itself, or the `text` parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part["text"] for part in content
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
 
 
 def content_size(content: Any) -> int:

@@ -34,6 +34,12 @@ SERVER_BUSY = "服务繁忙, 请稍后再试~"  # every pool key cooling (E.1), 
 MODEL_NOT_FOUND = "模型 {model} 不可用, 请换一个模型。"
 NO_IMAGES = "这台服务器不提供图片生成。"
 
+# Content safety (PROTOCOL.md E.5).
+CONTENT_SENSITIVE = "内容包含敏感词, 请修改后再试"  # a prompt with a listed word, or one WeChat judged risky
+CONTENT_BLOCKED = "内容不合规, 已被屏蔽"  # an answer stopped for its content
+CONTENT_UNCHECKED = "内容安全检查失败, 请稍后再试"  # WeChat could not check it and wechat.fail_open is off
+LOGIN_EXPIRED = "登录已过期, 请重新登录"  # a websocket frame's login token is invalid or expired
+
 # Obsolete ChatGPT web login (PROTOCOL.md C.1).
 LOGIN_GONE = "账号密码和Token登录已停用, 请使用API Key登录。"
 TOKEN_UNSUPPORTED = "Token模式已停用, 该接口不再支持, 请使用API Key。"

@@ -5,6 +5,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeGuard
 
+from chatgpt.domain import texts
+
 Suggest = Literal["pass", "review", "risky"]
 
 _CODE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # wx.login codes are 32 such characters
@@ -21,9 +23,8 @@ LOGIN_FAILED = "微信登录失败, 请稍后再试"
 # Errors that mean this server is set up wrong (appid, secret), not that the user did something wrong.
 CONFIG_ERRCODES = frozenset({40013, 40125, 41002, 41004, 40164})
 CONFIG_FAILED = "微信登录暂不可用, 请联系管理员"
-CHECK_FAILED = "内容安全检查失败, 请稍后再试"
+CHECK_FAILED = texts.CONTENT_UNCHECKED
 UNREACHABLE = "微信服务暂时无法访问, 请稍后再试"
-TOKEN_EXPIRED = "登录已过期, 请重新登录"
 CODE_MISSING = "缺少登录凭证code, 请调用wx.login获取"
 LOGIN_OFF = "服务器未开启微信登录"
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .textfold import normalize, normalize_char
-from .wordmask import MASK, CumulativeMasker, DeltaMasker, Scanner
+from .wordmask import MASK, CumulativeMasker, DeltaMasker, GrowingMasker, Scanner
 
 __all__ = ["MASK", "WordFilter", "WordListError", "normalize"]
 
@@ -103,6 +103,11 @@ class WordFilter:
 
         `star="\\*"` gives Markdown source in which the masks stay literal stars, not emphasis."""
         return CumulativeMasker(self, star)
+
+    def growing(self, stars: tuple[str, ...] = (MASK,)) -> GrowingMasker:
+        """A masker for a text shown whole as it grows by deltas, kept as parts (websocket frames): one
+        rendering per star, e.g. `(MASK, "\ue000")` for the text and a Markdown source of its HTML."""
+        return GrowingMasker(self, stars)
 
     def stream(self) -> DeltaMasker:
         """A masker for deltas sent one after the other (streamed HTTP): holds back a possible word start."""

@@ -174,3 +174,42 @@ class DeltaMasker:
         self._sent = upto
         self._scanner.forget_before(upto)
         return out
+
+
+class GrowingMasker:
+    """A text that grows by deltas and is shown whole each time (websocket frames), kept as parts that are
+    joined only when a frame goes out: `parts[i]` joined is the text so far masked with `stars[i]` (one
+    rendering per star, e.g. the shown text and its Markdown source). Each `feed` costs the delta and the
+    held tail, never the whole text. The last part is the tail that could still become a word, rendered
+    with the masks known so far (it is replaced at the next feed)."""
+
+    def __init__(self, words: WordFilter, stars: tuple[str, ...] = (MASK,)) -> None:
+        self._scanner = Scanner(words)
+        self._stars = stars
+        self._pending = ""  # original characters after `_sent`: the tail that may still change
+        self._sent = 0  # original position up to which the parts are final
+        self.parts: tuple[list[str], ...] = tuple([] for _ in stars)
+
+    @property
+    def hits(self) -> int:
+        """Listed words completed so far."""
+        return self._scanner.hits
+
+    def feed(self, delta: str) -> None:
+        """Append `delta` to the text; every rendering in `parts` follows."""
+        scanner = self._scanner
+        scanner.feed(delta)
+        pending = self._pending + delta
+        stable = scanner.stable
+        count = stable - self._sent
+        for parts, star in zip(self.parts, self._stars):
+            if parts and self._pending:
+                parts.pop()  # the previous tail, rendered again below
+            if count > 0:
+                parts.append(scanner.render(pending[:count], self._sent, star))
+            if count < len(pending):
+                parts.append(scanner.render(pending[count:], stable, star))
+        self._pending = pending[count:]
+        if count > 0:
+            self._sent = stable
+            scanner.forget_before(stable)

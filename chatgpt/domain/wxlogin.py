@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from chatgpt.domain.errors import LoginExpired
 from chatgpt.domain.limits import LimiterTable
 from chatgpt.domain.wechat import LOGIN_OFF, WeChatApi, WeChatRefused, valid_code
 from chatgpt.domain.wxtoken import InvalidToken, IssuedToken, TokenSigner
@@ -54,6 +55,15 @@ class WeChatLogin:
     def openid_of(self, token: object) -> str:
         """The openid a token was issued for; InvalidToken if it is malformed, forged or expired."""
         return self._signer.verify(token)
+
+    def user_of(self, token: object) -> str:
+        """The openid behind a question's login token; LoginExpired (the user must log in again) if the
+        token is malformed, forged or expired."""
+        try:
+            return self._signer.verify(token)
+        except InvalidToken as exc:
+            log.info("a login token was refused (%s)", exc.reason)
+            raise LoginExpired(exc.reason) from None
 
 
 __all__ = ["BadLoginCode", "InvalidToken", "LoginRateLimited", "WeChatLogin"]

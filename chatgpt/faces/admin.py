@@ -2,6 +2,7 @@
 sub-application whose failures are JSON with real HTTP statuses."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -12,8 +13,9 @@ from aiohttp import web
 
 from chatgpt import jsontext
 from chatgpt.domain.store import StoreUnavailable
-from chatgpt.keys import (admin_failures_key, flags_key, pipeline_key, pruner_key, routes_key, settings_key,
-                          state_key)
+from chatgpt.domain.wordfilter import WordListError
+from chatgpt.keys import (admin_failures_key, flags_key, moderation_key, pipeline_key, pruner_key, routes_key,
+                          settings_key, state_key)
 from chatgpt.server.bodies import BadBody, read_object
 from chatgpt.server.clientip import identity_of_text
 from chatgpt.server.guards import Handler, identity_of
@@ -162,6 +164,22 @@ async def prune_images(request: web.Request) -> web.Response:
     return _json({"removed": removed})
 
 
+async def reload_words(request: web.Request) -> web.Response:
+    """Read `moderation.words_file` again; answer how many words it lists. A file that cannot be read is
+    a 400 naming why, and the list in use stays."""
+    await require_admin(request)
+    if not request.config_dict[settings_key].moderation.words_file:
+        raise _error(400, "No words file is configured: set moderation.words_file.")
+    moderation = request.config_dict[moderation_key]
+    try:
+        count = await asyncio.to_thread(moderation.reload)  # a long list takes a while to build
+    except WordListError as error:
+        log.warning("sensitive words not reloaded, the %d in use stay: %s", moderation.words.size, error)
+        raise _error(400, f"{error}; the {moderation.words.size} words in use stay") from None
+    log.info("sensitive words reloaded by the admin API: %d words", count)
+    return _json({"words": count})
+
+
 def make_app() -> web.Application:
     """The `/admin` sub-application (mounted with `app.add_subapp("/admin", ...)`)."""
     app = web.Application(middlewares=[error_middleware])
@@ -171,4 +189,5 @@ def make_app() -> web.Application:
     app.router.add_get("/upstreams", get_upstreams)
     app.router.add_post("/quota/reset", reset_quota)
     app.router.add_post("/images/prune", prune_images)
+    app.router.add_post("/words/reload", reload_words)
     return app

@@ -64,18 +64,37 @@ async def _body(first: Delta | None, deltas: Answer, memory: ConversationMemory,
                 content: str, sse: bool) -> AsyncGenerator[Piece, None]:
     """The answer as plain text, or as SSE events (`conversation`, then data, then `done`)."""
     parts: list[str] = []
+    # With listed words, each holds back only a tail that could still become a word (PROTOCOL.md E.5).
+    masker = deltas.words.stream() if deltas.words is not None else None
+    thinking = deltas.words.stream() if deltas.words is not None else None
+    answering = False
     if sse:
         yield _event("conversation", {"conversationId": cid}), False
     delta = first
     while delta is not None:
         if delta.text:
-            parts.append(delta.text)
-            yield (_event(None, {"content": delta.text}) if sse else delta.text.encode(errors="replace")), False
-        elif delta.reasoning and sse and not parts:  # the model's thinking, before its answer
-            yield _event("reasoning", {"content": delta.reasoning}), False
+            if sse and not answering and thinking is not None and (held := thinking.flush()):
+                yield _event("reasoning", {"content": held}), False  # the reasoning is over
+            answering = True
+            text = delta.text if masker is None else masker.feed(delta.text)
+            if text:
+                parts.append(text)
+                yield _piece(text, sse), False
+        elif delta.reasoning and sse and not answering:  # the model's thinking, before its answer
+            reasoning = delta.reasoning if thinking is None else thinking.feed(delta.reasoning)
+            if reasoning:
+                yield _event("reasoning", {"content": reasoning}), False
         delta = await anext(deltas, None)
-    await memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered
-    yield (_event("done", {"conversationId": cid}) if sse else b"\n"), True
+    end = _event("done", {"conversationId": cid}) if sse else b"\n"
+    if masker is not None and (rest := masker.flush()):
+        parts.append(rest)
+        end = _piece(rest, sse) + end
+    await memory.remember(cid, owner, content, "".join(parts))  # only a finished answer is remembered, as sent
+    yield end, True
+
+
+def _piece(text: str, sse: bool) -> bytes:
+    return _event(None, {"content": text}) if sse else text.encode(errors="replace")
 
 
 def _error_event(sse: bool) -> Callable[[BaseException], bytes]:

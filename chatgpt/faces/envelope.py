@@ -11,9 +11,12 @@ from aiohttp import web
 from chatgpt import jsontext
 from chatgpt.domain import texts
 from chatgpt.domain.errors import (
+    AnswerBlocked,
     BadQuestion,
     Busy,
+    ContentRefused,
     EmptyContext,
+    LoginExpired,
     Maintenance,
     ModelNotFound,
     NoServerKey,
@@ -74,6 +77,12 @@ def known_error(exc: BaseException) -> tuple[str, str] | None:
         return "700001", texts.QUOTA_USED_UP
     if isinstance(exc, ModelNotFound):
         return "300001", texts.MODEL_NOT_FOUND.format(model=exc.model)
+    if isinstance(exc, ContentRefused):
+        return "400001", texts.CONTENT_UNCHECKED if exc.reason == "unchecked" else texts.CONTENT_SENSITIVE
+    if isinstance(exc, AnswerBlocked):
+        return "400001", texts.CONTENT_UNCHECKED if exc.reason == "unchecked" else texts.CONTENT_BLOCKED
+    if isinstance(exc, LoginExpired):
+        return "400001", texts.LOGIN_EXPIRED
     if isinstance(exc, Busy):
         return "500001", texts.SERVER_BUSY
     if isinstance(exc, NoServerKey):

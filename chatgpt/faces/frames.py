@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 from chatgpt import jsontext
 from chatgpt.domain import texts
 from chatgpt.faces.markdown import IncrementalRenderer, to_html
+from chatgpt.faces.masking import unhide
 from chatgpt.faces.pacing import TextPace
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class _PendingText:
     answer_id: str
     parts: list[str]  # the answer (or the reasoning) so far: joined only when a frame is sent
     thinking: bool = False
+    source: list[str] | None = None  # the Markdown its html is rendered from, when not `parts` (masked words)
 
 
 class FrameWriter:
@@ -119,15 +121,17 @@ class FrameWriter:
         """Queue a frame to be sent after everything queued before it."""
         self._push(frame)
 
-    def send_text(self, cid: Any, answer_id: str, parts: list[str], thinking: bool = False) -> None:
+    def send_text(self, cid: Any, answer_id: str, parts: list[str], thinking: bool = False,
+                  source: list[str] | None = None) -> None:
         """Queue the cumulative text of an answer (`parts`, still growing: it is joined when the frame
         goes out), replacing its queued older text if any. `thinking`: the parts are reasoning, shown
-        as a quote (`thinking_quote`) until the answer's own text replaces it."""
+        as a quote (`thinking_quote`) until the answer's own text replaces it. `source`: the Markdown
+        the html is rendered from when it is not the text itself (masked words, faces/masking.py)."""
         tail = self._queue[-1] if self._queue else None
         if isinstance(tail, _PendingText) and tail.answer_id == answer_id:
-            tail.parts, tail.thinking = parts, thinking
+            tail.parts, tail.thinking, tail.source = parts, thinking, source
             return
-        self._push(_PendingText(cid, answer_id, parts, thinking))
+        self._push(_PendingText(cid, answer_id, parts, thinking, source))
 
     def _push(self, item: dict[str, Any] | _PendingText) -> None:
         if self.stalled:
@@ -245,14 +249,16 @@ class FrameWriter:
             if head.answer_id != self._last_answer:
                 self._renderer, self._thinking = IncrementalRenderer(), IncrementalRenderer()
             text = "".join(head.parts)
+            source = text if head.source is None else "".join(head.source)
             if head.thinking:
                 # The quote's HTML is a blockquote around the rendering of its unquoted lines (the
                 # same HTML, CommonMark defines a quote's content that way), so the reasoning renders
                 # incrementally instead of whole for every frame.
-                html = "<blockquote>\n" + self._thinking.render(f"{texts.THINKING}\n{text}") + "</blockquote>\n"
-                frame = text_frame(head.cid, head.answer_id, thinking_quote(text), html)
+                html = "<blockquote>\n" + self._thinking.render(f"{texts.THINKING}\n{source}") + "</blockquote>\n"
+                content = thinking_quote(text)
             else:
-                frame = text_frame(head.cid, head.answer_id, text, self._renderer.render(text))
+                html, content = self._renderer.render(source), text
+            frame = text_frame(head.cid, head.answer_id, content, html if head.source is None else unhide(html))
         else:
             frame = head
         self._queue.popleft()

@@ -12,9 +12,12 @@ from aiohttp import web
 
 from chatgpt import jsontext
 from chatgpt.domain.errors import (
+    AnswerBlocked,
     BadQuestion,
     Busy,
+    ContentRefused,
     EmptyContext,
+    LoginExpired,
     Maintenance,
     ModelNotFound,
     NoServerKey,
@@ -106,6 +109,18 @@ def _known(exc: BaseException) -> OpenAIError | None:
     if isinstance(exc, ModelNotFound):
         return OpenAIError(404, f"The model `{exc.model}` is not available on this server.", code="model_not_found",
                            param="model")
+    if isinstance(exc, ContentRefused):
+        if exc.reason == "unchecked":
+            return OpenAIError(503, "The content check is unavailable; try again later.", "server_error")
+        return OpenAIError(400, "The prompt contains content this server does not accept; rephrase it.",
+                           code="content_filter", param="messages")
+    if isinstance(exc, AnswerBlocked):
+        if exc.reason == "unchecked":
+            return OpenAIError(503, "The answer could not be checked; try again later.", "server_error")
+        return OpenAIError(400, "The answer was stopped: it contains content this server does not pass on.",
+                           code="content_filter")
+    if isinstance(exc, LoginExpired):
+        return OpenAIError(401, "The login token is invalid or expired; log in again.", code="invalid_token")
     if isinstance(exc, Busy):
         return OpenAIError(503, "Every upstream key of this server is busy; try again later.", "server_error",
                            retry_after=exc.retry_after)

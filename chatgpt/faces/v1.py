@@ -18,6 +18,7 @@ from chatgpt.domain.errors import BadQuestion
 from chatgpt.domain.provider import Delta
 from chatgpt.domain.question import Payer, Question
 from chatgpt.faces.completion import Completion
+from chatgpt.faces.masking import ChunkMasker, mask_completion
 from chatgpt.faces.openai_errors import error_event, error_middleware
 from chatgpt.keys import pipeline_key, routes_key, settings_key
 from chatgpt.server.bodies import read_object
@@ -102,7 +103,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         answer = Completion()
         async for delta in deltas:
             answer.add(delta)
-    return web.Response(body=jsontext.dumpb(answer.answer(deltas.model, created)), content_type="application/json")
+    whole = answer.answer(deltas.model, created)
+    if deltas.words is not None:
+        whole = mask_completion(whole, deltas.words)  # listed words (PROTOCOL.md E.5)
+    return web.Response(body=jsontext.dumpb(whole), content_type="application/json")
 
 
 async def _stream(request: web.Request, deltas: Answer, model: str, created: int, usage: bool) -> web.StreamResponse:
@@ -124,8 +128,10 @@ def _event(payload: str) -> bytes:
 async def _sse_body(first: Delta | None, deltas: Answer, model: str, created: int,
                     usage: bool) -> AsyncGenerator[Piece, None]:
     """The answer as OpenAI SSE: each upstream event re-framed with its data untouched (the usage-only
-    chunk only for a caller that asked for it); our own chunks for a provider without OpenAI events."""
+    chunk only for a caller that asked for it); our own chunks for a provider without OpenAI events.
+    With listed words to mask, the events' text is masked and re-encoded (`ChunkMasker`)."""
     answer_id = (first.answer_id if first else "") or new_answer_id()
+    masker = ChunkMasker(deltas.words) if deltas.words is not None else None
     relayed, encoded, finish = False, False, None
 
     def piece(delta: Delta) -> bytes | None:
@@ -133,11 +139,17 @@ async def _sse_body(first: Delta | None, deltas: Answer, model: str, created: in
         finish = delta.finish_reason or finish
         if delta.payload:
             relayed = True
-            return _event(delta.payload) if usage or not delta.usage_only else None
+            if not usage and delta.usage_only:
+                return None
+            payload = delta.payload if masker is None else masker.payload(delta)
+            return _event(payload) if payload is not None else None
         if delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
+            text = delta.text if masker is None else masker.text(delta.text)
+            if not text:
+                return None
             role = {} if encoded else {"role": "assistant"}
             encoded = True
-            return _chunk(answer_id, created, model, {**role, "content": delta.text}, None)
+            return _chunk(answer_id, created, model, {**role, "content": text}, None)
         return None
 
     if first is not None:
@@ -148,6 +160,10 @@ async def _sse_body(first: Delta | None, deltas: Answer, model: str, created: in
             if (data := piece(delta)) is not None:
                 yield data, False
     tail = b"data: [DONE]\n\n"
+    rest = masker.rest() if masker is not None else {}
+    if rest:  # held back at the end of a stream that sent no finish chunk
+        rest = rest if encoded or relayed else {"role": "assistant", **rest}
+        tail = _chunk(answer_id, created, model, rest, None) + tail
     yield (tail if relayed else _chunk(answer_id, created, model, {}, finish or "stop") + tail), True
 
 

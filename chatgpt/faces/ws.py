@@ -17,7 +17,7 @@ from chatgpt.domain.answer import new_answer_id
 from chatgpt.domain.errors import BadQuestion
 from chatgpt.domain.pipeline import ChatPipeline
 from chatgpt.faces.envelope import error_text, known_error
-from chatgpt.keys import pipeline_key, settings_key, sockets_key
+from chatgpt.keys import pipeline_key, settings_key, sockets_key, wechat_login_key
 from chatgpt.faces.frames import (
     FrameWriter,
     done_frame,
@@ -29,6 +29,8 @@ from chatgpt.faces.frames import (
 from chatgpt.faces.sockets import close_within, transport_of
 from chatgpt.server.guards import identity_of
 from chatgpt.domain.question import Payer, Question, clean_messages
+from chatgpt.domain.wxlogin import WeChatLogin
+from chatgpt.faces.masking import ShownText
 from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ MAX_PENDING = 4  # questions queued behind the one being answered; each may hold
 _TYPES: dict[str, tuple[type, ...]] = {
     "id": (str,), "parentId": (str, int, float), "authType": (str,), "authValue": (str,),
     "isDemo": (bool,), "content": (str,), "messages": (list,), "isGenImg": (bool,),
-    "isSender": (bool,), "model": (str,), "conversationId": (str, int, float, bool),
+    "isSender": (bool,), "model": (str,), "conversationId": (str, int, float, bool), "token": (str,),
 }
 
 
@@ -74,10 +76,11 @@ class SocketSession:
     """One client's socket: reads frames, answers questions one by one, writes through one writer."""
 
     def __init__(self, ws: web.WebSocketResponse, transport: Callable[[], asyncio.Transport | None],
-                 pipeline: ChatPipeline, settings: Settings, identity: str) -> None:
+                 pipeline: ChatPipeline, settings: Settings, identity: str, login: WeChatLogin) -> None:
         self.ws = ws
         self.transport = transport
         self.pipeline = pipeline
+        self.login = login
         self.settings = settings
         self.identity = identity
         self.writer = FrameWriter(ws, settings.ws.frame_interval_ms / 1000, stall_seconds=settings.ws.stall_seconds,
@@ -189,24 +192,31 @@ class SocketSession:
         await self.pipeline.admit("ws", self.identity)
         check_types(frame)
         payer = payer_of(frame, self.settings)
+        # A logged-in mini-program user (PROTOCOL.md E.5): counted under the WeChat user, not the address.
+        # A bad token ends here, before anything is counted.
+        token = frame.get("token")
+        user = self.login.user_of(token) if token else None
         history = clean_messages(frame.get("messages") or [])
         prompt = prompt_of(frame, history)
-        if payer.kind == "anonymous" and prompt == texts.QUOTA_QUERY:
-            self.writer.send(quota_frame(cid, await self.pipeline.remaining(self.identity)))
-            return
-        if frame.get("isGenImg"):
-            await self._draw(cid, payer, prompt)
-            return
-        if not history and prompt:
+        image = bool(frame.get("isGenImg"))
+        if not image and not history and prompt:
             history = [{"role": "user", "content": prompt}]
-        question = Question("ws", self.identity, payer, history, frame.get("model"))
+        question = Question("ws", self.identity, payer, [] if image else history, frame.get("model"), user=user)
+        if payer.kind == "anonymous" and prompt == texts.QUOTA_QUERY:
+            self.writer.send(quota_frame(cid, await self.pipeline.remaining(question.account)))
+            return
+        if image:
+            await self._draw(cid, question, prompt)
+            return
         # The server's id, the same on every frame of this answer: upstreams repeat or omit theirs.
         # One id for the thinking frames and the answer's.
         answer_id = new_answer_id()
-        answer: list[str] = []  # joined only when a frame goes out (FrameWriter)
-        thinking: list[str] | None = [] if self.settings.ws.reasoning == "live" else None
+        thinking = self.settings.ws.reasoning == "live"
         size, thought, limit = 0, 0, self.settings.ws.max_answer_chars
         async with aclosing(self.pipeline.answer(question)) as deltas:
+            # The answer and the reasoning as the client may see them: listed words masked in the text
+            # and in its html; parts joined only when a frame goes out (FrameWriter).
+            answer, reasoning = ShownText(deltas.words), ShownText(deltas.words)
             async for delta in deltas:
                 if delta.text:
                     size += len(delta.text)
@@ -215,19 +225,18 @@ class SocketSession:
                         # (and us) quadratically. Leaving the loop closes the upstream request.
                         self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
                         return
-                    answer.append(delta.text)
-                    self.writer.send_text(cid, answer_id, answer)
-                elif delta.reasoning and thinking is not None and not answer:
+                    answer.feed(delta.text)
+                    self.writer.send_text(cid, answer_id, answer.parts, source=answer.source)
+                elif delta.reasoning and thinking and not size:
                     thought += len(delta.reasoning)
                     if thought <= limit:  # past it the quote stops growing (each frame sends it whole)
-                        thinking.append(delta.reasoning)
-                        self.writer.send_text(cid, answer_id, thinking, thinking=True)
+                        reasoning.feed(delta.reasoning)
+                        self.writer.send_text(cid, answer_id, reasoning.parts, thinking=True, source=reasoning.source)
         self.writer.send(done_frame(cid))
 
-    async def _draw(self, cid: Any, payer: Payer, prompt: str) -> None:
+    async def _draw(self, cid: Any, question: Question, prompt: str) -> None:
         if not prompt:
             raise BadQuestion(texts.PROMPT_EMPTY, "content")
-        question = Question("ws", self.identity, payer, [])
         stored = await self.pipeline.draw(question, prompt)
         self.writer.send(image_frame(cid, stored.name.split(".")[0], stored.url))
         self.writer.send(done_frame(cid))
@@ -257,7 +266,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             await ws.prepare(request)
         except ConnectionError:  # the client left mid-handshake: nothing to answer, nothing to log
             return ws
-        session = SocketSession(ws, transport_of(request), app[pipeline_key], settings, identity)
+        session = SocketSession(ws, transport_of(request), app[pipeline_key], settings, identity,
+                                app[wechat_login_key])
         sockets.add(identity, session)
         await session.run()
     finally:

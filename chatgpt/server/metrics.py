@@ -47,6 +47,8 @@ class Metrics:
                                         ["entry"], registry=r)
         self.quota_refusals = Counter("chatgpt_quota_refusals", "Questions refused by a daily quota",
                                       ["entry"], registry=r)
+        self.content_checks = Counter("chatgpt_wechat_content_checks", "WeChat msgSecCheck calls by target and "
+                                      "outcome (pass, review, risky, failed)", ["target", "outcome"], registry=r)
         self.images = Gauge("chatgpt_images_on_disk", "Saved pictures in the images folder", registry=r)
         self.image_bytes = Gauge("chatgpt_images_on_disk_bytes", "Bytes of saved pictures", registry=r)
         self.sockets = Gauge("chatgpt_websocket_connections", "Open mini-program websockets", registry=r)
@@ -79,6 +81,10 @@ class Metrics:
     def upstream_failed(self, upstream: str, status: str, key: str) -> None:
         """A call to `upstream` failed with `status`; `key` is the masked pool key or "own"."""
         self._child(self.upstream_errors, upstream, status, key).inc()
+
+    def content_checked(self, target: str, outcome: str) -> None:
+        """WeChat's content check of a prompt or answer segment said `outcome` (or `failed`)."""
+        self._child(self.content_checks, target, outcome).inc()
 
     def start(self, entry: str, identity: str, kind: str = "chat") -> QuestionRecord:
         """A question is going upstream."""

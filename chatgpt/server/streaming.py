@@ -9,7 +9,7 @@ from contextlib import aclosing, suppress
 
 from aiohttp import web
 
-from chatgpt.domain.errors import Refused, ShuttingDown, UpstreamFailed
+from chatgpt.domain.errors import AnswerBlocked, Refused, ShuttingDown, UpstreamFailed
 from chatgpt.keys import inflight_key
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
                     await writer.finish(data)
                 elif writer.add(data):
                     await writer.wait()
-    except (Refused, UpstreamFailed) as error:
+    except (Refused, UpstreamFailed, AnswerBlocked) as error:
         failure = error
     except asyncio.CancelledError:
         if not inflight.stopping:
