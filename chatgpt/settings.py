@@ -34,6 +34,7 @@ class ServerSettings:
     port: int = 8080
     public_url: str = ""
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    event_loop: str = "auto"  # auto: uvloop when it is installed, else asyncio's own | uvloop | asyncio
 
 
 @dataclass(frozen=True)
@@ -428,6 +429,7 @@ def validate(settings: Settings) -> Settings:
         (u.read_timeout > 0, "upstream.read_timeout: expected a positive number"),
         (u.answer_timeout > 0, "upstream.answer_timeout: expected a positive number"),
         (settings.ws.reasoning in ("live", "hide"), "ws.reasoning: expected live or hide"),
+        (settings.server.event_loop in ("auto", "uvloop", "asyncio"), "server.event_loop: expected auto, uvloop or asyncio"),
         (settings.limits.http_per_second > 0, "limits.http_per_second: expected a positive number"),
         (settings.limits.ws_per_minute > 0, "limits.ws_per_minute: expected a positive number"),
         (settings.quota.daily_questions >= 0, "quota.daily_questions: expected 0 or more"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from markdown_it import MarkdownIt
 
 from chatgpt.faces.markdown import IncrementalRenderer, to_html
 
@@ -46,3 +47,19 @@ def test_text_that_does_not_extend_the_last_one_starts_over() -> None:
     renderer = IncrementalRenderer()
     renderer.render("# one\n\nfirst answer\n\nmore\n")
     assert renderer.render("something else") == to_html("something else")
+
+
+# markdown-it as faces/markdown.py sets it up: the reference the shortcut must match.
+_FULL = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(["table", "strikethrough"])
+_PLAIN_OR_NOT = st.text(alphabet=st.sampled_from(list(
+    "ab 你，。\n#-+=:1.)*_`[]!<>&~\"|\t\\\u3000\xa0\x0b\x0c\u2028\u0085'$%@{}()/?😀")), min_size=1, max_size=14)
+
+
+@settings(max_examples=3000)
+@given(_PLAIN_OR_NOT)
+def test_the_plain_paragraph_shortcut_renders_exactly_as_markdown_it(text: str) -> None:
+    assert to_html(text) == _FULL.render(text)
+
+
+def test_plain_lines_render_as_one_paragraph_with_breaks() -> None:
+    assert to_html("你好，世界。\nSecond line 2") == "<p>你好，世界。<br />\nSecond line 2</p>\n"

@@ -85,6 +85,14 @@ async def test_payloads_come_untouched_until_done_and_the_connection_is_used_aga
     assert len(upstream.posts) == 2 and upstream.posts[0] == upstream.posts[1]  # one kept-alive connection
 
 
+@pytest.mark.parametrize("size", [1, 3, 7])
+async def test_events_split_anywhere_across_network_reads_come_whole(upstream: Upstream, session: aiohttp.ClientSession,
+                                                                    size: int) -> None:
+    stream = ('data: {"t": "好的"}\r\n\r\n: ping\n\nevent: x\ndata: a\ndata: b\n\ndata:c\n\ndata: [DONE]\n\n').encode()
+    upstream.scripts.append(writes(*[stream[i:i + size] for i in range(0, len(stream), size)], delay=0.001))
+    assert await read(session, upstream.url) == ['{"t": "好的"}', "a\nb", "c"]
+
+
 @pytest.mark.parametrize("ending", ["eof", "events after the end"])
 async def test_a_stream_that_ends_without_done_is_broken_and_never_posted_again(
         upstream: Upstream, session: aiohttp.ClientSession, ending: str) -> None:

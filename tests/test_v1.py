@@ -305,3 +305,21 @@ async def test_offline_provider_streams_the_canned_answer_without_any_upstream_r
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert fake.requests == []
+
+
+async def test_a_long_streamed_answer_to_a_client_that_reads_slowly_arrives_whole_and_in_order(
+        client: TestClient, fake: FakeOpenAI) -> None:
+    # About 1.4 MB: more than the socket buffers and the server's backlog of queued body bytes hold, so
+    # the answer has to wait for the client and write what was queued meanwhile in order.
+    pieces = [f"{n:05d}" + "x" * 2000 for n in range(700)]
+    fake.script.append(Stream(pieces=pieces))
+    response = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert response.status == 200
+    await asyncio.sleep(0.5)  # not reading: the server's writes back up
+    raw = bytearray()
+    while chunk := await response.content.read(256 * 1024):
+        raw += chunk
+        await asyncio.sleep(0.001)
+    events = sse_events(bytes(raw))
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"]) == "".join(pieces)

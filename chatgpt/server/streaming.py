@@ -34,15 +34,19 @@ BACKLOG_BYTES = 256 * 1024  # body bytes waiting for a client that reads slowly;
 
 class _Coalescer:
     """Writes a body with as few socket writes as the answer allows. Pieces are queued; when the
-    answer's own task next waits (for the upstream), a flush task writes all of them at once. An answer
+    answer's own task next waits (for the upstream), the flush task writes all of them at once. An answer
     that arrived in one upstream read never waits: it leaves with the end of the body, in one write.
-    So the events of one upstream read cost one write instead of one write (one send() call) each."""
+    So the events of one upstream read cost one write instead of one write (one send() call) each.
+    The flush task lives as long as the answer and sleeps between reads: a paced answer (one event
+    per upstream read) wakes it per event instead of creating a task per event."""
 
     def __init__(self, response: web.StreamResponse) -> None:
         self._response = response
         self._queued: list[bytes] = []
         self._size = 0
-        self._flushing: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None  # the flush task sleeps on it while nothing is queued
+        self._drained: asyncio.Future[None] | None = None  # `wait()` sleeps on it
         self._kicked = False  # a callback will start the flush task once the answer's task waits
         self._ended = False
 
@@ -50,46 +54,79 @@ class _Coalescer:
         """Queue `data`; True when the client is far behind (then `wait()` before adding more)."""
         self._queued.append(data)
         self._size += len(data)
-        if not self._kicked and self._flushing is None:
+        wake = self._wake
+        if wake is not None:
+            # The flush task runs only once this task yields to the loop: everything queued until then goes together.
+            self._wake = None
+            wake.set_result(None)
+        elif self._task is None and not self._kicked:
             self._kicked = True
-            # Runs only once this task yields to the loop: everything queued until then goes together.
-            asyncio.get_running_loop().call_soon(self._kick)
+            asyncio.get_running_loop().call_soon(self._kick)  # no task at all if the answer ends first
         return self._size > BACKLOG_BYTES
 
     def _kick(self) -> None:
         self._kicked = False
-        if self._queued and self._flushing is None and not self._ended:
-            self._flushing = asyncio.create_task(self._flush())
+        if self._queued and self._task is None and not self._ended:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while self._queued:
+                    data = b"".join(self._queued)
+                    self._queued.clear()
+                    self._size = 0
+                    await self._response.write(data)
+                self._tell_drained(None)
+                if self._ended:
+                    return
+                self._wake = loop.create_future()
+                await self._wake
+        except BaseException as exc:
+            self._tell_drained(exc)
+            raise
+
+    def _tell_drained(self, exc: BaseException | None) -> None:
+        drained, self._drained = self._drained, None
+        if drained is None or drained.done():
+            return
+        if exc is None:
+            drained.set_result(None)
+        elif isinstance(exc, asyncio.CancelledError):
+            drained.cancel()
+        else:
+            drained.set_exception(exc)
 
     async def wait(self) -> None:
         """Wait until what is queued has been written (raises what the write met)."""
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush())
-        await asyncio.shield(self._flushing)
-
-    async def _flush(self) -> None:
-        try:
-            while self._queued:
-                data = b"".join(self._queued)
-                self._queued.clear()
-                self._size = 0
-                await self._response.write(data)
-        finally:
-            if self._flushing is asyncio.current_task():
-                self._flushing = None
+        task = self._task
+        if task is None:
+            task = self._task = asyncio.create_task(self._run())
+        elif task.done():
+            await task  # raises what the flush met (a client gone)
+            return
+        if not self._queued:
+            return
+        self._drained = asyncio.get_running_loop().create_future()
+        await self._drained
 
     async def finish(self, data: bytes) -> None:
         """Write what is queued and `data` with the end of the body."""
         self._ended = True
-        if self._flushing is not None:
-            await self._flushing  # raises what the flush met (a client gone)
         queued, self._queued = self._queued, []
+        task = self._task
+        if task is not None:
+            wake, self._wake = self._wake, None
+            if wake is not None:
+                wake.set_result(None)  # nothing more to write: it ends
+            await task  # its write under way goes first; raises what the flush met (a client gone)
         await self._response.write_eof(b"".join([*queued, data]))
 
     async def stop(self) -> None:
         """The answer failed or the client left: end the flush task, whatever it was doing."""
         self._ended = True
-        task, self._flushing = self._flushing, None
+        task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
         if task is not None:
