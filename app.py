@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import importlib
 import logging
 import socket
 import sys
@@ -381,12 +382,14 @@ def event_loop(choice: str) -> asyncio.AbstractEventLoop:
     `server.event_loop`, else asyncio's own."""
     if choice != "asyncio":
         try:
-            import uvloop
+            # Imported by name: uvloop is optional (not a dependency), so the type check must not need it.
+            uvloop = importlib.import_module("uvloop")
         except ImportError:
             if choice == "uvloop":
                 raise SystemExit("chatgpt-api: server.event_loop is uvloop but uvloop is not installed") from None
         else:
-            return uvloop.new_event_loop()
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
     return asyncio.new_event_loop()
 
 
