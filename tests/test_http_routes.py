@@ -16,6 +16,7 @@ from chatgpt.domain import texts
 from chatgpt.faces.markdown import to_html
 from tests.conftest import USER_KEY, MakeClient, url
 from tests.fakes.openai import FakeOpenAI
+from tests.helpers.frames import wait_until
 from tests.helpers.servers import refusing_port
 
 SLASHES = ["/", "//"]  # the mini-program builds `base + "/path"` with `base` ending in `/`
@@ -66,6 +67,16 @@ async def test_root_answers_a_bare_success_envelope(client: TestClient, path: st
 async def test_status_says_serving_by_default(client: TestClient, slash: str) -> None:
     body = await envelope(client, "GET", f"{slash}status")
     assert fields(body) == {**SUCCESS, "state": True}
+
+
+@pytest.mark.parametrize("path", ["/status", "//status", "///status?a=1"])
+async def test_access_log_shows_the_path_the_client_sent(client: TestClient, caplog: pytest.LogCaptureFixture,
+                                                         path: str) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    await send(client, "GET", path)
+    await wait_until(lambda: any(r.name == "aiohttp.access" for r in caplog.records))
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert f'"GET {path} HTTP/1.1" 200 ' in lines[0]
 
 
 @pytest.mark.parametrize("slash", SLASHES)

@@ -55,8 +55,28 @@ class BadRequestFilter(logging.Filter):
         return True
 
 
+class RequestLineFilter(logging.Filter):
+    """The access log's request line shows the path the client sent: aiohttp formats it as
+    `str(request.rel_url)`, and yarl writes a path that starts with `//` (the mini-program's
+    `//status`) behind an empty authority `//`, so `//status` would be logged as `////status`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = getattr(record, "first_request_line", None)
+        if isinstance(line, str):
+            method, _, rest = line.partition(" ")
+            if rest.startswith("////"):  # a target yarl prefixed; an absolute-form one never starts so
+                fixed = f"{method} {rest[2:]}"
+                record.msg = str(record.msg).replace(f'"{line}"', f'"{fixed}"', 1)
+                record.first_request_line = fixed
+        return True
+
+
 def quiet_bad_requests() -> None:
-    """Install BadRequestFilter on aiohttp's server logger, once per process."""
+    """Install BadRequestFilter on aiohttp's server logger and RequestLineFilter on its access
+    logger, once per process."""
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, BadRequestFilter) for f in server_log.filters):
         server_log.addFilter(BadRequestFilter())
+    access_log = logging.getLogger("aiohttp.access")
+    if not any(isinstance(f, RequestLineFilter) for f in access_log.filters):
+        access_log.addFilter(RequestLineFilter())
