@@ -79,7 +79,7 @@ class FakeWeChat:
         self.raw_checks: list[bytes] = []
         self.calls: Counter[str] = Counter()  # path → requests
         self.broken = ""  # "" | "html" (HTTP 502 page) | "garbage" (200, not JSON) | "hang" | "huge"
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._gateway])
         self.app.router.add_get("/sns/jscode2session", self.jscode2session)
         self.app.router.add_get("/cgi-bin/token", self.token)
         self.app.router.add_post("/cgi-bin/stable_token", self.stable_token)
@@ -106,6 +106,14 @@ class FakeWeChat:
         """Every access token handed out so far is refused as invalid (40001) from now on."""
         self.revoked.update(self.tokens)
 
+    @web.middleware
+    async def _gateway(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> web.StreamResponse:
+        """Every API counts its calls and breaks the same way when `broken` is set, before its own checks."""
+        self.calls[request.path] += 1
+        broken = await self._maybe_broken()
+        return broken if broken is not None else await handler(request)
+
     async def _maybe_broken(self) -> web.Response | None:
         if self.broken == "html":
             return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
@@ -125,10 +133,6 @@ class FakeWeChat:
         return web.Response(text=json.dumps(data), content_type=content_type)
 
     async def jscode2session(self, request: web.Request) -> web.Response:
-        self.calls[request.path] += 1
-        broken = await self._maybe_broken()
-        if broken is not None:
-            return broken
         q = request.query
         plain = "text/plain"  # how WeChat labels this JSON
         if q.get("appid") != self.appid:
@@ -166,10 +170,6 @@ class FakeWeChat:
         return None
 
     async def token(self, request: web.Request) -> web.Response:
-        self.calls[request.path] += 1
-        broken = await self._maybe_broken()
-        if broken is not None:
-            return broken
         q = request.query
         error = self._credentials_error(q.get("appid"), q.get("secret"))
         if error is not None:
@@ -180,10 +180,6 @@ class FakeWeChat:
         return self._answer({"access_token": self._issue(), "expires_in": self.token_lifetime})
 
     async def stable_token(self, request: web.Request) -> web.Response:
-        self.calls[request.path] += 1
-        broken = await self._maybe_broken()
-        if broken is not None:
-            return broken
         try:
             body = json.loads(await request.read())
         except ValueError:
@@ -199,12 +195,8 @@ class FakeWeChat:
         return self._answer({"access_token": self.stable, "expires_in": int(self.tokens[self.stable] - now)})
 
     async def msg_sec_check(self, request: web.Request) -> web.Response:
-        self.calls[request.path] += 1
         if request.method != "POST":
             return self._answer({"errcode": 43302, "errmsg": "require POST method"})
-        broken = await self._maybe_broken()
-        if broken is not None:
-            return broken
         token = request.query.get("access_token", "")
         if not token:
             return self._answer({"errcode": 41001, "errmsg": "access_token missing"})
