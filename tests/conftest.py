@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from app import create_app
 from chatgpt.settings import Settings, load_settings
 from tests.fakes.openai import FakeOpenAI
+from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
 from tests.helpers.capture import CAPTURED_LOGGERS, SecretCapture, secrets_in_test_sources
 from tests.helpers.servers import refusing_port
 from tests.helpers.timewarp import WarpLoop
@@ -33,6 +34,17 @@ async def fake(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeOpen
     server = await aiohttp_server(upstream.app)
     upstream.base_url = str(server.make_url("/v1"))  # type: ignore[attr-defined]
     return upstream
+
+
+
+@pytest.fixture
+async def wechat(aiohttp_server: Callable[..., Awaitable[TestServer]],
+                 secret_capture: SecretCapture) -> AsyncIterator[FakeWeChat]:
+    """A running fake WeChat; its secret, session keys and access tokens join the secrets check."""
+    fake = await start_fake_wechat(aiohttp_server)
+    yield fake
+    for value in fake_secrets(fake):
+        secret_capture.add_secret(value, "fake WeChat")
 
 
 def build_settings(tmp_path: Path, fake: FakeOpenAI | None, overrides: dict[str, Any] | None = None) -> Settings:

@@ -3,31 +3,26 @@ WeChat: logged-in users' prompts before anything goes upstream, answers in 2,500
 they complete, one cached access token, and the fail-open / fail-closed policy."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from chatgpt.domain import texts
 from tests.conftest import MakeClient
 from tests.fakes.openai import FakeOpenAI, Stream
-from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
-from tests.helpers.capture import SecretCapture
+from tests.fakes.wechat import FakeWeChat
 from tests.helpers.wx import ask, log_in, remaining, wechat_settings
 
 ALICE = "oAlice_000000000000000000000"
 
 
 @pytest.fixture
-async def wechat(aiohttp_server: Callable[..., Awaitable[TestServer]],
-                 secret_capture: SecretCapture) -> AsyncIterator[FakeWeChat]:
-    fake = await start_fake_wechat(aiohttp_server)
-    fake.risky_words = {"炸药"}
-    fake.review_words = {"选举"}
-    yield fake
-    for value in fake_secrets(fake):
-        secret_capture.add_secret(value, "fake WeChat")
+def wechat(wechat: FakeWeChat) -> FakeWeChat:
+    """conftest's fake WeChat, with a risky word and a word for review."""
+    wechat.risky_words = {"炸药"}
+    wechat.review_words = {"选举"}
+    return wechat
 
 
 async def start(make_client: MakeClient, wechat: FakeWeChat, **more: Any) -> TestClient:  # type: ignore[type-arg]

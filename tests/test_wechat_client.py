@@ -3,30 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from chatgpt.domain.wechat import CHECK_FAILED, CONFIG_FAILED, WeChatRefused, WeChatUnreachable, WxSession
 from chatgpt.upstream.session import make_session
 from chatgpt.upstream.wechat import WeChatClient
-from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
-from tests.helpers.capture import SecretCapture
+from tests.fakes.wechat import FakeWeChat, fake_secrets
 from tests.helpers.servers import refusing_port
 
 OPENID = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
-
-
-@pytest.fixture
-async def wechat(aiohttp_server: Callable[..., Awaitable[TestServer]],
-                 secret_capture: SecretCapture) -> AsyncIterator[FakeWeChat]:
-    """A running fake WeChat. Its secret, session keys and access tokens join the secrets check."""
-    fake = await start_fake_wechat(aiohttp_server)
-    yield fake
-    for value in fake_secrets(fake):
-        secret_capture.add_secret(value, "fake WeChat")
 
 
 @pytest.fixture

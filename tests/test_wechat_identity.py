@@ -3,32 +3,21 @@ counts against that WeChat user's daily quota, not the address's; bad tokens cos
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from chatgpt.domain import texts
 from chatgpt.domain.wxtoken import TokenSigner
 from tests.conftest import USER_KEY, MakeClient, ws_connect
 from tests.fakes.openai import FakeOpenAI
-from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
-from tests.helpers.capture import SecretCapture
+from tests.fakes.wechat import FakeWeChat
 from tests.helpers.frames import question, receive_answer
 from tests.helpers.wx import TOKEN_SECRET, ask, log_in, remaining, wechat_settings
 
 ALICE = "oAlice_000000000000000000000"
 BOB = "oBob_0000000000000000000000000"
 REFUSED = {"role": "assistant", "content": texts.LOGIN_EXPIRED, "isDone": True, "isSuccess": False}
-
-
-@pytest.fixture
-async def wechat(aiohttp_server: Callable[..., Awaitable[TestServer]],
-                 secret_capture: SecretCapture) -> AsyncIterator[FakeWeChat]:
-    fake = await start_fake_wechat(aiohttp_server)
-    yield fake
-    for value in fake_secrets(fake):
-        secret_capture.add_secret(value, "fake WeChat")
 
 
 @pytest.fixture

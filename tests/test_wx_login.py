@@ -1,32 +1,20 @@
 """`POST /api/auth/wx/login` (PROTOCOL.md E.5) on the real app, in front of a fake WeChat on loopback."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from chatgpt.domain.wxtoken import InvalidToken
 from chatgpt.keys import wechat_login_key
 from tests.conftest import MakeClient, url
-from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
-from tests.helpers.capture import SecretCapture
+from tests.fakes.wechat import FakeWeChat
 from tests.helpers.redisd import RedisServer, redis_server  # noqa: F401 (a fixture)
 
 OPENID = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
 LOGIN = "/api/auth/wx/login"
-
-
-@pytest.fixture
-async def wechat(aiohttp_server: Callable[..., Awaitable[TestServer]],
-                 secret_capture: SecretCapture) -> AsyncIterator[FakeWeChat]:
-    """A running fake WeChat; its secret, session keys and tokens join the secrets check."""
-    fake = await start_fake_wechat(aiohttp_server)
-    yield fake
-    for value in fake_secrets(fake):
-        secret_capture.add_secret(value, "fake WeChat")
 
 
 @pytest.fixture
