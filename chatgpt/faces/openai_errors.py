@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +28,9 @@ from chatgpt.domain.errors import (
     UpstreamFailed,
 )
 from chatgpt.server.bodies import BadBody
+from chatgpt.server.guards import Handler
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 BODY_MESSAGES = {
     "empty": (400, "The request body must be a JSON object."),
