@@ -18,6 +18,7 @@ from chatgpt.keys import (admin_failures_key, flags_key, moderation_key, pipelin
                           settings_key, state_key)
 from chatgpt.server.bodies import BadBody, read_object
 from chatgpt.server.clientip import identity_of_text
+from chatgpt.server.failures import answer_failures
 from chatgpt.server.guards import Handler, identity_of
 
 log = logging.getLogger(__name__)
@@ -92,15 +93,14 @@ BODY_FAULTS = {"too_slow": (408, "Request body not received in time."), "too_lar
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The admin table: a bad body is a 400 (408, 413), anything unexpected a 500, all as admin JSON."""
-    try:
-        return await handler(request)
-    except (web.HTTPException, ConnectionResetError):
-        raise
-    except BadBody as error:
-        return _json_error(*BODY_FAULTS.get(error.fault, (400, "The body must be a JSON object.")))
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return _json_error(500, "The server failed unexpectedly; the failure is logged.")
+    return await answer_failures(request, handler, _bad_body,
+                                 lambda exc: _json_error(500, "The server failed unexpectedly; the failure is logged."))
+
+
+def _bad_body(exc: Exception) -> web.Response | None:
+    if not isinstance(exc, BadBody):
+        return None
+    return _json_error(*BODY_FAULTS.get(exc.fault, (400, "The body must be a JSON object.")))
 
 
 async def get_runtime(request: web.Request) -> web.Response:

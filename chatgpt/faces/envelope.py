@@ -2,7 +2,6 @@
 code and Chinese text (the websocket's error frames show the same texts)."""
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -27,9 +26,8 @@ from chatgpt.domain.errors import (
     UpstreamFailed,
 )
 from chatgpt.server.bodies import BadBody
+from chatgpt.server.failures import answer_failures
 from chatgpt.server.guards import Handler
-
-log = logging.getLogger(__name__)
 
 OK = "000000"
 UNEXPECTED = ("999999", texts.SERVICE_ERROR)
@@ -109,12 +107,9 @@ def error_text(exc: BaseException) -> str:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The main application's: a failure on a mini-program route is an envelope on HTTP 200, never a
     traceback. (`/v1`, `/admin` and `/chat` answer their own failures in their own shapes first.)"""
-    try:
-        return await handler(request)
-    except (web.HTTPException, ConnectionResetError):
-        raise  # aiohttp's own answers; a client that left gets nothing
-    except Exception as exc:  # CancelledError (the client left) is a BaseException: it passes
-        known = known_error(exc)
-        if known is None:
-            log.exception("unexpected error on %s %s", request.method, request.path)
-        return envelope_response(*(known or UNEXPECTED))
+    return await answer_failures(request, handler, _known_response, lambda exc: envelope_response(*UNEXPECTED))
+
+
+def _known_response(exc: Exception) -> web.Response | None:
+    known = known_error(exc)
+    return None if known is None else envelope_response(*known)

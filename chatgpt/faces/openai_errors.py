@@ -2,7 +2,6 @@
 English message that says what failed (the caller's own key gets the upstream's own message)."""
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +27,8 @@ from chatgpt.domain.errors import (
     UpstreamFailed,
 )
 from chatgpt.server.bodies import BadBody
+from chatgpt.server.failures import answer_failures
 from chatgpt.server.guards import Handler
-
-log = logging.getLogger(__name__)
 
 BODY_MESSAGES = {
     "empty": (400, "The request body must be a JSON object."),
@@ -158,14 +156,8 @@ def error_event(exc: BaseException) -> bytes:
 
 async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Run `handler`; any failure is answered in OpenAI's shape, never as a traceback."""
-    try:
-        return await handler(request)
-    except (web.HTTPException, ConnectionResetError):
-        raise  # aiohttp's own answers; a client that left gets nothing
-    except Exception as exc:  # CancelledError (the client left) is a BaseException: it passes
-        if _known(exc) is None:
-            log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(exc)
+    return await answer_failures(request, handler, lambda exc: None if _known(exc) is None else error_response(exc),
+                                 error_response)
 
 
 error_middleware = web.middleware(answer_errors)  # the `/v1` sub-application's
