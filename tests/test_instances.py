@@ -22,7 +22,7 @@ from tests.conftest import CLIENT_TOKEN, SERVER_KEY
 from tests.fakes.openai import Fail, FakeOpenAI, Stream
 from tests.helpers.capture import SecretCapture
 from tests.helpers.redisd import RedisServer, redis_server  # noqa: F401 (a fixture)
-from tests.helpers.servers import started_port
+from tests.helpers.servers import started_port, wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "adm-instances-token-4711"
@@ -83,20 +83,8 @@ class Instances:
         instance = Instance(process, "", log)  # kept before the port is known: a failed start is cleaned up
         self.started.append(instance)
         instance.base = f"http://127.0.0.1:{await started_port(process, log, START_SECONDS)}"
-        deadline = time.monotonic() + START_SECONDS
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"app.py exited with {process.returncode}:\n{instance.output()}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"//status did not answer within {START_SECONDS} s:\n{instance.output()}")
-                try:
-                    async with http.get(f"{instance.base}//status") as response:
-                        if response.status == 200:
-                            return instance
-                except (TimeoutError, aiohttp.ClientError):
-                    pass
-                await asyncio.sleep(0.05)
+        await wait_until_serving(process, instance.base, instance.output, START_SECONDS)
+        return instance
 
     def close(self) -> None:
         """Kill what still runs; hand the logs to the secrets check."""

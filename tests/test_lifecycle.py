@@ -22,7 +22,7 @@ from chatgpt.domain import texts
 from tests.conftest import CLIENT_TOKEN, SERVER_KEY
 from tests.fakes.openai import FakeOpenAI, Stream
 from tests.helpers.capture import SecretCapture
-from tests.helpers.servers import started_port
+from tests.helpers.servers import started_port, wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "adm-lifecycle-token-8642"
@@ -85,20 +85,8 @@ class Servers:
         server = Server(process, "", log)  # kept before the port is known: a failed start is still cleaned up
         self.started.append(server)
         server.base = f"http://127.0.0.1:{await started_port(process, log, START_SECONDS)}"
-        deadline = time.monotonic() + START_SECONDS
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"app.py exited with {process.returncode}:\n{server.output()}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"//status did not answer within {START_SECONDS} s:\n{server.output()}")
-                try:
-                    async with http.get(f"{server.base}//status") as response:
-                        if response.status == 200:
-                            return server
-                except (TimeoutError, aiohttp.ClientError):
-                    pass
-                await asyncio.sleep(0.05)
+        await wait_until_serving(process, server.base, server.output, START_SECONDS)
+        return server
 
     def close(self) -> None:
         for server in self.started:

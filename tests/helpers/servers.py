@@ -12,8 +12,10 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 # app.py's start line: "chatgpt-api starting on http://HOST:PORT; provider: ..." (also inside a JSON log line).
@@ -56,3 +58,23 @@ async def started_port(process: subprocess.Popen[bytes], log: Path, seconds: flo
         if time.monotonic() > deadline:
             pytest.fail(f"no start line within {seconds} s:\n{log.read_text(errors='replace')}")
         await asyncio.sleep(0.02)
+
+
+async def wait_until_serving(process: subprocess.Popen[bytes], base: str, output: Callable[[], str],
+                             seconds: float = START_SECONDS) -> None:
+    """Poll `base//status` until it answers 200; fail the test (with the process's output) if the
+    process exits or does not answer within `seconds`."""
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited with {process.returncode}:\n{output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"//status did not answer within {seconds} s:\n{output()}")
+            try:
+                async with http.get(f"{base}//status") as response:
+                    if response.status == 200:
+                        return
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            await asyncio.sleep(0.05)
