@@ -67,9 +67,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 async def read(session: aiohttp.ClientSession, url: str, read_timeout: float = 5.0,
                answer_timeout: float = 30.0, pause: float = 0.0) -> list[str]:
     payloads = []
-    async for payload in event_payloads(session, url, b"{}", {"Content-Type": "application/json"}, host="fake",
-                                        read_timeout=read_timeout, answer_timeout=answer_timeout, parse=str):
-        payloads.append(payload)
+    async for batch in event_payloads(session, url, b"{}", {"Content-Type": "application/json"}, host="fake",
+                                      read_timeout=read_timeout, answer_timeout=answer_timeout, parse=str):
+        assert batch  # a batch holds at least one event
+        payloads += batch
         if pause:
             await asyncio.sleep(pause)
     return payloads
@@ -100,9 +101,9 @@ async def test_a_stream_that_ends_without_done_is_broken_and_never_posted_again(
     upstream.scripts.append(writes(b"data: a second answer\n\ndata: [DONE]\n\n"))  # what a re-POST would get
     got: list[str] = []
     with pytest.raises(UpstreamBroken, match="ended before \\[DONE\\]"):
-        async for payload in event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5,
-                                            answer_timeout=30, parse=str):
-            got.append(payload)
+        async for batch in event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5,
+                                          answer_timeout=30, parse=str):
+            got += batch
     await asyncio.sleep(0.2)  # the library would have re-POSTed at once (reconnection_time is 0)
     assert got == ["one", "two"]
     assert len(upstream.posts) == 1
@@ -209,8 +210,28 @@ async def test_payload_of_the_reader_reaches_a_caller_that_stops_early_without_l
     upstream.scripts.append(writes(b"data: 1\n\n", *[b": keep-alive\n\n"] * 100, delay=0.02))
     reader = event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5, answer_timeout=30,
                             parse=str)
-    assert await anext(reader) == "1"
+    assert await anext(reader) == ["1"]
     await reader.aclose()  # a client that left: the connection is closed, nothing re-POSTed
     await asyncio.sleep(0.1)
     assert len(upstream.posts) == 1
 
+
+
+async def test_the_events_of_one_read_come_as_one_batch(upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    upstream.scripts.append(writes(b"data: 1\n\ndata: 2\n\n", b"data: 3\n\ndata: [DONE]\n\n", delay=0.05))
+    batches = [batch async for batch in event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5,
+                                                       answer_timeout=30, parse=str)]
+    assert batches == [["1", "2"], ["3"]]
+
+
+async def test_an_event_refused_by_the_parser_ends_the_stream_after_the_good_ones_before_it(
+        upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    def parse(data: str) -> int:
+        return int(data)  # "x" is refused, as delta_of refuses an event that is not JSON
+    upstream.scripts.append(writes(b"data: 1\n\ndata: 2\n\ndata: x\n\ndata: 4\n\ndata: [DONE]\n\n"))
+    got: list[int] = []
+    with pytest.raises(UpstreamBroken, match="cannot be read"):
+        async for batch in event_payloads(session, upstream.url, b"{}", {}, host="fake", read_timeout=5,
+                                          answer_timeout=30, parse=parse):
+            got += batch
+    assert got == [1, 2]

@@ -24,12 +24,13 @@ def new_answer_id() -> str:
 
 
 class Answer:
-    """The deltas of one answer, the model the pipeline chose for it (PROTOCOL.md E.1), and the word list
-    every door must mask its text with before a client sees it (None: nothing to mask; PROTOCOL.md E.5).
-    Deltas carry the upstream's text: each door masks in its own way (cumulative text on the websocket,
-    a held-back tail on streamed HTTP)."""
+    """The deltas of one answer in batches (never empty; those that arrived together, as the provider
+    gave them), the model the pipeline chose for it (PROTOCOL.md E.1), and the word list every door must
+    mask its text with before a client sees it (None: nothing to mask; PROTOCOL.md E.5). Deltas carry
+    the upstream's text: each door masks in its own way (cumulative text on the websocket, a held-back
+    tail on streamed HTTP)."""
 
-    def __init__(self, model: str, deltas: AsyncGenerator[Delta, None], words: WordFilter | None = None) -> None:
+    def __init__(self, model: str, deltas: AsyncGenerator[list[Delta], None], words: WordFilter | None = None) -> None:
         self.model = model
         self._deltas = deltas
         self.words = words
@@ -37,8 +38,8 @@ class Answer:
     def __aiter__(self) -> Answer:
         return self
 
-    def __anext__(self) -> Awaitable[Delta]:
-        return self._deltas.__anext__()  # the generator's own awaitable: no extra coroutine per delta
+    def __anext__(self) -> Awaitable[list[Delta]]:
+        return self._deltas.__anext__()  # the generator's own awaitable: no extra coroutine per batch
 
     async def aclose(self) -> None:
         """Stop the answer: the upstream request is cancelled and the question accounted."""

@@ -186,30 +186,41 @@ class ChatPipeline:
         finally:
             await watch.close()
 
-    async def _stream(self, question: Question, request: ChatRequest, route: Route) -> AsyncGenerator[Delta, None]:
+    async def _stream(self, question: Question, request: ChatRequest,
+                      route: Route) -> AsyncGenerator[list[Delta], None]:
         async with self._accounted(question, "chat", route) as (progress, record), \
                 self._watched(question, question.prompt) as watch:
             watched = watch.active
-            deltas = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
+            batches = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
             held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
-            async with opened(deltas):
-                async for delta in deltas:
-                    if delta.usage is not None:
-                        record.usage = delta.usage
-                    if produced(delta):
-                        record.token()
-                        first, progress.produced = not progress.produced, True
-                        if watched and (delta.text or delta.reasoning):
-                            # Before anyone sees it (or the pieces held before it): refuse mode stops here.
-                            watch.feed(delta.text, delta.reasoning)
-                        if first:
-                            for early in held:
-                                yield early
-                            held.clear()
-                    elif not progress.produced:
-                        held.append(delta)  # so that an empty answer fails before any door has sent a byte
+            async with opened(batches):
+                async for batch in batches:
+                    blocked: AnswerBlocked | None = None
+                    try:
+                        for delta in batch:
+                            if delta.usage is not None:
+                                record.usage = delta.usage
+                            if produced(delta):
+                                record.token()
+                                if watched and (delta.text or delta.reasoning):
+                                    # Before anyone sees it: refuse mode stops here.
+                                    watch.feed(delta.text, delta.reasoning)
+                                progress.produced = True
+                    except AnswerBlocked as exc:
+                        if not progress.produced:
+                            progress.produced = True  # it went upstream and came back: charged
+                            raise  # refused before any door has sent a byte
+                        # What came before it is still shown.
+                        blocked, batch = exc, batch[:next(i for i, d in enumerate(batch) if d is delta)]
+                    if not progress.produced:
+                        held += batch  # so that an empty answer fails before any door has sent a byte
                         continue
-                    yield delta
+                    if held:
+                        batch, held = held + batch, []
+                    if batch:
+                        yield batch
+                    if blocked is not None:
+                        raise blocked
             if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
                 raise UpstreamFailed("empty")
             usage = record.usage

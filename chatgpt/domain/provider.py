@@ -66,8 +66,9 @@ class Provider(Protocol):
 
     name: str
 
-    def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
-        """Yield the answer's deltas; raise an upstream exception from `chatgpt.domain.errors` on failure."""
+    def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[list[Delta]]:
+        """Yield the answer's deltas in batches (never empty): those that arrived together, e.g. the
+        events of one network read; raise an upstream exception from `chatgpt.domain.errors` on failure."""
         ...
 
     async def generate_image(self, prompt: str, size: str, key: str | None,

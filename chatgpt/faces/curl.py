@@ -60,32 +60,36 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await send_stream(request, response, body_pieces, _error_event(sse))
 
 
-async def _body(first: Delta | None, deltas: Answer, memory: ConversationMemory, cid: str, owner: str,
+async def _body(first: list[Delta] | None, deltas: Answer, memory: ConversationMemory, cid: str, owner: str,
                 content: str, sse: bool) -> AsyncGenerator[Piece, None]:
-    """The answer as plain text, or as SSE events (`conversation`, then data, then `done`)."""
+    """The answer as plain text, or as SSE events (`conversation`, then data, then `done`); a piece per
+    batch of deltas."""
     parts: list[str] = []
     # With listed words, each holds back only a tail that could still become a word (PROTOCOL.md E.5).
     masker = deltas.words.stream() if deltas.words is not None else None
     thinking = deltas.words.stream() if deltas.words is not None else None
     answering = False
-    if sse:
-        yield _event("conversation", {"conversationId": cid}), False
-    delta = first
-    while delta is not None:
-        if delta.text:
-            if sse and not answering and thinking is not None and (held := thinking.flush()):
-                yield _event("reasoning", {"content": held}), False  # the reasoning is over
-            answering = True
-            text = delta.text if masker is None else masker.feed(delta.text)
-            if text:
-                parts.append(text)
-                yield _piece(text, sse), False
-        elif delta.reasoning and sse and not answering:  # the model's thinking, before its answer
-            reasoning = delta.reasoning if thinking is None else thinking.feed(delta.reasoning)
-            if reasoning:
-                yield _event("reasoning", {"content": reasoning}), False
-        delta = await anext(deltas, None)
-    end = _event("done", {"conversationId": cid}) if sse else b"\n"
+    out: list[bytes] = [_event("conversation", {"conversationId": cid})] if sse else []
+    batch = first
+    while batch is not None:
+        for delta in batch:
+            if delta.text:
+                if sse and not answering and thinking is not None and (held := thinking.flush()):
+                    out.append(_event("reasoning", {"content": held}))  # the reasoning is over
+                answering = True
+                text = delta.text if masker is None else masker.feed(delta.text)
+                if text:
+                    parts.append(text)
+                    out.append(_piece(text, sse))
+            elif delta.reasoning and sse and not answering:  # the model's thinking, before its answer
+                reasoning = delta.reasoning if thinking is None else thinking.feed(delta.reasoning)
+                if reasoning:
+                    out.append(_event("reasoning", {"content": reasoning}))
+        if out:
+            yield b"".join(out), False
+            out.clear()
+        batch = await anext(deltas, None)
+    end = b"".join(out) + (_event("done", {"conversationId": cid}) if sse else b"\n")
     if masker is not None and (rest := masker.flush()):
         parts.append(rest)
         end = _piece(rest, sse) + end

@@ -101,8 +101,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return await _stream(request, deltas, deltas.model, created, usage)
         # Assembled from the stream: the same timeouts and fall-over as every other door (completion.py).
         answer = Completion()
-        async for delta in deltas:
-            answer.add(delta)
+        async for batch in deltas:
+            for delta in batch:
+                answer.add(delta)
     whole = answer.answer(deltas.model, created)
     if deltas.words is not None:
         whole = mask_completion(whole, deltas.words)  # listed words (PROTOCOL.md E.5)
@@ -110,9 +111,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, deltas: Answer, model: str, created: int, usage: bool) -> web.StreamResponse:
-    # The first delta is awaited before the headers go out, so a refusal or an upstream error
+    # The first deltas are awaited before the headers go out, so a refusal or an upstream error
     # before any text still gets its real HTTP status and OpenAI's error JSON.
-    first: Delta | None = await anext(deltas, None)
+    first: list[Delta] | None = await anext(deltas, None)
     response = StreamingAnswer(headers=SSE_HEADERS)
     await response.prepare(request)
     return await send_stream(request, response, _sse_body(first, deltas, model, created, usage), error_event)
@@ -125,40 +126,42 @@ def _event(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def _sse_body(first: Delta | None, deltas: Answer, model: str, created: int,
+async def _sse_body(first: list[Delta] | None, deltas: Answer, model: str, created: int,
                     usage: bool) -> AsyncGenerator[Piece, None]:
-    """The answer as OpenAI SSE: each upstream event re-framed with its data untouched (the usage-only
-    chunk only for a caller that asked for it); our own chunks for a provider without OpenAI events.
-    With listed words to mask, the events' text is masked and re-encoded (`ChunkMasker`)."""
-    answer_id = (first.answer_id if first else "") or new_answer_id()
+    """The answer as OpenAI SSE, a piece per batch of deltas: each upstream event re-framed with its data
+    untouched (the usage-only chunk only for a caller that asked for it); our own chunks for a provider
+    without OpenAI events. With listed words to mask, the events' text is masked and re-encoded
+    (`ChunkMasker`). A batch that ends the answer (a finish reason, the usage) is held for the end."""
+    answer_id = (first[0].answer_id if first else "") or new_answer_id()
     masker = ChunkMasker(deltas.words) if deltas.words is not None else None
     relayed, encoded, finish = False, False, None
 
-    def piece(delta: Delta) -> bytes | None:
+    def piece(delta: Delta) -> bytes:
         nonlocal relayed, encoded, finish
-        finish = delta.finish_reason or finish
+        if delta.finish_reason:
+            finish = delta.finish_reason
         if delta.payload:
             relayed = True
             if not usage and delta.usage_only:
-                return None
+                return b""
             payload = delta.payload if masker is None else masker.payload(delta)
-            return _event(payload) if payload is not None else None
+            return _event(payload) if payload is not None else b""
         if delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
             text = delta.text if masker is None else masker.text(delta.text)
             if not text:
-                return None
+                return b""
             role = {} if encoded else {"role": "assistant"}
             encoded = True
             return _chunk(answer_id, created, model, {**role, "content": text}, None)
-        return None
+        return b""
 
-    if first is not None:
-        if (data := piece(first)) is not None:
-            yield data, False
-        # Also after the last piece: the pipeline finishes its accounting when the answer ends.
-        async for delta in deltas:
-            if (data := piece(delta)) is not None:
-                yield data, False
+    batch = first
+    while batch is not None:  # also after the last batch: the pipeline finishes its accounting when the answer ends
+        data = piece(batch[0]) if len(batch) == 1 else b"".join([piece(delta) for delta in batch])
+        if data:
+            last = batch[-1]
+            yield data, bool(last.finish_reason) or last.usage_only
+        batch = await anext(deltas, None)
     tail = b"data: [DONE]\n\n"
     rest = masker.rest() if masker is not None else {}
     if rest:  # held back at the end of a stream that sent no finish chunk

@@ -217,21 +217,30 @@ class SocketSession:
             # The answer and the reasoning as the client may see them: listed words masked in the text
             # and in its html; parts joined only when a frame goes out (FrameWriter).
             answer, reasoning = ShownText(deltas.words), ShownText(deltas.words)
-            async for delta in deltas:
-                if delta.text:
-                    size += len(delta.text)
-                    if size > limit:
-                        # Every frame carries the whole text: a runaway answer would cost the client
-                        # (and us) quadratically. Leaving the loop closes the upstream request.
-                        self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
-                        return
-                    answer.feed(delta.text)
+            async for batch in deltas:
+                grew = mused = False
+                for delta in batch:
+                    if delta.text:
+                        size += len(delta.text)
+                        if size > limit:
+                            # Every frame carries the whole text: a runaway answer would cost the client
+                            # (and us) quadratically. Leaving the loop closes the upstream request.
+                            if grew:  # the text before it in this batch
+                                self.writer.send_text(cid, answer_id, answer.parts, source=answer.source)
+                            self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
+                            return
+                        answer.feed(delta.text)
+                        grew = True
+                    elif delta.reasoning and thinking and not size:
+                        thought += len(delta.reasoning)
+                        if thought <= limit:  # past it the quote stops growing (each frame sends it whole)
+                            reasoning.feed(delta.reasoning)
+                            mused = True
+                # One frame's worth per batch: the writer replaces a queued text with the newer one anyway.
+                if grew:
                     self.writer.send_text(cid, answer_id, answer.parts, source=answer.source)
-                elif delta.reasoning and thinking and not size:
-                    thought += len(delta.reasoning)
-                    if thought <= limit:  # past it the quote stops growing (each frame sends it whole)
-                        reasoning.feed(delta.reasoning)
-                        self.writer.send_text(cid, answer_id, reasoning.parts, thinking=True, source=reasoning.source)
+                elif mused and not size:
+                    self.writer.send_text(cid, answer_id, reasoning.parts, thinking=True, source=reasoning.source)
         self.writer.send(done_frame(cid))
 
     async def _draw(self, cid: Any, question: Question, prompt: str) -> None:

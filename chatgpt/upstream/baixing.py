@@ -37,7 +37,7 @@ class BaixingProvider:
         self._key = key
         self._answer_timeout = answer_timeout  # the relay answers whole, so only the answer's cap applies
 
-    async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
+    async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[list[Delta]]:
         """Yield the whole answer as one delta, `[*]` markers removed; `code != 0` is an error."""
         with upstream_call(host_of(self._url)):
             async with asyncio.timeout(self._answer_timeout):
@@ -55,8 +55,7 @@ class BaixingProvider:
         answer = data.get("data")
         answer = answer if isinstance(answer, str) else ""
         answer_id = f"baixing-{uuid.uuid4().hex[:24]}"
-        yield Delta(answer.replace("[*]", ""), answer_id=answer_id)
-        yield Delta(finish_reason="stop", answer_id=answer_id)
+        yield [Delta(answer.replace("[*]", ""), answer_id=answer_id), Delta(finish_reason="stop", answer_id=answer_id)]
 
     async def generate_image(self, prompt: str, size: str, key: str | None,
                              model: str | None = None) -> GeneratedImage:

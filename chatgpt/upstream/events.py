@@ -8,9 +8,7 @@ library sees it, every event is awaited under a deadline, and `[DONE]` ends the 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import TypeVar
 
@@ -29,22 +27,16 @@ T = TypeVar("T")
 
 async def event_payloads(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], *,
                          host: str, read_timeout: float, answer_timeout: float,
-                         parse: Callable[[str], T]) -> AsyncIterator[T]:
-    """POST `body` once and yield `parse(data)` of each event until `[DONE]` (parsed here: one
-    generator fewer for every event to pass). Comments are not events: they do not restart
+                         parse: Callable[[str], T]) -> AsyncIterator[list[T]]:
+    """POST `body` once and yield, for each network read that completes events, `parse(data)` of each
+    of them, until `[DONE]`. A batch per read, not an item per event: an answer that arrives in one read
+    crosses every layer above once, not once per event. Comments are not events: they do not restart
     `read_timeout`, the longest wait for the next event (the response headers included);
-    `answer_timeout` caps the whole answer. Raises our upstream exceptions."""
+    `answer_timeout` caps the whole answer. Raises our upstream exceptions (an event `parse` refuses
+    after the good ones of its read have been yielded)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + answer_timeout
-    response: aiohttp.ClientResponse | None = None
     opened = False
-
-    async def keep(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
-        # Holds the accepted response: the deadlines end a wait through its body's reader. (Its
-        # connection goes back to the pool by itself when the body ended with [DONE].)
-        nonlocal response
-        response = await handler(request)
-        return response
 
     def on_open() -> None:
         nonlocal opened
@@ -61,47 +53,69 @@ async def event_payloads(session: aiohttp.ClientSession, url: str, body: bytes, 
             return UpstreamTimeout(texts.EN_ANSWER_TIMEOUT.format(host=host, seconds=answer_timeout))
         return UpstreamTimeout(texts.EN_READ_TIMEOUT.format(host=host, seconds=read_timeout))
 
-    # The per-request middlewares replace the session's, so its status check is listed again.
+    # The status check is listed per request, so that it holds on any session the caller passes.
     # reconnection_time=0: were a reconnect ever to slip through, the tests would see the second POST
     # at once instead of after the library's 10 s.
     source = _ChunkedEventSource(url, option={"method": "POST"}, max_connect_retry=0, reconnection_time=timedelta(0),
-                         session=session, on_open=on_open, on_error=on_error, data=body, headers=headers,
-                         middlewares=(keep, raise_for_upstream_status))
+                                 session=session, on_open=on_open, on_error=on_error, data=body, headers=headers,
+                                 middlewares=(raise_for_upstream_status,))
     with upstream_call(host, lambda: opened):
-        async with AsyncExitStack() as stack:
-            connecting = asyncio.timeout_at(min(loop.time() + read_timeout, deadline))
+        connecting = asyncio.timeout_at(min(loop.time() + read_timeout, deadline))
+        try:
+            async with connecting:
+                await source.__aenter__()
+        except TimeoutError:
+            if not connecting.expired():
+                raise  # aiohttp's own connect timeout: an unreachable upstream
+            raise timed_out(connecting.when() or deadline) from None
+        try:
+            content = source.opened_body()
+            watchdog = _Watchdog(loop, content, read_timeout, deadline, timed_out)
             try:
-                async with connecting:
-                    await stack.enter_async_context(source)
-            except TimeoutError:
-                if not connecting.expired():
-                    raise  # aiohttp's own connect timeout: an unreachable upstream
-                raise timed_out(connecting.when() or deadline) from None
-            if response is None:  # cannot happen: the library opened the stream through `keep`
-                raise UpstreamBroken(texts.EN_BROKEN.format(host=host, cause="no response to read"))
-            watchdog = _Watchdog(loop, response.content, read_timeout, deadline, timed_out)
-            stack.callback(watchdog.stop)
-            source.read_from(response.content, on_error)
-            next_event = source.__anext__
-            while True:
-                watchdog.waiting_since = now = loop.time()
-                if now >= deadline:
-                    raise timed_out(deadline)
-                event = await next_event()
-                watchdog.waiting_since = None
-                data = event.data
-                if data == DONE:
-                    return
-                yield parse(data)
+                source.read_from(content, on_error)
+                while True:
+                    watchdog.waiting_since = now = loop.time()
+                    if now >= deadline:
+                        raise timed_out(deadline)
+                    events = await source.next_events()
+                    watchdog.waiting_since = None
+                    batch: list[T] = []
+                    refused: Exception | None = None
+                    for event in events:
+                        data = event.data
+                        if data == DONE:
+                            if batch:
+                                yield batch
+                            return
+                        try:
+                            batch.append(parse(data))
+                        except Exception as exc:  # the events before it in this read still count
+                            refused = exc
+                            break
+                    if batch:
+                        yield batch
+                    if refused is not None:
+                        raise refused
+            finally:
+                watchdog.stop()
+        finally:
+            await source.__aexit__(None, None, None)
 
 
 class _ChunkedEventSource(EventSource):  # type: ignore[misc]
     """The library's EventSource reading its stream a network read at a time instead of a line at a
     time: its own `__anext__` awaits `StreamReader.readline` twice per event (the data line and the
-    blank line), about 6 µs, where one `readany` per network read serves every event in it. Each line
-    then goes through the library's own steps unchanged (the same decoding, comment rule, field
-    parsing and dispatch, `_process_field` and `_dispatch_event`), and a line longer than aiohttp's
-    `readline` would take raises the same `LineTooLong`."""
+    blank line), about 6 µs, and returns one event per call, where one `readany` per network read
+    serves every event in it. Each line then goes through the library's own steps unchanged (the same
+    decoding, comment rule, field parsing and dispatch, `_process_field` and `_dispatch_event`), and a
+    line longer than aiohttp's `readline` would take raises the same `LineTooLong`."""
+
+    def opened_body(self) -> aiohttp.StreamReader:
+        """The body of the response the library opened (it keeps the response once connected)."""
+        response: aiohttp.ClientResponse | None = self._response
+        if response is None:  # cannot happen: `__aenter__` returned, so the library holds its response
+            raise UpstreamBroken("The upstream stream was not opened.")
+        return response.content
 
     def read_from(self, content: aiohttp.StreamReader, ended: Callable[[], None]) -> None:
         """Read events from `content` (the response's body the library opened); `ended()` is told when
@@ -109,43 +123,58 @@ class _ChunkedEventSource(EventSource):  # type: ignore[misc]
         self._content = content
         self._ended = ended
         self._max_line = content.get_read_buffer_limits()[1]  # what `readline` allows: the high water
-        self._lines: deque[bytes] = deque()
+        self._lines: list[str] = []
         self._partial = b""
 
-    async def __anext__(self) -> MessageEvent:
-        lines = self._lines
+    async def next_events(self) -> list[MessageEvent]:
+        """The events the next network read(s) complete: at least one, in order."""
+        events: list[MessageEvent] = []
         while True:
-            while lines:
+            for line in self._lines:
                 # The library's per-line steps, as in its `__anext__`.
-                line = lines.popleft().decode("utf8").rstrip("\r")
+                line = line.rstrip("\r")
                 if line == "":
                     event = self._dispatch_event()
                     if event is not None:
-                        return event
+                        events.append(event)
+                elif line[0] == ":":
                     continue
-                if line[0] == ":":
-                    continue
-                if ":" in line:
+                elif ":" in line:
                     name, value = line.split(":", 1)
                     self._process_field(name, value.lstrip(" "))
                 else:
                     self._process_field(line, "")
+            self._lines.clear()
+            if events:
+                return events
             chunk = await self._content.readany()
             if not chunk:  # the end of the body: a last line without its newline still counts, as in readline
                 if self._partial:
-                    lines.append(self._partial)
+                    self._lines.append(self._partial.decode("utf8"))
                     self._partial = b""
                     continue
                 self._ended()
                 raise StopAsyncIteration
             if self._partial:
                 chunk = self._partial + chunk
-            parts = chunk.split(b"\n")
-            self._partial = parts.pop()
-            if len(chunk) > self._max_line and (len(self._partial) > self._max_line or any(
-                    len(part) >= self._max_line for part in parts)):
+            end = chunk.rfind(b"\n") + 1
+            self._partial = chunk[end:]
+            if len(chunk) > self._max_line and self._too_long(chunk, end):
                 raise LineTooLong(chunk[:100] + b"...", self._max_line)
-            lines.extend(parts)
+            # Decoded once per read: the complete lines end at a newline, which no UTF-8 sequence contains.
+            self._lines = chunk[:end].decode("utf8").split("\n")
+            self._lines.pop()  # after the last newline: the partial line, kept as bytes
+
+    def _too_long(self, chunk: bytes, end: int) -> bool:
+        if len(self._partial) > self._max_line:
+            return True
+        start = 0
+        while start < end:
+            stop = chunk.index(b"\n", start)
+            if stop - start >= self._max_line:
+                return True
+            start = stop + 1
+        return False
 
 
 class _Watchdog:

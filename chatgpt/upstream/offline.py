@@ -26,13 +26,13 @@ class OfflineProvider:
     def __init__(self, delay: float = 0.02) -> None:
         self._delay = delay
 
-    async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
+    async def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[list[Delta]]:
         """Stream the canned notice; `request` and `key` are ignored on purpose."""
         answer_id = f"chatcmpl-offline-{uuid.uuid4().hex[:24]}"
         for token in _TOKEN.findall(texts.OFFLINE_ANSWER):
-            yield Delta(token, answer_id=answer_id)
+            yield [Delta(token, answer_id=answer_id)]
             await asyncio.sleep(self._delay)
-        yield Delta(finish_reason="stop", answer_id=answer_id)
+        yield [Delta(finish_reason="stop", answer_id=answer_id)]
 
     async def generate_image(self, prompt: str, size: str, key: str | None,
                              model: str | None = None) -> GeneratedImage:

@@ -55,8 +55,8 @@ class OpenAIProvider:
     def _headers(self, key: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or ''}", "Accept": SSE, "Content-Type": "application/json"}
 
-    def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[Delta]:
-        """The answer's deltas, one per upstream event, until `[DONE]`."""
+    def stream(self, request: ChatRequest, key: str | None) -> AsyncIterator[list[Delta]]:
+        """The answer's deltas, one per upstream event, until `[DONE]`; a batch per network read."""
         body = jsontext.dumpb(self._body(request))
         return event_payloads(self._session, f"{self._base_url}/chat/completions", body, self._headers(key),
                               host=self._host, read_timeout=self._read_timeout, answer_timeout=self._answer_timeout,
