@@ -44,6 +44,7 @@ from chatgpt.server.clientip import TrustedProxies
 from chatgpt.server.images import ImageUsage
 from chatgpt.server.inflight import InFlight
 from chatgpt.server.lifecycle import end_http_streams, pruner_ctx, state_ctx, state_lock_ctx, store_ctx
+from chatgpt.server.heap import freeze_startup_heap
 from chatgpt.server.listener import check_listen, event_loop, listen_failure
 from chatgpt.server.local_store import LocalStore
 from chatgpt.server.logs import quiet_bad_requests, setup_logging
@@ -174,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     loop = event_loop(settings.server.event_loop)
     log.info("event loop: %s", type(loop).__module__.split(".")[0])
     try:
-        web.run_app(create_app(settings), loop=loop, host=None if listener else settings.server.host,
+        app = create_app(settings)
+        app.on_startup.append(freeze_startup_heap)  # the serving process only: tests build many apps in one
+        web.run_app(app, loop=loop, host=None if listener else settings.server.host,
                     port=None if listener else settings.server.port, sock=listener, print=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
     except StateLocked as error:
         print(f"chatgpt-api: {error}", file=sys.stderr)

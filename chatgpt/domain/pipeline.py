@@ -2,16 +2,15 @@
 context → charge quota → provider and key (one retry on a key refusal) → stream → account."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable
-from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from chatgpt.domain.accounting import Meter, QuestionRecord
-from chatgpt.domain.accounts import Accounts, Charge
+from chatgpt.domain.accounts import Accounts
 from chatgpt.domain.answer import Answer, produced
-from chatgpt.domain.errors import AnswerBlocked, ContentRefused, ModelNotFound, QuotaExceeded, Refused, UpstreamFailed
+from chatgpt.domain.charging import Accounted
+from chatgpt.domain.errors import AnswerBlocked, ModelNotFound, UpstreamFailed
 from chatgpt.domain.gate import Gate
 from chatgpt.domain.keypool import fingerprint
 from chatgpt.domain.limits import LimiterTable
@@ -19,9 +18,9 @@ from chatgpt.domain.moderation import AnswerWatch, Moderation
 from chatgpt.domain.pictures import PictureStore, StoredImage
 from chatgpt.domain.provider import ChatRequest, Delta, GeneratedImage
 from chatgpt.domain.question import Payer, Question, fit_context
-from chatgpt.domain.wordfilter import WordFilter
 from chatgpt.domain.upstreams import UPSTREAM_FAILURES, Progress, Route, Upstreams, opened
 from chatgpt.domain.usage import TokenUsage
+from chatgpt.domain.wordfilter import WordFilter
 from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,33 +28,32 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def outcome_of(exc: BaseException) -> str:
-    """A short outcome label for metrics and the question log line."""
-    if isinstance(exc, QuotaExceeded):
-        return "quota"
-    if isinstance(exc, (ContentRefused, AnswerBlocked)):
-        return "content"
-    if isinstance(exc, UpstreamFailed):
-        return "upstream_error"
-    if isinstance(exc, Refused):
-        return "refused"
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        return "client_left"
-    return "error"
-
-
-def refundable(exc: BaseException, progress: Progress) -> bool:
-    """PROTOCOL.md E.1: given back only when the upstream was never asked, or gave nothing of an answer
-    before it failed. A client that leaves after the request went upstream is charged: the operator
-    is billed either way."""
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        return not progress.asked
-    return not progress.produced
-
-
 async def _one(call: Awaitable[T]) -> AsyncGenerator[T, None]:
     """A single awaited result as a stream of one, so pictures share the chat's key-retry loop."""
     yield await call
+
+
+def _checked(batch: list[Delta], progress: Progress, record: QuestionRecord,
+             watch: AnswerWatch) -> tuple[list[Delta], AnswerBlocked | None]:
+    """Count a batch of deltas and show it to the content watch. A delta refused (moderation.action
+    refuse) ends the batch: what came before it is still shown, then the refusal is raised; refused
+    before anything was shown, it is raised at once (no door has sent a byte)."""
+    for index, delta in enumerate(batch):
+        if delta.usage is not None:
+            record.usage = delta.usage
+        if produced(delta):
+            record.token()
+            if watch.active and (delta.text or delta.reasoning):
+                try:
+                    watch.feed(delta.text, delta.reasoning)  # before anyone sees it
+                except AnswerBlocked as blocked:
+                    shown = progress.produced
+                    progress.produced = True  # it went upstream and came back: charged
+                    if not shown:
+                        raise
+                    return batch[:index], blocked
+            progress.produced = True
+    return batch, None
 
 
 class ChatPipeline:
@@ -155,80 +153,49 @@ class ChatPipeline:
         route = self._upstreams.route(question.payer, request.model, debug=self._accounts.debug)
         return Answer(model, self._stream(question, request, route), self._moderation.masking())
 
-    @asynccontextmanager
-    async def _accounted(self, question: Question, kind: str,
-                         route: Route) -> AsyncGenerator[tuple[Progress, QuestionRecord], None]:
+    def _accounted(self, question: Question, kind: str, route: Route) -> Accounted:
         """Charge the question, then account it however it ends: metrics, log line, refund rule."""
-        record = self._record(question, kind)
-        progress = Progress()
-        charge: Charge | None = None
-        try:
-            charge = await self._accounts.charge(question, debug=route.debug, free=route.free)
-            yield progress, record
-        except BaseException as exc:
-            record.outcome = outcome_of(exc)
-            if charge is not None and refundable(exc, progress):
-                await charge.refund()
-            raise
-        finally:
-            self._meter.finish(record)
+        return Accounted(self._accounts, self._meter, question, route, self._record(question, kind))
 
-    @asynccontextmanager
-    async def _watched(self, question: Question, prompt: str) -> AsyncGenerator[AnswerWatch, None]:
-        """WeChat's check of the prompt, then what watches the answer's content until it ends. Entered
-        after the charge, so a user with nothing left today costs no WeChat call; a refused prompt is
-        refunded, since nothing went upstream."""
+    async def _watched(self, question: Question, prompt: str) -> AnswerWatch:
+        """WeChat's check of the prompt, then what watches the answer's content until it ends (the caller
+        closes it). Entered after the charge, so a user with nothing left today costs no WeChat call;
+        a refused prompt is refunded, since nothing went upstream."""
         await self._moderation.check_prompt(prompt, question.user)
         # The websocket shows the reasoning while only reasoning has arrived (ws.reasoning live).
-        watch = self._moderation.watch(question.user, self._settings.ws.reasoning == "live")
-        try:
-            yield watch
-        finally:
-            await watch.close()
+        return self._moderation.watch(question.user, self._settings.ws.reasoning == "live")
 
     async def _stream(self, question: Question, request: ChatRequest,
                       route: Route) -> AsyncGenerator[list[Delta], None]:
-        async with self._accounted(question, "chat", route) as (progress, record), \
-                self._watched(question, question.prompt) as watch:
-            watched = watch.active
-            batches = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
-            held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
-            async with opened(batches):
-                async for batch in batches:
-                    blocked: AnswerBlocked | None = None
-                    try:
-                        for delta in batch:
-                            if delta.usage is not None:
-                                record.usage = delta.usage
-                            if produced(delta):
-                                record.token()
-                                if watched and (delta.text or delta.reasoning):
-                                    # Before anyone sees it: refuse mode stops here.
-                                    watch.feed(delta.text, delta.reasoning)
-                                progress.produced = True
-                    except AnswerBlocked as exc:
+        accounted = self._accounted(question, "chat", route)
+        async with accounted as progress:
+            record = accounted.record
+            watch = await self._watched(question, question.prompt)
+            try:
+                batches = self._upstreams.call(route, lambda provider, key: provider.stream(request, key), progress)
+                held: list[Delta] = []  # pieces before the first with something in it (the role chunk...)
+                async with opened(batches):
+                    async for batch in batches:
+                        batch, blocked = _checked(batch, progress, record, watch)
                         if not progress.produced:
-                            progress.produced = True  # it went upstream and came back: charged
-                            raise  # refused before any door has sent a byte
-                        # What came before it is still shown.
-                        blocked, batch = exc, batch[:next(i for i, d in enumerate(batch) if d is delta)]
-                    if not progress.produced:
-                        held += batch  # so that an empty answer fails before any door has sent a byte
-                        continue
-                    if held:
-                        batch, held = held + batch, []
-                    if batch:
-                        yield batch
-                    if blocked is not None:
-                        raise blocked
-            if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
-                raise UpstreamFailed("empty")
-            usage = record.usage
-            if progress.upstream is not None:
-                record.upstream = progress.upstream.name
-            if usage is not None and progress.pool_key is not None and self.usage is not None:
-                await self.usage.add(fingerprint(progress.pool_key), request.model, usage.counts())
-            await watch.finish()  # the end of the answer waits for WeChat's verdict on its last segment
+                            held += batch  # so that an empty answer fails before any door has sent a byte
+                            continue
+                        if held:
+                            batch, held = held + batch, []
+                        if batch:
+                            yield batch
+                        if blocked is not None:
+                            raise blocked
+                if not progress.produced:  # `[DONE]` straight away: nothing to show, nothing to charge
+                    raise UpstreamFailed("empty")
+                usage = record.usage
+                if progress.upstream is not None:
+                    record.upstream = progress.upstream.name
+                if usage is not None and progress.pool_key is not None and self.usage is not None:
+                    await self.usage.add(fingerprint(progress.pool_key), request.model, usage.counts())
+                await watch.finish()  # the end of the answer waits for WeChat's verdict on its last segment
+            finally:
+                await watch.close()
 
     async def draw(self, question: Question, prompt: str, size: str | None = None) -> StoredImage:
         """One picture for `prompt`, saved; charged like a chat question. `size` is honoured only on the
@@ -238,8 +205,10 @@ class ChatPipeline:
         self._moderation.check_words(prompt)
         route = self._upstreams.drawing(question.payer)
         model = self._upstreams.image_model()
-        async with self._accounted(question, "image", route) as (progress, record), \
-                self._watched(question, prompt):
+        accounted = self._accounted(question, "image", route)
+        async with accounted as progress:
+            record = accounted.record
+            await (await self._watched(question, prompt)).close()  # a picture's content is not watched
             generated: GeneratedImage | None = None
             pictures = self._upstreams.call(
                 route, lambda provider, key: _one(provider.generate_image(prompt, size, key, model)), progress)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from chatgpt.domain.accounting import Meter
@@ -38,15 +37,24 @@ Attempt = Callable[[Provider, "str | None"], AsyncIterator[T]]
 Subject = Literal["answer", "picture"]
 
 
-@asynccontextmanager
-async def opened(stream: AsyncIterator[T]) -> AsyncGenerator[AsyncIterator[T], None]:
+class opened(Generic[T]):  # noqa: N801  (used as a function: `async with opened(stream)`)
     """`contextlib.aclosing` for any async iterator: an async generator is closed on the way out, so
-    an upstream request is cancelled as soon as nobody reads its answer."""
-    try:
-        yield stream
-    finally:
-        if isinstance(stream, AsyncGenerator):
-            await stream.aclose()
+    an upstream request is cancelled as soon as nobody reads its answer. A class, not an
+    `@asynccontextmanager`: it is entered several times per answer, and a generator-based one costs
+    an async generator (registered with the loop) and its machinery each time."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: AsyncIterator[T]) -> None:
+        self._stream = stream
+
+    async def __aenter__(self) -> AsyncIterator[T]:
+        return self._stream
+
+    async def __aexit__(self, *exc: object) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 @dataclass
