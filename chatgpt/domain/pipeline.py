@@ -38,12 +38,13 @@ def _checked(batch: list[Delta], progress: Progress, record: QuestionRecord,
     """Count a batch of deltas and show it to the content watch. A delta refused (moderation.action
     refuse) ends the batch: what came before it is still shown, then the refusal is raised; refused
     before anything was shown, it is raised at once (no door has sent a byte)."""
+    watched = watch.active
     for index, delta in enumerate(batch):
         if delta.usage is not None:
             record.usage = delta.usage
         if produced(delta):
             record.token()
-            if watch.active and (delta.text or delta.reasoning):
+            if watched and (delta.text or delta.reasoning):
                 try:
                     watch.feed(delta.text, delta.reasoning)  # before anyone sees it
                 except AnswerBlocked as blocked:

@@ -29,8 +29,9 @@ def _error_in(data: dict[str, Any], host: str) -> None:
         raise UpstreamError(500, jsontext.dumpb(data), host=host)
 
 
-def delta_of(payload: str, host: str) -> Delta:
-    """The Delta of one `chat.completion.chunk` event whose data is `payload`."""
+def delta_of(host: str, payload: str) -> Delta:
+    """The Delta of one `chat.completion.chunk` event whose data is `payload` (`host` first, so that
+    `partial(delta_of, host)` binds it without a keyword merged on every event)."""
     try:
         data = jsontext.parse(payload)
     except ValueError:

@@ -60,7 +60,7 @@ class OpenAIProvider:
         body = jsontext.dumpb(self._body(request))
         return event_payloads(self._session, f"{self._base_url}/chat/completions", body, self._headers(key),
                               host=self._host, read_timeout=self._read_timeout, answer_timeout=self._answer_timeout,
-                              parse=partial(delta_of, host=self._host))
+                              parse=partial(delta_of, self._host))
 
     async def verify_key(self, key: str) -> None:
         """`GET /models` with `key`; returns on success, raises an upstream exception otherwise."""
