@@ -536,6 +536,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settle", type=float, help="seconds between the ramp and the window (default 2)")
     parser.add_argument("--measure", type=float, help="seconds measured per rung (default 12; --quick 8)")
     parser.add_argument("--full-ladder", action="store_true", help="climb every rung even far past the knee")
+    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="the project's server.event_loop (auto: uvloop when installed); the bare relay always "
+                             "runs on asyncio's own loop")
     parser.add_argument("--nice", type=int, default=0, help="run the server, upstream and load at this nice "
                         "value, e.g. -10 on a machine busy with other work (needs the privilege)")
     long = parser.add_mutually_exclusive_group()
@@ -577,6 +580,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     raise_nofile()
     bench = Bench(args.quick)
+    bench.event_loop = args.event_loop
     if bench.pinned:
         os.sched_setaffinity(0, {1})  # the load shares core 1 with the upstream, never the server's core
     else:

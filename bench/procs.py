@@ -84,6 +84,7 @@ class Bench:
         self.pinned = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
         self.upstream: Proc | None = None
         self.upstream_base = ""
+        self.event_loop = "auto"  # the project's server.event_loop: auto (uvloop when installed) | asyncio | uvloop
 
     # -- processes
     def pin(self, core: int) -> list[str]:
@@ -170,6 +171,7 @@ class Bench:
 server:
   host: 127.0.0.1
   port: {port}
+  event_loop: {self.event_loop}
 upstream:
   provider: openai
   base_url: {self.upstream_base}

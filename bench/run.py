@@ -12,6 +12,7 @@ Scenarios: 1 v1_throughput, 2 ws_throughput, 3 ttft_overhead, 4 paced_cpu, 5 mem
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import signal
@@ -45,6 +46,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter windows and counts (about a minute)")
     parser.add_argument("--only", action="append", default=[], help="scenario number(s), e.g. --only 3 or 1,4")
+    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="the project's server.event_loop (auto: uvloop when installed); the raw relay always "
+                             "runs on asyncio's own loop")
     parser.add_argument("--pyz", type=Path, default=PYZ, help="zipapp for scenario 6 (default: dist/chatgpt-api.pyz)")
     args = parser.parse_args()
     chosen = sorted({int(n) for item in args.only for n in item.split(",")}) or sorted(SCENARIOS)
@@ -58,11 +62,14 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     bench = Bench(args.quick, args.pyz.resolve())
+    bench.event_loop = args.event_loop
     if bench.pinned:
         os.sched_setaffinity(0, {1})  # this process stays off the server's core too
     else:
         log("fewer than 2 cores or no taskset: running UNPINNED, figures are not comparable")
-    log(f"machine: {machine()}; pinned: {bench.pinned}; {'quick' if args.quick else 'full'} run")
+    uvloop = importlib.util.find_spec("uvloop") is not None
+    log(f"machine: {machine()}; pinned: {bench.pinned}; {'quick' if args.quick else 'full'} run; project event loop: "
+        f"{args.event_loop} (uvloop {'installed' if uvloop else 'not installed'})")
     failed = 0
     started = time.monotonic()
     try:
