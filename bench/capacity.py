@@ -31,8 +31,9 @@ upstream's CPU, core 1's and core 0's busy time (all processes, from /proc/stat)
 event-loop lag and the upstream's lateness against its schedule. A rung whose load side looks
 saturated carries warnings: its delays may be the load's, not the server's.
 
-A path's capacity is its highest rung with p99 added delay ≤ `--limit-ms` (100) and no errors;
-the summary gives it with the ratio to `raw-v1`, server CPU per answer below the knee (×raw),
+A rung holds when its p99 added delay is ≤ `--limit-ms` (100), it has no errors, and its time
+to first token p99 is within `--limit-ms` of the lowest rung's (the unloaded value); a path's
+capacity is the top of the rungs that hold, climbing from the lowest. The summary gives it with the ratio to `raw-v1`, server CPU per answer below the knee (×raw),
 and time to first token p99 at the lowest rung and at capacity. A path stops climbing after two
 failing rungs in a row or one far past its knee (p99 over 10× the limit, or many errors) unless
 `--full-ladder`. When the bare relay passes even the top rung, its capacity is only a lower
@@ -407,9 +408,19 @@ def summarize(rows: list[dict[str, Any]], limit_ms: float) -> dict[str, Any]:
     """Capacity per path and how it compares with the bare relay."""
     paths: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(row["path"] for row in rows):
-        mine = [row for row in rows if row["path"] == name]
+        mine = sorted((row for row in rows if row["path"] == name), key=lambda row: row["clients"])
+        # A rung holds when it passes and its time to first token p99 stays within limit_ms of the
+        # lowest rung's (issue 16: "within 100 ms of its unloaded value"). The capacity is the top of
+        # the rungs that hold from the bottom up: a path that fails a rung has met its knee there,
+        # even if a higher rung happens to pass.
+        unloaded = mine[0]["ttft_ms_p99"] if mine else None
+        top = None
+        for row in mine:
+            ttft = row["ttft_ms_p99"]
+            if not row["passes"] or (unloaded is not None and (ttft is None or ttft > unloaded + limit_ms)):
+                break
+            top = row
         passing = [row for row in mine if row["passes"]]
-        top = max(passing, key=lambda row: row["clients"]) if passing else None
         below = [row for row in passing if top is not None and row["clients"] <= top["clients"]]
         paths[name] = {
             "capacity": top["clients"] if top else 0,
@@ -423,9 +434,8 @@ def summarize(rows: list[dict[str, Any]], limit_ms: float) -> dict[str, Any]:
             "server_us_per_token": _mean([row["server_us_per_token"] for row in below]),
             "bytes_per_answer": _mean([row["bytes_per_answer"] for row in below]),
             "saturated_rungs": [row["clients"] for row in mine if row["saturated"]],
-            "failing_rungs_below_capacity": [row["clients"] for row in mine
-                                             if top is not None and not row["passes"]
-                                             and row["clients"] < top["clients"]],
+            "passing_rungs_above_capacity": [row["clients"] for row in passing
+                                             if top is None or row["clients"] > top["clients"]],
         }
     ref = paths.get(REFERENCE)
     for name, item in paths.items():
@@ -476,7 +486,9 @@ def print_tables(rows: list[dict[str, Any]], summary: dict[str, Any] | None, lon
                        f"{_fmt(row['core0_others_pct']):>13}  {flag}")
     if summary:
         out.append("")
-        out.append(f"capacity = highest rung with p99 added delay <= {summary['limit_ms_p99']:g} ms and no errors")
+        out.append(f"capacity = top of the rungs that hold from the lowest up: p99 added delay <= "
+                   f"{summary['limit_ms_p99']:g} ms, no errors, and ttft p99 within {summary['limit_ms_p99']:g} ms "
+                   f"of the lowest rung's")
         out.append(f"{'path':7} {'capacity':>8} {'vs bare relay':>13} {'CPU/answer ms':>13} {'(x bare)':>8} "
                    f"{'µs/token':>8} {'ttft p99 lowest -> at capacity':>31} {'KB/answer':>9}  load saturated at")
         for name, item in summary["paths"].items():
