@@ -213,6 +213,7 @@ class SocketSession:
         answer_id = new_answer_id()
         thinking = self.settings.ws.reasoning == "live"
         size, thought, limit = 0, 0, self.settings.ws.max_answer_chars
+        shown = False
         async with aclosing(self.pipeline.answer(question)) as deltas:
             # The answer and the reasoning as the client may see them: listed words masked in the text
             # and in its html; parts joined only when a frame goes out (FrameWriter).
@@ -241,6 +242,11 @@ class SocketSession:
                     self.writer.send_text(cid, answer_id, answer.parts, source=answer.source)
                 elif mused and not size:
                     self.writer.send_text(cid, answer_id, reasoning.parts, thinking=True, source=reasoning.source)
+                if not shown and (grew or mused):
+                    shown = True
+                    # The writer sends the first frame before this task goes on: an answer whose end came
+                    # in the same read would otherwise hold its first frame through its bookkeeping.
+                    await asyncio.sleep(0)
         self.writer.send(done_frame(cid))
 
     async def _draw(self, cid: Any, question: Question, prompt: str) -> None:
