@@ -214,7 +214,10 @@ class FrameWriter:
         if self._room is None:
             self._room = asyncio.Event()
         try:
-            await asyncio.wait_for(self._room.wait(), timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that races
+            # with the wait ending, and the socket's reader would then outlive its close.
+            async with asyncio.timeout(timeout):
+                await self._room.wait()
         except TimeoutError:
             return False
         return True

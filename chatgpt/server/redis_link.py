@@ -99,8 +99,11 @@ class RedisLink:
 
     async def _sync_forever(self) -> None:
         while True:
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that races with
+            # a change notice setting _wake, and close() would then wait for this task for ever.
+            with suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()
             await self.sync()
 

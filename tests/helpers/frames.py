@@ -26,7 +26,8 @@ async def receive_answer(ws: ClientWebSocketResponse, timeout: float = 5.0) -> l
     """Frames up to and including the one with isDone true (each within `timeout` seconds)."""
     frames = []
     while True:
-        frame = await asyncio.wait_for(ws.receive_json(), timeout)
+        async with asyncio.timeout(timeout):
+            frame = await ws.receive_json()
         frames.append(frame)
         if frame.get("isDone"):
             return frames
