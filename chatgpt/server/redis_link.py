@@ -77,6 +77,7 @@ class RedisLink:
                                       socket_timeout=timeout, retry=Retry(NoBackoff(), 1, (RedisConnectionError,)))
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()  # set by a change notice: sync now instead of at the next poll
+        self._closing = asyncio.Event()  # set by close(): the background loops end
         self._reported_down = False
 
     def _k(self, name: str) -> str:
@@ -90,41 +91,54 @@ class RedisLink:
         self._tasks = [asyncio.create_task(self._sync_forever()), asyncio.create_task(self._listen_forever())]
 
     async def close(self) -> None:
-        """Stop the background task and close the connections."""
+        """Stop the background tasks and close the connections. The tasks are cancelled and also told
+        to stop: a cancellation that arrives while redis-py runs a command can come back as a
+        connection error, which the sync loop takes for Redis going down, and the task would then wait
+        for the next change for ever (it hung one test run in a hundred)."""
+        self._closing.set()
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
+        for task in self._tasks:
             with suppress(asyncio.CancelledError):
                 await task
         await self._client.aclose()
 
     async def _sync_forever(self) -> None:
-        while True:
+        while not self._closing.is_set():
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that races with
-            # a change notice setting _wake, and close() would then wait for this task for ever.
+            # a change notice setting _wake.
             with suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_seconds):
                     await self._wake.wait()
             self._wake.clear()
-            await self.sync()
+            if not self._closing.is_set():
+                await self.sync()
+
+    async def _pause(self) -> None:
+        """Wait poll_seconds, or until close()."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(self.poll_seconds):
+                await self._closing.wait()
 
     async def _listen_forever(self) -> None:
         """Change notices (pub/sub) wake the sync at once; the poll stays as the safety net (a notice
         published while this connection was down is not delivered)."""
-        while True:
+        while not self._closing.is_set():
             if not self.up:
-                await asyncio.sleep(self.poll_seconds)
+                await self._pause()
                 continue
             try:
                 async with self._client.pubsub() as pubsub:
                     await pubsub.subscribe(self._k("changes"))
-                    while True:
+                    while not self._closing.is_set():
                         if await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0) is not None:
                             self._wake.set()
             except UNREACHABLE:
-                await asyncio.sleep(self.poll_seconds)  # the sync task notices and reports Redis down
+                await self._pause()  # the sync task notices and reports Redis down
             except Exception:
                 log.exception("redis change notices failed; polling meanwhile")
-                await asyncio.sleep(self.poll_seconds)
+                await self._pause()
 
     async def sync(self) -> None:
         """One round of the background task: reconnect when down, pull changed flags and key health."""
