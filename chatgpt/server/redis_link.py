@@ -99,9 +99,9 @@ class RedisLink:
         self._wake.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with suppress(asyncio.CancelledError):
-                await task
+        # gather with return_exceptions: the tasks' own cancellations are results, while a cancellation
+        # of this close() itself still goes up (suppress(CancelledError) around `await task` ate it).
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
 
     async def _sync_forever(self) -> None:
