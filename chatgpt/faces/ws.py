@@ -16,8 +16,9 @@ from chatgpt.domain import texts
 from chatgpt.domain.answer import new_answer_id
 from chatgpt.domain.errors import BadQuestion
 from chatgpt.domain.pipeline import ChatPipeline
+from chatgpt.domain.question import Question, clean_messages
+from chatgpt.domain.wxlogin import WeChatLogin
 from chatgpt.faces.envelope import error_text, known_error
-from chatgpt.keys import pipeline_key, settings_key, sockets_key, wechat_login_key
 from chatgpt.faces.frames import (
     FrameWriter,
     done_frame,
@@ -26,52 +27,17 @@ from chatgpt.faces.frames import (
     pong_frame,
     quota_frame,
 )
-from chatgpt.faces.sockets import close_within, transport_of
-from chatgpt.server.guards import identity_of
-from chatgpt.domain.question import Payer, Question, clean_messages
-from chatgpt.domain.wxlogin import WeChatLogin
 from chatgpt.faces.masking import ShownText
+from chatgpt.faces.question_frames import check_types, cid_of, payer_of, prompt_of
+from chatgpt.faces.sockets import close_within, transport_of
+from chatgpt.keys import pipeline_key, settings_key, sockets_key, wechat_login_key
+from chatgpt.server.guards import identity_of
 from chatgpt.settings import Settings
 
 log = logging.getLogger(__name__)
 
 READ_STALL_SECONDS = 30.0  # a client that sends but reads nothing for this long is disconnected
 MAX_PENDING = 4  # questions queued behind the one being answered; each may hold a 1 MiB frame
-_TYPES: dict[str, tuple[type, ...]] = {
-    "id": (str,), "parentId": (str, int, float), "authType": (str,), "authValue": (str,),
-    "isDemo": (bool,), "content": (str,), "messages": (list,), "isGenImg": (bool,),
-    "isSender": (bool,), "model": (str,), "conversationId": (str, int, float, bool), "token": (str,),
-}
-
-
-def check_types(frame: dict[str, Any]) -> None:
-    """Every known field must have its contract type (null counts as absent)."""
-    for name, kinds in _TYPES.items():
-        value = frame.get(name)
-        if value is not None and not isinstance(value, kinds):
-            raise BadQuestion(texts.FRAME_BAD_FIELD.format(field=name), name)
-
-
-def prompt_of(frame: dict[str, Any], history: list[dict[str, str]]) -> str:
-    """The question's prompt: `content` in image mode, else the last user entry of `messages`."""
-    if frame.get("isGenImg") or not history:
-        return (frame.get("content") or "").strip()
-    users = [m["content"] for m in history if m["role"] == "user"]
-    return users[-1].strip() if users else ""
-
-
-def payer_of(frame: dict[str, Any], settings: Settings) -> Payer:
-    """`isDemo` → the server's pool under the daily quota; `authType: api` → the user's own key."""
-    if frame.get("isDemo"):
-        return Payer("anonymous")
-    if frame.get("authType") != "api":
-        raise BadQuestion(texts.TOKEN_MODE_GONE, "authType")
-    payer = Payer.from_bearer(frame.get("authValue"), settings.api.client_tokens)
-    if payer.kind == "anonymous":
-        raise BadQuestion(texts.API_KEY_BLANK, "authValue")
-    return payer
-
-
 class SocketSession:
     """One client's socket: reads frames, answers questions one by one, writes through one writer."""
 
@@ -141,7 +107,7 @@ class SocketSession:
         self.pending.clear()
         await self._cancel_worker()
         for frame in ending:
-            self.writer.send(error_frame(_cid(frame), texts.SHUTTING_DOWN))
+            self.writer.send(error_frame(cid_of(frame), texts.SHUTTING_DOWN))
         # One close_seconds for both steps: a client that reads nothing must not hold the shutdown up.
         seconds = self.settings.ws.close_seconds
         started = time.monotonic()
@@ -167,7 +133,7 @@ class SocketSession:
             self.writer.send(pong_frame())  # never limited, never queued behind an answer
             return
         if len(self.pending) >= MAX_PENDING:
-            self.writer.send(error_frame(_cid(frame), texts.WS_TOO_FAST))
+            self.writer.send(error_frame(cid_of(frame), texts.WS_TOO_FAST))
             return
         self.pending.append(frame)
         if self._worker is None:
@@ -182,13 +148,13 @@ class SocketSession:
                 except Exception as error:  # the table in faces/envelope.py says what the user reads
                     if known_error(error) is None:
                         log.exception("unexpected error answering a websocket question")
-                    self.writer.send(error_frame(_cid(frame), error_text(error)))
+                    self.writer.send(error_frame(cid_of(frame), error_text(error)))
                 self._current = None
         finally:
             self._worker = self._current = None
 
     async def _answer(self, frame: dict[str, Any]) -> None:
-        cid = _cid(frame)
+        cid = cid_of(frame)
         await self.pipeline.admit("ws", self.identity)
         check_types(frame)
         payer = payer_of(frame, self.settings)
@@ -255,12 +221,6 @@ class SocketSession:
         stored = await self.pipeline.draw(question, prompt)
         self.writer.send(image_frame(cid, stored.name.split(".")[0], stored.url))
         self.writer.send(done_frame(cid))
-
-
-def _cid(frame: dict[str, Any]) -> Any:
-    """The conversationId to echo: exactly as sent when it is a JSON scalar, else left out."""
-    cid = frame.get("conversationId")
-    return cid if isinstance(cid, (str, int, float, bool)) else None
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
