@@ -49,7 +49,6 @@ from chatgpt.server.listener import check_listen, event_loop, listen_failure
 from chatgpt.server.local_store import LocalStore
 from chatgpt.server.logs import quiet_bad_requests, setup_logging
 from chatgpt.server.metrics import Metrics
-from chatgpt.server.redis_store import RedisStore
 from chatgpt.server.routing import merge_slashes
 from chatgpt.server.state import StateLock, StateLocked
 from chatgpt.settings import Settings, SettingsError, load_settings, notes, replace_section
@@ -68,8 +67,12 @@ def create_app(settings: Settings) -> web.Application:
     app[settings_key] = settings
     app[metrics_key] = Metrics()
     local = app[local_store_key] = LocalStore()
-    app[store_key] = (RedisStore(settings.state.redis_url, settings.state.redis_fail, local, metrics=app[metrics_key])
-                      if settings.state.redis_url else local)
+    if settings.state.redis_url:
+        # Imported only when configured: redis-py adds ~8 MB to a process that does not use it.
+        from chatgpt.server.redis_store import RedisStore
+        app[store_key] = RedisStore(settings.state.redis_url, settings.state.redis_fail, local, metrics=app[metrics_key])
+    else:
+        app[store_key] = local
     app[flags_key] = RuntimeFlags(settings.runtime, settings.quota.daily_questions, app[store_key])
     app[trusted_key] = TrustedProxies(settings.server.trusted_proxies)
     app[metrics_allow_key] = TrustedProxies(settings.ops.metrics_allow)  # an address set, like the proxies

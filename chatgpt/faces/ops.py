@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from chatgpt.keys import (metrics_allow_key, metrics_key, pipeline_key, settings_key, sockets_key, started_key,
                           store_key)
-from chatgpt.server.redis_store import RedisStore
+
+if TYPE_CHECKING:
+    from chatgpt.server.redis_store import RedisStore
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -16,7 +19,8 @@ async def healthz(request: web.Request) -> web.Response:
     with Redis configured, whether it answers (`"status": "degraded"` while it does not)."""
     app = request.app
     store = app[store_key]
-    shared = {"redis": store.up} if isinstance(store, RedisStore) else {}
+    # With state.redis_url the store is a RedisStore (imported only then: redis-py is heavy).
+    shared = {"redis": cast("RedisStore", store).up} if app[settings_key].state.redis_url else {}
     return web.json_response({
         "status": "degraded" if shared.get("redis") is False else "ok",
         "uptime_s": round(time.monotonic() - app[started_key], 1),

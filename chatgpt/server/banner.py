@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from chatgpt.domain.failover import host_of
 from chatgpt.domain.keypool import mask
-from chatgpt.server.redis_store import redacted
+from chatgpt.server.logs import redacted
 from chatgpt.settings import Settings
 
 

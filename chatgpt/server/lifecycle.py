@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
 from contextlib import suppress
 
 from aiohttp import web
@@ -22,8 +23,10 @@ from chatgpt.keys import (
     store_key,
 )
 from chatgpt.server.images import Pruner
-from chatgpt.server.redis_store import RedisStore
 from chatgpt.server.state import StateFile, StateLock
+
+if TYPE_CHECKING:
+    from chatgpt.server.redis_store import RedisStore
 
 # The logger these lines were always written under (they came from app.py): operators' filters keep working.
 log = logging.getLogger("chatgpt")
@@ -33,10 +36,10 @@ SAVE_EVERY = 30.0  # seconds between state snapshots (only written when somethin
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     """With `state.redis_url`: connect to Redis (retried in the background while it is down)."""
-    store = app[store_key]
-    if not isinstance(store, RedisStore):
+    if not app[settings_key].state.redis_url:
         yield
         return
+    store = cast("RedisStore", app[store_key])  # create_app made it (redis-py is imported only then)
     await store.start()
     yield
     await store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from urllib.parse import urlsplit
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -80,3 +81,14 @@ def quiet_bad_requests() -> None:
     access_log = logging.getLogger("aiohttp.access")
     if not any(isinstance(f, RequestLineFilter) for f in access_log.filters):
         access_log.addFilter(RequestLineFilter())
+
+
+def redacted(url: str) -> str:
+    """The Redis URL as logs show it: scheme, host, port and database, never a user or password."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "redis (unparsable URL)"
+    return f"{parts.scheme}://{host}{port}{parts.path}"

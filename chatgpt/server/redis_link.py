@@ -13,7 +13,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -24,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatgpt.domain.store import StoreUnavailable
 from chatgpt.server.local_store import LocalStore
+from chatgpt.server.logs import redacted
 from chatgpt.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,6 @@ POLL_SECONDS = 0.5
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 
-def redacted(url: str) -> str:
-    """The Redis URL as logs show it: scheme, host, port and database, never a user or password."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "redis (unparsable URL)"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def as_text(value: bytes | str) -> str:

@@ -17,7 +17,8 @@ from typing import Any
 from chatgpt.domain.store import counts_of, next_midnight
 from chatgpt.server.local_store import LocalStore
 from chatgpt.server.metrics import Metrics
-from chatgpt.server.redis_link import POLL_SECONDS, json_object, as_text, redacted
+from chatgpt.server.logs import redacted
+from chatgpt.server.redis_link import POLL_SECONDS, as_text, json_object
 from chatgpt.server.redis_mirror import RedisMirror
 
 __all__ = ["RedisStore", "redacted"]
