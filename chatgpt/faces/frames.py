@@ -112,6 +112,13 @@ class FrameWriter:
     shrinking for `stall_seconds`, the client has stopped reading; the writer stops and calls
     `on_stall` (which closes the socket), instead of waiting on the full buffer for ever."""
 
+    # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
+    __slots__ = (
+        "_behind", "_buffered", "_last_answer", "_last_progress", "_last_size", "_on_stall", "_pace",
+        "_queue", "_renderer", "_room", "_stall_seconds", "_task", "_thinking", "_watchdog", "_ws",
+        "stalled",
+    )
+
     def __init__(self, ws: web.WebSocketResponse, interval: float, *, stall_seconds: float = 25.0,
                  buffered: Callable[[], int] = lambda: 0, on_stall: Callable[[], None] = lambda: None,
                  bytes_per_second: float = 0.0, burst_bytes: float = 0.0) -> None:

@@ -38,6 +38,9 @@ class IncrementalRenderer:
     whatever comes later, so its HTML is kept and only the tail is rendered again. The cost per
     frame is bounded by the last block, not by the whole answer."""
 
+    # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
+    __slots__ = ("_blank_before", "_fence", "_html", "_scanned", "_source")
+
     def __init__(self) -> None:
         self._source = ""  # the stable prefix of the answer
         self._html = ""  # its rendered HTML

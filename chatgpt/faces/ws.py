@@ -41,6 +41,12 @@ MAX_PENDING = 4  # questions queued behind the one being answered; each may hold
 class SocketSession:
     """One client's socket: reads frames, answers questions one by one, writes through one writer."""
 
+    # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
+    __slots__ = (
+        "_closing", "_current", "_worker", "identity", "login", "pending", "pipeline", "settings",
+        "transport", "writer", "ws",
+    )
+
     def __init__(self, ws: web.WebSocketResponse, transport: Callable[[], asyncio.Transport | None],
                  pipeline: ChatPipeline, settings: Settings, identity: str, login: WeChatLogin) -> None:
         self.ws = ws
