@@ -43,17 +43,9 @@ def _frame(cid: Any, **fields: Any) -> dict[str, Any]:
 
 
 def text_frame(cid: Any, answer_id: str, content: str, html: str | None = None) -> dict[str, Any]:
-    """The whole answer so far (cumulative) with its Markdown rendered. (Built directly: one per frame
-    sent, every 50 ms of every answer.)"""
-    frame: dict[str, Any] = {} if cid is None else {"conversationId": cid}
-    frame["id"] = answer_id
-    frame["role"] = "assistant"
-    frame["content"] = content
-    frame["html"] = to_html(content) if html is None else html
-    frame["createTime"] = now_text()
-    frame["isDone"] = False
-    frame["isSuccess"] = True
-    return frame
+    """The whole answer so far (cumulative) with its Markdown rendered."""
+    return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content) if html is None else html,
+                  createTime=now_text(), isDone=False, isSuccess=True)
 
 
 def thinking_quote(reasoning: str) -> str:

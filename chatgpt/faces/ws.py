@@ -191,17 +191,13 @@ class SocketSession:
             # and in its html; parts joined only when a frame goes out (FrameWriter).
             answer, reasoning = ShownText(deltas.words), ShownText(deltas.words)
             async for batch in deltas:
-                grew = mused = False
+                grew = mused = too_long = False
                 for delta in batch:
                     if delta.text:
                         size += len(delta.text)
                         if size > limit:
-                            # Every frame carries the whole text: a runaway answer would cost the client
-                            # (and us) quadratically. Leaving the loop closes the upstream request.
-                            if grew:  # the text before it in this batch
-                                self.writer.send_text(cid, answer_id, answer.parts, source=answer.source)
-                            self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
-                            return
+                            too_long = True
+                            break
                         answer.feed(delta.text)
                         grew = True
                     elif delta.reasoning and thinking and not size:
@@ -214,6 +210,11 @@ class SocketSession:
                     self.writer.send_text(cid, answer_id, answer.parts, source=answer.source)
                 elif mused and not size:
                     self.writer.send_text(cid, answer_id, reasoning.parts, thinking=True, source=reasoning.source)
+                if too_long:
+                    # Every frame carries the whole text: a runaway answer would cost the client (and us)
+                    # quadratically. Leaving the loop closes the upstream request.
+                    self.writer.send(error_frame(cid, texts.ANSWER_TOO_LONG))
+                    return
                 if not shown and (grew or mused):
                     shown = True
                     # The writer sends the first frame before this task goes on: an answer whose end came
