@@ -9,7 +9,12 @@ from chatgpt.faces.markdown import IncrementalRenderer, to_html
 
 BLOCKS = ["# Heading", "Plain *words* here", "- a\n- b", "1. one\n2. two", "> quoted", "```py\nx = 1\n\ny = 2\n```",
           "~~~\n```\n~~~", "    indented code", "| a | b |\n|---|---|\n| 1 | 2 |", "***", "text\n===", "`code` and "
-          "[link](https://example.com)", "<b>raw</b>", "  - nested\n    - deeper", "3) three"]
+          "[link](https://example.com)", "<b>raw</b>", "  - nested\n    - deeper", "3) three",
+          # A paragraph a list interrupts, lazy lines, lines that start with digits or odd whitespace,
+          # a paragraph run that ends in a list, code fenced at the margin or inside an item.
+          "para\n- item", "> quote\nlazy", "- item\nlazy", "2024 was\n2025 is", "\u3000wide\n\xa0space",
+          "\t", "  indented para", "- a\n\n  ```\n  code\n  ```", "```\n1. x\n```", "~~strike~~ and a | pipe",
+          "*open emphasis", "closing* one", "a  \nhard break", "[x]: https://example.com", "[x] and &amp; \\*"]
 
 
 def test_raw_html_from_the_model_is_escaped_not_passed_through() -> None:
@@ -22,11 +27,15 @@ def test_javascript_links_are_not_rendered_as_links() -> None:
     assert "href" not in to_html("[x](javascript:alert(1))")
 
 
+# markdown-it as faces/markdown.py sets it up: the reference every shortcut must match.
+_FULL = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(["table", "strikethrough"])
+
+
 def test_every_prefix_of_a_growing_answer_renders_like_a_full_render() -> None:
     doc = "\n\n".join(BLOCKS) + "\n\nthe end"
     renderer = IncrementalRenderer()
     for end in range(1, len(doc) + 1):
-        assert renderer.render(doc[:end]) == to_html(doc[:end]), repr(doc[:end][-30:])
+        assert renderer.render(doc[:end]) == _FULL.render(doc[:end]), repr(doc[:end][-30:])
 
 
 @settings(max_examples=60, deadline=None)
@@ -39,8 +48,31 @@ def test_any_sequence_of_blocks_and_frame_sizes_renders_like_a_full_render(
     renderer, end = IncrementalRenderer(), 0
     for step in steps:
         end = min(len(doc), end + step)
-        assert renderer.render(doc[:end]) == to_html(doc[:end])
-    assert renderer.render(doc) == to_html(doc)
+        assert renderer.render(doc[:end]) == _FULL.render(doc[:end])
+    assert renderer.render(doc) == _FULL.render(doc)
+
+
+# Tokens as a model streams them: words with and without inline Markdown, line and paragraph breaks,
+# list and quote markers, fences, indentation, digits at the start of a line.
+_TOKENS = st.sampled_from(["Here", " is", " **bold**", " `code`", " *it", "alic*", " [a](https://x.y)", "\n", "\n\n",
+                           "- ", "* ", "1. ", "2) ", "> ", "    ", "  ", "```", "```py\n", "~~~", "# ", "---", "===",
+                           "| a |", "2024", " 你好", "，", "\\", "&amp;", " ", "\t", "<b>", "_x_", "~~s~~", "[x]",
+                           "]: https://x.y", "  ```"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_TOKENS, min_size=1, max_size=60))
+def test_a_streamed_answer_renders_like_a_full_render_after_every_token(tokens: list[str]) -> None:
+    renderer, text = IncrementalRenderer(), ""
+    for token in tokens:
+        text += token
+        assert renderer.render(text) == _FULL.render(text), repr(text)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_TOKENS, min_size=1, max_size=16).map("".join))
+def test_a_text_taken_for_one_paragraph_renders_exactly_as_markdown_it(text: str) -> None:
+    assert to_html(text) == _FULL.render(text)
 
 
 def test_text_that_does_not_extend_the_last_one_starts_over() -> None:
@@ -49,8 +81,6 @@ def test_text_that_does_not_extend_the_last_one_starts_over() -> None:
     assert renderer.render("something else") == to_html("something else")
 
 
-# markdown-it as faces/markdown.py sets it up: the reference the shortcut must match.
-_FULL = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(["table", "strikethrough"])
 _PLAIN_OR_NOT = st.text(alphabet=st.sampled_from(list(
     "ab 你，。\n#-+=:1.)*_`[]!<>&~\"|\t\\\u3000\xa0\x0b\x0c\u2028\u0085'$%@{}()/?😀")), min_size=1, max_size=14)
 
