@@ -265,3 +265,26 @@ async def test_frames_are_coalesced_to_the_interval_but_the_first_is_immediate(
     assert pieces[0]["content"] == "0"
     assert pieces[-1]["content"] == "".join(str(n) for n in range(20))
     assert len(pieces) < 6  # ~0.2 s of pieces at one frame per 200 ms
+
+
+def _writer_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "FrameWriter._drain"]
+
+
+async def test_an_answer_paced_slower_than_its_frames_shares_one_writer_task_which_ends_with_the_answer(
+        client: TestClient, fake: FakeOpenAI) -> None:
+    # Pieces 80 ms apart: each frame leaves the queue empty before the next piece comes. The writer's task
+    # waits for the next frame of the answer instead of ending (one task per frame would cost a task
+    # every 50 ms), and ends once the end frame is out: an open, idle socket keeps no task.
+    fake.script.append(Stream(pieces=[f"p{n} " for n in range(6)], delay=0.08))
+    seen: set[asyncio.Task[Any]] = set()
+    async with ws_connect(client) as ws:
+        await ws.send_json(question())
+        frames: list[dict[str, Any]] = []
+        while not frames or not frames[-1]["isDone"]:
+            frames.append(await ws.receive_json(timeout=5))
+            seen.update(_writer_tasks())
+        assert [f["content"] for f in frames[:-1]] == ["".join(f"p{n} " for n in range(k)) for k in range(1, 7)]
+        assert len(seen) == 1
+        await asyncio.sleep(0.05)
+        assert _writer_tasks() == []

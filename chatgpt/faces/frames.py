@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUED = 256  # frames waiting for a client that does not read; past this the socket is closed
 LOW_WATER = 32  # the reader stops taking frames from a client while more than this wait to go out
+# After an answer's text frame the writer waits this long for the next frame before its task ends: an
+# answer's frames then share one task instead of costing a new one each (a frame every 50 ms).
+LINGER_SECONDS = 1.0
 
 
 _clock: tuple[int, str] = (0, "")  # the last second formatted: frames go out many times a second
@@ -84,6 +87,11 @@ def pong_frame() -> dict[str, Any]:
     return {"heart": "pong", "time": int(time.time() * 1000)}
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 @dataclass
 class _PendingText:
     cid: Any
@@ -97,8 +105,8 @@ class FrameWriter:
     """The only task that writes to one socket. Text frames of an answer are coalesced: a newer
     cumulative text replaces a queued one, and the next goes out when the answer's pace allows
     (faces/pacing.py: the interval, then a byte budget per answer; the first frame at once, the last
-    text never held for the budget). HTML is rendered only for frames actually sent. The task exists only while frames wait, so an
-    idle socket costs no task.
+    text never held for the budget). HTML is rendered only for frames actually sent. The task exists
+    only while frames wait or an answer is being sent (LINGER_SECONDS), so an idle socket costs no task.
 
     While frames wait, a watchdog checks the socket's send buffer: when bytes sit there without
     shrinking for `stall_seconds`, the client has stopped reading; the writer stops and calls
@@ -106,9 +114,9 @@ class FrameWriter:
 
     # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
     __slots__ = (
-        "_behind", "_buffered", "_last_answer", "_last_progress", "_last_size", "_on_stall", "_pace",
-        "_queue", "_renderer", "_room", "_stall_seconds", "_task", "_thinking", "_watchdog", "_ws",
-        "stalled",
+        "_answering", "_behind", "_buffered", "_last_answer", "_last_progress", "_last_size", "_more",
+        "_on_stall", "_pace", "_queue", "_renderer", "_room", "_stall_seconds", "_task", "_thinking",
+        "_watchdog", "_ws", "stalled",
     )
 
     def __init__(self, ws: web.WebSocketResponse, interval: float, *, stall_seconds: float = 25.0,
@@ -119,6 +127,8 @@ class FrameWriter:
         self._behind: asyncio.Future[None] | None = None  # set when a frame is queued behind a waiting text
         self._queue: deque[dict[str, Any] | _PendingText] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._answering = False  # the last frame sent was an answer's text: more of it is coming
+        self._more: asyncio.Future[None] | None = None  # set when a frame is queued while the task lingers
         self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
         self._last_answer: str | None = None
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
@@ -157,6 +167,8 @@ class FrameWriter:
         self._queue.append(item)
         if self._behind is not None and not self._behind.done():
             self._behind.set_result(None)  # the waiting text is now the last of its run: it goes sooner
+        if self._more is not None and not self._more.done():
+            self._more.set_result(None)
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
             if self._watchdog is None:
@@ -249,13 +261,27 @@ class FrameWriter:
     async def _drain(self) -> None:
         """Send queued frames in order until none is left, then end."""
         try:
-            while self._queue and not self._ws.closed:
+            while not self._ws.closed:
+                if not self._queue and not (self._answering and await self._next_frame_soon()):
+                    break
                 await self._send_head()
         except ConnectionError:
             self._queue.clear()  # the client is gone; the reader loop ends and cleans up
         finally:
             self._task = None
             self._made_room()
+
+    async def _next_frame_soon(self) -> bool:
+        """Wait up to LINGER_SECONDS for the answer's next frame; True if one was queued."""
+        loop = asyncio.get_running_loop()
+        more = self._more = loop.create_future()
+        timer = loop.call_later(LINGER_SECONDS, _settle, more)  # cheaper than asyncio.wait's own waiter
+        try:
+            await more
+        finally:
+            timer.cancel()
+            self._more = None
+        return bool(self._queue)
 
     async def _send_head(self) -> None:
         head = self._queue[0]
@@ -282,6 +308,7 @@ class FrameWriter:
         self._made_room()
         # Always valid UTF-8 (a lone surrogate echoed from the client goes out escaped).
         data = jsontext.dumpb(frame)
+        self._answering = isinstance(head, _PendingText)
         if isinstance(head, _PendingText):
             self._pace.sent(asyncio.get_running_loop().time(), len(data), head.answer_id != self._last_answer)
             self._last_answer = head.answer_id

@@ -104,7 +104,8 @@ class IncrementalRenderer:
             return to_html(text)
         split = self._advance(text)
         if split > len(self._source):
-            self._html += to_html(text[len(self._source):split])
+            # Without its trailing blank lines, which change nothing, a finished paragraph takes the shortcut.
+            self._html += to_html(text[len(self._source):split].rstrip("\n"))
             self._source = text[:split]
         return self._html + to_html(text[len(self._source):])
 
