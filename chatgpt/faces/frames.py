@@ -88,6 +88,7 @@ def pong_frame() -> dict[str, Any]:
 
 
 def _settle(future: asyncio.Future[None]) -> None:
+    """Timer callback: end a wait that nothing else ended."""
     if not future.done():
         future.set_result(None)
 

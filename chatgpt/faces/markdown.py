@@ -49,6 +49,7 @@ _NOT_ONE_PARAGRAPH = re.compile(r"(?:^|\n)(?:[\s#\-+*>=_`~\[<]|\d{1,9}[.)])|\s$|
 
 
 def _paragraph_html(text: str) -> str:
+    """The HTML markdown-it gives for `text`, which `_NOT_ONE_PARAGRAPH` found to be one paragraph."""
     env: dict[str, object] = {}
     tokens: list[Token] = []
     _md.inline.parse(text, _md, env, tokens)
