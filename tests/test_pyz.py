@@ -1,14 +1,12 @@
 """The single-file build (scripts/build-pyz, built here into a temp folder), run the way the systemd unit runs it."""
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +15,11 @@ import pytest
 
 from chatgpt.domain import texts
 from tests.helpers.programs import require_program, unavailable
-from tests.helpers.servers import started_port
+from tests.helpers.servers import started_port, wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "CHATGPT_ADMIN_TOKEN", "BAIXING_API_KEY")
 BUILD_SECONDS = 600.0
-START_SECONDS = 10.0
 STOP_SECONDS = 10.0
 # What pip says when it cannot reach the package index: the build needs it, so offline the test skips.
 OFFLINE = re.compile(r"Failed to establish a new connection|Temporary failure in name resolution|Name or service "
@@ -55,23 +52,6 @@ def bare_environment(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-async def wait_for_status(base: str, process: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
-    """Poll `//status` until it answers; fail with the server's log if it exits or takes too long."""
-    deadline = time.monotonic() + START_SECONDS
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the .pyz exited with {process.returncode}:\n{log.read_text(errors='replace')}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"//status did not answer within {START_SECONDS} s:\n{log.read_text(errors='replace')}")
-            try:
-                async with http.get(f"{base}//status") as response:
-                    body: dict[str, Any] = await response.json()
-                    return body
-            except (TimeoutError, aiohttp.ClientError):
-                await asyncio.sleep(0.1)
-
-
 async def ask_anonymously(base: str) -> tuple[dict[str, Any], str]:
     """One anonymous `/v1` question, and the demo page a browser gets at `/`."""
     body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hello?"}]}
@@ -100,7 +80,7 @@ async def test_pyz_serves_offline_without_a_key_and_exits_cleanly_on_sigterm(tmp
                                    stdout=out, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{await started_port(process, log)}"
-        status = await wait_for_status(base, process, log)
+        status = await wait_until_serving(process, base, lambda: log.read_text(errors="replace"), name="the .pyz")
         answer, page = await ask_anonymously(base)
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=STOP_SECONDS)

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -61,20 +62,21 @@ async def started_port(process: subprocess.Popen[bytes], log: Path, seconds: flo
 
 
 async def wait_until_serving(process: subprocess.Popen[bytes], base: str, output: Callable[[], str],
-                             seconds: float = START_SECONDS) -> None:
-    """Poll `base//status` until it answers 200; fail the test (with the process's output) if the
-    process exits or does not answer within `seconds`."""
+                             seconds: float = START_SECONDS, name: str = "app.py") -> dict[str, Any]:
+    """Poll `base//status` until it answers 200 and return its JSON; fail the test (with the process's
+    output) if the process (`name`) exits or does not answer within `seconds`."""
     deadline = time.monotonic() + seconds
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
         while True:
             if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{output()}")
+                pytest.fail(f"{name} exited with {process.returncode}:\n{output()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"//status did not answer within {seconds} s:\n{output()}")
             try:
                 async with http.get(f"{base}//status") as response:
                     if response.status == 200:
-                        return
+                        body: dict[str, Any] = await response.json()
+                        return body
             except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.05)
