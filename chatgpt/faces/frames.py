@@ -115,7 +115,7 @@ class FrameWriter:
 
     # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
     __slots__ = (
-        "_answering", "_behind", "_buffered", "_last_answer", "_last_progress", "_last_size", "_more",
+        "_answering", "_behind", "_buffered", "_joined", "_last_answer", "_last_progress", "_last_size", "_more",
         "_on_stall", "_pace", "_queue", "_renderer", "_room", "_stall_seconds", "_task", "_thinking",
         "_watchdog", "_ws", "stalled",
     )
@@ -130,6 +130,7 @@ class FrameWriter:
         self._task: asyncio.Task[None] | None = None
         self._answering = False  # the last frame sent was an answer's text: more of it is coming
         self._more: asyncio.Future[None] | None = None  # set when a frame is queued while the task lingers
+        self._joined: tuple[list[str], int, str] | None = None  # parts, how many are joined, their text
         self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
         self._last_answer: str | None = None
         self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
@@ -157,6 +158,21 @@ class FrameWriter:
             tail.parts, tail.thinking, tail.source = parts, thinking, source
             return
         self._push(_PendingText(cid, answer_id, parts, thinking, source))
+
+    def _text_of(self, parts: list[str]) -> str:
+        """`"".join(parts)` for the parts of a growing text: only the parts added since the last frame are
+        joined again. Parts only grow at the end, except the last, which masking may replace, so the
+        joined prefix never includes it (a frame of a long answer then costs a copy of its text, not a
+        join of every token in it)."""
+        cached = self._joined
+        start, prefix = (cached[1], cached[2]) if cached is not None and cached[0] is parts and \
+            len(parts) > cached[1] else (0, "")
+        stable = len(parts) - 1
+        if stable > start:
+            prefix += "".join(parts[start:stable])
+            start = stable
+        self._joined = (parts, start, prefix)
+        return prefix + parts[-1] if parts else prefix
 
     def _push(self, item: dict[str, Any] | _PendingText) -> None:
         if self.stalled:
@@ -270,6 +286,7 @@ class FrameWriter:
             self._queue.clear()  # the client is gone; the reader loop ends and cleans up
         finally:
             self._task = None
+            self._joined = None  # an idle socket keeps no answer's text
             self._made_room()
 
     async def _next_frame_soon(self) -> bool:
@@ -292,7 +309,7 @@ class FrameWriter:
                 return  # the queue was cleared while the text waited (the client stopped reading)
             if head.answer_id != self._last_answer:
                 self._renderer, self._thinking = IncrementalRenderer(), IncrementalRenderer()
-            text = "".join(head.parts)
+            text = self._text_of(head.parts)
             source = text if head.source is None else "".join(head.source)
             if head.thinking:
                 # The quote's HTML is a blockquote around the rendering of its unquoted lines (the
