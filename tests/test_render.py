@@ -1,10 +1,12 @@
 """Markdown rendering: raw HTML escaped, and the incremental renderer equal to a full render."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
+from chatgpt.faces import markdown
 from chatgpt.faces.markdown import IncrementalRenderer, to_html
 
 BLOCKS = ["# Heading", "Plain *words* here", "- a\n- b", "1. one\n2. two", "> quoted", "```py\nx = 1\n\ny = 2\n```",
@@ -13,7 +15,7 @@ BLOCKS = ["# Heading", "Plain *words* here", "- a\n- b", "1. one\n2. two", "> qu
           # A paragraph a list interrupts, lazy lines, lines that start with digits or odd whitespace,
           # a paragraph run that ends in a list, code fenced at the margin or inside an item.
           "para\n- item", "> quote\nlazy", "- item\nlazy", "2024 was\n2025 is", "\u3000wide\n\xa0space",
-          "\t", "  indented para", "- a\n\n  ```\n  code\n  ```", "```\n1. x\n```", "~~strike~~ and a | pipe",
+          "\t", "  indented para", "- a\n\n  ```\n  code\n  ```", "- ```", "```\n1. x\n```", "~~strike~~ and a | pipe",
           "*open emphasis", "closing* one", "a  \nhard break", "[x]: https://example.com", "[x] and &amp; \\*"]
 
 
@@ -93,3 +95,76 @@ def test_the_plain_paragraph_shortcut_renders_exactly_as_markdown_it(text: str) 
 
 def test_plain_lines_render_as_one_paragraph_with_breaks() -> None:
     assert to_html("你好，世界。\nSecond line 2") == "<p>你好，世界。<br />\nSecond line 2</p>\n"
+
+
+# What a model writes inside one paragraph: words with and without spaces (CJK), emphasis, code spans
+# and links opened in one token and closed tokens later, escapes, entities, intraword underscores,
+# autolinks, single line breaks, trailing spaces.
+_PARAGRAPH_TOKENS = st.sampled_from([
+    " word", "word", " 你好", "世界", "，", "。", " **", "**", "*", "_", " _x", "y_", "`", " `a b", "c`", " [", "[link",
+    "](https://x.y)", "]", "(", ")", "\\*", "\\", "&amp;", "&", "amp;", " <https://x.y>", "<", ">", "~~", "!", " ![i](",
+    "\n", "  \n", " ", "2024", "snake_case", "a*b", "***", " `` ", "\u3000", "😀", "é",
+])
+
+
+# The settled prefix is extended once the unsettled part is PARAGRAPH_STEP long; a step of 1 tries a
+# cut at every frame, so that a cut in every possible place is tried.
+STEPS = [1, markdown.PARAGRAPH_STEP]
+
+
+@pytest.mark.parametrize("step", STEPS)
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.lists(_PARAGRAPH_TOKENS, min_size=20, max_size=160))
+def test_a_long_paragraph_streamed_token_by_token_renders_like_a_full_render(step: int, tokens: list[str]) -> None:
+    renderer, text = IncrementalRenderer(), "Intro.\n\n"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(markdown, "PARAGRAPH_STEP", step)
+        for token in tokens:
+            text += token
+            assert renderer.render(text) == _FULL.render(text), repr(text)
+
+
+def test_a_long_paragraph_renders_like_a_full_render_when_an_emphasis_opened_early_closes_late() -> None:
+    opened = "Start **" + " ".join(f"word{i}" for i in range(60))
+    renderer = IncrementalRenderer()
+    for end in range(1, len(opened) + 1):
+        assert renderer.render(opened[:end]) == _FULL.render(opened[:end])
+    closed = opened + "** and *more* words " + "我们可以去公园" * 20
+    for end in range(len(opened), len(closed) + 1):
+        assert renderer.render(closed[:end]) == _FULL.render(closed[:end])
+
+
+# Without spaces (Chinese is written so) a paragraph is cut between letters: delimiters and entities
+# right at such a cut would change meaning if the cut were allowed before or inside them.
+_UNSPACED_TOKENS = st.sampled_from(["你好", "世界", "天气", "a", "b1", "_", "*", "**", "(", ")", "`", "&", "amp;", "&amp;",
+                                    "[", "](https://x.y)", "~~", "\\", "，", "。", "\n", "<", ">"])
+
+
+@pytest.mark.parametrize("step", STEPS)
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.lists(_UNSPACED_TOKENS, min_size=40, max_size=200))
+def test_a_long_paragraph_without_spaces_renders_like_a_full_render(step: int, tokens: list[str]) -> None:
+    renderer, text = IncrementalRenderer(), ""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(markdown, "PARAGRAPH_STEP", step)
+        for token in tokens:
+            text += token
+            assert renderer.render(text) == _FULL.render(text), repr(text)
+
+
+# Cuts that would change the meaning of what is around them, were they allowed: after an underscore
+# that closes only at the end of a text, before a star whose flanking depends on the letter before it,
+# inside an entity, after an escape, around a code span's backticks, a link's brackets, an image.
+TRICKY = ["中，_a_b中", "中 _a_a(中", "词 *(x)*词", "词a *(x)*", "文字&amp;文字", "文字&#42;x*文字", "a\\*b*c",
+          "词`a`b词``c`", "词[a]b(c)词", "![a](b)词![c", "x**y**z**", "词~~a~~b~~", "词<a>b<https://x.y>词"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("tricky", TRICKY)
+def test_every_prefix_of_a_long_paragraph_with_tricky_cuts_renders_like_a_full_render(step: int, tricky: str) -> None:
+    doc = "起" * 30 + tricky * 4 + "终" * 30
+    renderer = IncrementalRenderer()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(markdown, "PARAGRAPH_STEP", step)
+        for end in range(1, len(doc) + 1):
+            assert renderer.render(doc[:end]) == _FULL.render(doc[:end]), repr(doc[:end])
