@@ -168,3 +168,53 @@ def test_every_prefix_of_a_long_paragraph_with_tricky_cuts_renders_like_a_full_r
         patch.setattr(markdown, "PARAGRAPH_STEP", step)
         for end in range(1, len(doc) + 1):
             assert renderer.render(doc[:end]) == _FULL.render(doc[:end]), repr(doc[:end])
+
+
+# What a model writes in lists and code blocks: markers of every kind (and changes of kind), items
+# nested, lazy or empty, thematic breaks, blank lines (a loose list), fences with info strings,
+# closing fences indented or too short, tabs, raw HTML in code.
+_LIST_AND_CODE_TOKENS = st.sampled_from([
+    "- ", "* ", "+ ", "1. ", "2) ", "07. ", "-", "1.", "\n", "\n\n", "  ", "   ", "    ", "\t", "item", " word", " **b**",
+    "`c`", " *open", "- - -", "---", "***", "lazy", "> q", "# h", "  - nested", "   1. deep", "```", "```py\n", "~~~",
+    "~~~ js x\n", "```a`b\n", "``", "<b>&", " ", "  \n", "2024", "[x](y)",
+])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_LIST_AND_CODE_TOKENS, min_size=1, max_size=80))
+def test_lists_and_code_blocks_streamed_token_by_token_render_like_a_full_render(tokens: list[str]) -> None:
+    renderer, text = IncrementalRenderer(), "Intro.\n\n"
+    for token in tokens:
+        text += token
+        assert renderer.render(text) == _FULL.render(text), repr(text)
+
+
+LISTS_AND_CODE = ["- one **bold**\n- two `code`\n- three [link](https://x.y)", "3. three\n4. four\n5. five",
+                  "* a\n  * nested\n    continued\n* b", "1) x\n2) y\n- other list", "- a\n- b\n\n- loose",
+                  "- a\n\n  para in item\n- b", "- a\nlazy line\n- b", "- a\n - b\n  - c", "- a\n* b", "+ a\n+ - - -",
+                  "```py\nx = 1\n\n    y = '<b>'\n```\nafter", "~~~~\n```\n~~~\n~~~~", "```\n  ```\nx", " ```\nindented fence",
+                  "- ```\n  code\n  ```\n- b", "- a\n- - -\n- b", "* a\n* * *\n1. b\n2. c", "- a\n-\n- c",
+                  "- a\n- b\n  \n- c", "- a\n \t\n- c", "- a\r\r\n- c", "- a\n\n\n- c",
+                  "- a\n * b\n- c", "- - \n * ```py\n- ", "- a\n  - b\n\n  c\n- d"]
+
+
+@pytest.mark.parametrize("doc", LISTS_AND_CODE)
+def test_every_prefix_of_a_list_or_code_block_renders_like_a_full_render(doc: str) -> None:
+    renderer, text = IncrementalRenderer(), "Intro.\n\n" + doc
+    for end in range(9, len(text) + 1):
+        assert renderer.render(text[:end]) == _FULL.render(text[:end]), repr(text[:end])
+
+
+# Lines whose first characters may or may not open a block: a paragraph line that starts with
+# emphasis, a hashtag, a number or a sign, beside headings, list markers, breaks and underlines.
+_LINE_STARTS = st.sampled_from(["**B** x", "#tag", "# h", "###### h", "####### x", "#", "-5", "- x", "-", "--", "---",
+                                "- - -", "+x", "+ x", "+", "*x*", "* x", "*", "***", "_i_", "___", "__b__ x", "3.14",
+                                "3. x", "3.", "1)", "1)x", "=", "= x", "==", "`c` x", "```", "``", "~~s~~", "~~~", "x"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_LINE_STARTS, min_size=1, max_size=5).map("\n".join))
+def test_lines_that_may_start_a_block_render_exactly_as_markdown_it(text: str) -> None:
+    assert to_html(text) == _FULL.render(text)
+    renderer = IncrementalRenderer()
+    assert renderer.render("Intro.\n\n" + text) == _FULL.render("Intro.\n\n" + text)

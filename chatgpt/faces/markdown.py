@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
 from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
 
@@ -48,7 +49,11 @@ _INLINE_SPECIAL = re.compile(r'[\\`*_\[\]!<>&~"|\r\x00]|\n\s|\s\n|\s$')
 # interrupt a paragraph), no edge whitespace (a paragraph's content is stripped), nothing markdown-it
 # normalizes first. Its HTML is then `<p>` + the inline rendering + `</p>`: the block parse, about half
 # of the cost of a short paragraph, is skipped. A websocket frame's tail is most often such a text.
-_NOT_ONE_PARAGRAPH = re.compile(r"(?:^|\n)(?:[\s#\-+*>=_`~\[<]|\d{1,9}[.)])|\s$|[|\r\x00]")
+# A line's first characters say whether it can: a heading's `#`s and a list marker only before a
+# space or the line's end ("**Bold**" or "#tag" starts a paragraph line), a thematic break or setext
+# underline only on a line of nothing else, a fence only with three backticks or tildes.
+_NOT_ONE_PARAGRAPH = re.compile(r"(?:^|\n)(?:[\s>\[<]|#{1,6}(?=[ \t\n]|$)|[-+*](?=[ \t\n]|$)|\d{1,9}[.)](?=[ \t\n]|$)"
+                                r"|[-*_=](?=[-*_= \t]*(?:\n|$))|```|~~~)|\s$|[|\r\x00]")
 
 
 # Characters that, left as literal text by the inline parse (nothing closed them), could still pair
@@ -68,12 +73,20 @@ def _inline_html(text: str) -> tuple[str, bool]:
     _md.inline.parse(text, _md, env, tokens)
     closed = True
     for token in tokens:
-        if token.type == "text_special":  # what markdown-it's core rule text_join does for escapes and entities
-            token.type = "text"
+        _join_text(token)
         if token.type == "text" and closed and _MAY_OPEN.search(token.content):
             closed = False
     inline: str = _renderer.renderInline(tokens, _md.options, env)
     return inline, closed
+
+
+def _join_text(token: Token) -> None:
+    """What markdown-it's core rule text_join does to an inline token and its children (an image's alt
+    text): escapes and entities become plain text."""
+    if token.type == "text_special":
+        token.type = "text"
+    for child in token.children or ():
+        _join_text(child)
 
 
 def _paragraph_html(text: str) -> str:
@@ -95,6 +108,91 @@ def _cut(text: str) -> int:
     return 0
 
 
+# A fenced code block that starts the tail at the margin: its fence and info string (a plain language
+# name and words; anything markdown-it would unescape or escape in it takes the full render).
+_OPEN_FENCE = re.compile(r"(`{3,}|~{3,})([\w+#.\- ]*)(?:\n|$)", re.ASCII)
+
+
+def _open_fence_html(text: str) -> str | None:
+    """The HTML of `text` when it is a fenced code block at the margin not closed yet (the fence is the
+    last block until it closes): its lines escaped, as markdown-it renders them. None otherwise."""
+    fence = _OPEN_FENCE.match(text)
+    if fence is None or "\r" in text or "\x00" in text:
+        return None
+    marker = fence.group(1)
+    closing = re.compile("^ {0,3}" + re.escape(marker[0]) + "{" + str(len(marker)) + r",}[ \t]*$", re.MULTILINE)
+    code = text[fence.end():]
+    if closing.search(code):
+        return None
+    end = code.rfind("\n") + 1
+    if not code[end:].strip(" \t"):
+        code = code[:end]  # markdown-it leaves out a last line of spaces (the end of the text, a blank line)
+    words = fence.group(2).split(maxsplit=1)
+    opening = f'<pre><code class="language-{words[0]}">' if words else "<pre><code>"
+    return opening + escapeHtml(code) + "</code></pre>\n"
+
+
+# The first line of a list item at the margin: its marker, then one space and its content, or nothing
+# yet. (More spaces after the marker, or none before the content, change where its content starts.)
+_ITEM = re.compile(r"([-*+]|\d{1,9}[.)])(?: (?=\S)| ?$)")
+# What makes a list more than items rendered one by one: a blank line (a loose list, or its end), tabs
+# (columns), what markdown-it normalizes first.
+_NOT_ITEM_BY_ITEM = re.compile(r"\n *\n|\n +$|[\t\r\x00]")
+
+
+_LIST_OPENINGS = {"bullet_list_open": "bullet_list_close", "ordered_list_open": "ordered_list_close"}
+
+
+def _list_items(text: str) -> list[int] | None:
+    """Where each item of `text` starts, when `text` is one tight list at the margin whose items render
+    each as they would alone: every line is an item's first line (same kind of marker, content after
+    exactly one space) or an indented line (part of the item above it). None otherwise."""
+    if _NOT_ITEM_BY_ITEM.search(text):
+        return None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the text ends with a line break
+    starts: list[int] = []
+    position, kind = 0, ""
+    for index, line in enumerate(lines):
+        # An indented line belongs to the item above it (its continuation, or a lazy line): rendered with it.
+        if not (line.startswith(" ") and starts):
+            item = _ITEM.match(line)
+            # ("- - -" is a thematic break, not an item: `_items_html` finds no list in it.)
+            if item is None or (starts and item.group(1)[-1] != kind):
+                return None
+            if item.end() == len(line) and index < len(lines) - 1:
+                return None  # an empty item before others: kept simple, the full render takes it
+            kind = item.group(1)[-1]
+            starts.append(position)
+        position += len(line) + 1
+    return starts
+
+
+def _list_opening(item: str) -> str:
+    """The opening tag of a list whose first item is `item` (`start` unless an ordered list starts at 1)."""
+    marker = _ITEM.match(item)
+    number = marker.group(1)[:-1] if marker is not None else ""
+    if not number:
+        return "<ul>\n"
+    return "<ol>\n" if int(number) == 1 else f'<ol start="{int(number)}">\n'
+
+
+def _items_html(text: str) -> str | None:
+    """The `<li>` elements markdown-it gives for `text`, items of one tight list (`_list_items`); None
+    when markdown-it finds something else in it (a thematic break, a second list): the full render
+    then takes it."""
+    env: dict[str, object] = {}
+    tokens = _md.parse(text, env)
+    if not tokens or tokens[0].type not in _LIST_OPENINGS or tokens[-1].type != _LIST_OPENINGS[tokens[0].type]:
+        return None
+    if any(token.level == 0 for token in tokens[1:-1]):
+        return None  # more than the one list (it is tight: `_list_items` let no blank line in)
+    html: str = _renderer.render(tokens, _md.options, env)
+    closing = "</ul>\n" if tokens[0].type == "bullet_list_open" else "</ol>\n"
+    return html.partition("\n")[2][:-len(closing)]
+
+
 def to_html(text: str) -> str:
     """Render one answer's Markdown to an HTML string."""
     if text and _SPECIAL.search(text) is None:
@@ -106,6 +204,9 @@ def to_html(text: str) -> str:
         return _paragraph_html(body)
     html: str = _md.render(text)
     return html
+
+
+_LIST_MARKS = frozenset("-*+0123456789")
 
 
 class IncrementalRenderer:
@@ -123,8 +224,8 @@ class IncrementalRenderer:
     as soon as its first character says so."""
 
     # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
-    __slots__ = ("_blank_before", "_fence", "_html", "_paragraph", "_plain_before", "_plain_run", "_scanned",
-                 "_source")
+    __slots__ = ("_blank_before", "_fence", "_html", "_list", "_paragraph", "_plain_before", "_plain_run",
+                 "_scanned", "_source")
 
     def __init__(self) -> None:
         self._source = ""  # the stable prefix of the answer
@@ -137,6 +238,9 @@ class IncrementalRenderer:
         # The paragraph being written at the end of the text: where it starts, how much of it is settled,
         # the settled part's inline HTML, and the unsettled length at which to try settling more.
         self._paragraph: tuple[int, int, str, int] | None = None
+        # The list being written at the end of the text: where it starts, the length of its finished
+        # items, and their HTML.
+        self._list: tuple[int, int, str] | None = None
 
     def render(self, text: str) -> str:
         """The HTML of `text`, which must extend the previously rendered text (else start over)."""
@@ -150,20 +254,60 @@ class IncrementalRenderer:
             # With its trailing blank lines: they are code inside a fence opened in a list item ("- ```").
             self._html += to_html(text[len(self._source):split])
             self._source = text[:split]
-        tail = text[len(self._source):]
+        start = len(self._source)
+        tail = text[start:]
         body = tail.rstrip(" \n")  # a paragraph's trailing spaces and blank lines change nothing
         if _SPECIAL.search(body) is not None and _NOT_ONE_PARAGRAPH.search(body) is None:
-            return self._html + self._growing_paragraph(body)
+            return self._html + "<p>" + self._growing_inline(body, start) + "</p>\n"
+        first = tail[:1]
+        if first in _LIST_MARKS and (html := self._growing_list(tail, start)) is not None:
+            return self._html + html
+        if first in "`~" and (html := _open_fence_html(tail)) is not None:
+            return self._html + html
         return self._html + to_html(tail)
 
-    def _growing_paragraph(self, text: str) -> str:
-        """The HTML of `text`, one paragraph with inline Markdown, the tail of the answer. Parsed whole
-        for every frame, a paragraph written token by token would cost markdown-it's inline parse,
-        ~17 µs plus ~0.5 µs a character, each time (400 µs a frame at 700 characters). Instead, as
-        soon as something in it is not plain text, all of it but its last letter is settled if it is
-        closed (`_cut`, `_inline_html`): parsed once, its HTML kept. What follows the settled part is
-        most often plain text, which needs no parse at all."""
-        start = len(self._source)
+    def _growing_list(self, text: str, start: int) -> str | None:
+        """The HTML of `text`, the tail of the answer, when it is a tight list (`_list_items`): a list
+        rendered whole for every frame costs its every item each time. Its finished items are rendered
+        once and kept; the item being written, when it is one line, is a growing paragraph's inline HTML
+        in `<li>` (a tight list shows its items' paragraphs without `<p>`). None: not such a list."""
+        items = _list_items(text)
+        if items is None:
+            return None
+        kept = self._list
+        finished, html = (kept[1], kept[2]) if kept is not None and kept[0] == start else (0, "")
+        if items[-1] > finished:
+            more = _items_html(text[finished:items[-1]])
+            if more is None:
+                return None
+            finished, html = items[-1], html + more
+        self._list = (start, finished, html)
+        item = text[finished:]
+        marker = _ITEM.match(item)
+        content = item[marker.end():] if marker is not None else item
+        body = content.rstrip(" \n")
+        if "\n" in body:  # more than one line: the item rendered alone
+            last = _items_html(item)
+            if last is None:
+                return None
+        elif not body:
+            last = "<li></li>\n"
+        elif _NOT_ONE_PARAGRAPH.search(body) is None:
+            last = "<li>" + self._growing_inline(body, start + len(text) - len(content)) + "</li>\n"
+        else:
+            last = _items_html(item)
+            if last is None:
+                return None
+        opening = _list_opening(text)
+        return opening + html + last + ("</ul>\n" if opening == "<ul>\n" else "</ol>\n")
+
+    def _growing_inline(self, text: str, start: int) -> str:
+        """The inline HTML of `text`, one paragraph's content (from offset `start` of the answer), being
+        written at the end of the answer. Parsed whole for every frame, a paragraph written token by
+        token would cost markdown-it's inline parse, ~17 µs plus ~0.5 µs a character, each time (400 µs
+        a frame at 700 characters). Instead, as soon as something in it is not plain text, all of it but
+        its last letter is settled if it is closed (`_cut`, `_inline_html`): parsed once, its HTML kept.
+        What follows the settled part is most often plain text, which needs no parse at all."""
         kept = self._paragraph
         settled, html, retry = (kept[1], kept[2], kept[3]) if kept is not None and kept[0] == start else (0, "", 0)
         rest = text[settled:]
@@ -177,7 +321,7 @@ class IncrementalRenderer:
                 retry = len(rest) + PARAGRAPH_STEP
         self._paragraph = (start, settled, html, retry)
         inline = rest.replace("\n", "<br />\n") if plain else _inline_html(rest)[0]
-        return "<p>" + html + inline + "</p>\n"
+        return html + inline
 
     def _advance(self, text: str) -> int:
         """Scan complete lines after `_scanned`; return the furthest safe split point."""
