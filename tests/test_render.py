@@ -218,3 +218,13 @@ def test_lines_that_may_start_a_block_render_exactly_as_markdown_it(text: str) -
     assert to_html(text) == _FULL.render(text)
     renderer = IncrementalRenderer()
     assert renderer.render("Intro.\n\n" + text) == _FULL.render("Intro.\n\n" + text)
+
+
+@pytest.mark.parametrize("step", [1, 5, 17, 40])
+def test_a_link_reference_definition_changes_links_before_and_after_it_whatever_the_frames(step: int) -> None:
+    # A definition turns `[x]` into a link in every block, before it too: once "]:" has been seen
+    # anywhere in a frame, every frame is rendered whole.
+    doc = "Intro with [x] and [y].\n\n- item [x]\n\n[x]: https://x.y\n[y]: https://y.z 'title'\n\nmore [x] and [y] after\n\nend"
+    renderer = IncrementalRenderer()
+    for end in [*range(step, len(doc), step), len(doc)]:
+        assert renderer.render(doc[:end]) == _FULL.render(doc[:end]), repr(doc[:end])

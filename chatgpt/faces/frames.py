@@ -46,9 +46,12 @@ def _frame(cid: Any, **fields: Any) -> dict[str, Any]:
 
 
 def text_frame(cid: Any, answer_id: str, content: str, html: str | None = None) -> dict[str, Any]:
-    """The whole answer so far (cumulative) with its Markdown rendered."""
-    return _frame(cid, id=answer_id, role="assistant", content=content, html=to_html(content) if html is None else html,
-                  createTime=now_text(), isDone=False, isSuccess=True)
+    """The whole answer so far (cumulative) with its Markdown rendered. Built directly, not by `_frame`:
+    one goes out per 50 ms of every answer, and none of its fields can be None."""
+    frame: dict[str, Any] = {} if cid is None else {"conversationId": cid}
+    frame.update(id=answer_id, role="assistant", content=content, html=to_html(content) if html is None else html,
+                 createTime=now_text(), isDone=False, isSuccess=True)
+    return frame
 
 
 def thinking_quote(reasoning: str) -> str:

@@ -225,13 +225,14 @@ class IncrementalRenderer:
 
     # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
     __slots__ = ("_blank_before", "_fence", "_html", "_list", "_paragraph", "_plain_before", "_plain_run",
-                 "_scanned", "_source")
+                 "_reference", "_scanned", "_source")
 
     def __init__(self) -> None:
         self._source = ""  # the stable prefix of the answer
         self._html = ""  # its rendered HTML
         self._fence: str | None = None  # the fence open at the end of the scanned text, if any
-        self._scanned = 0  # offset up to which lines have been scanned for fences and splits
+        self._scanned = 0  # offset up to which lines have been scanned for fences, splits and "]:"
+        self._reference = False  # "]:" was seen: every frame is rendered whole
         self._blank_before = False  # the last scanned line was blank (outside a fence)
         self._plain_run: bool | None = None  # the lines since the last blank one are all plain (None: no line yet)
         self._plain_before = False  # the run of lines before the last blank line was all plain
@@ -246,8 +247,9 @@ class IncrementalRenderer:
         """The HTML of `text`, which must extend the previously rendered text (else start over)."""
         if not text.startswith(self._source):
             self.__init__()  # type: ignore[misc]
-        if "]:" in text:
+        if self._reference or text.find("]:", self._scanned) >= 0:
             # Maybe a link reference definition: it changes links in every block, before it too.
+            self._reference = True
             return to_html(text)
         split = self._advance(text)
         if split > len(self._source):
