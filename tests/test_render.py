@@ -84,7 +84,7 @@ def test_text_that_does_not_extend_the_last_one_starts_over() -> None:
 
 
 _PLAIN_OR_NOT = st.text(alphabet=st.sampled_from(list(
-    "ab 你，。\n#-+=:1.)*_`[]!<>&~\"|\t\\\u3000\xa0\x0b\x0c\u2028\u0085'$%@{}()/?😀")), min_size=1, max_size=14)
+    "ab 你，。\n#-+=:1.)*_`[]!<>&~\"|\t\\\u3000\xa0\x0b\x0c\u2028\u0085'$%@{}()/?😀\r")), min_size=1, max_size=14)
 
 
 @settings(max_examples=3000)
@@ -103,7 +103,7 @@ def test_plain_lines_render_as_one_paragraph_with_breaks() -> None:
 _PARAGRAPH_TOKENS = st.sampled_from([
     " word", "word", " 你好", "世界", "，", "。", " **", "**", "*", "_", " _x", "y_", "`", " `a b", "c`", " [", "[link",
     "](https://x.y)", "]", "(", ")", "\\*", "\\", "&amp;", "&", "amp;", " <https://x.y>", "<", ">", "~~", "!", " ![i](",
-    "\n", "  \n", " ", "2024", "snake_case", "a*b", "***", " `` ", "\u3000", "😀", "é",
+    "\n", "  \n", " ", "2024", "snake_case", "a*b", "***", " `` ", "\u3000", "😀", "é", "\r", "\r\n",
 ])
 
 
