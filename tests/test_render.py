@@ -195,7 +195,8 @@ LISTS_AND_CODE = ["- one **bold**\n- two `code`\n- three [link](https://x.y)", "
                   "```py\nx = 1\n\n    y = '<b>'\n```\nafter", "~~~~\n```\n~~~\n~~~~", "```\n  ```\nx", " ```\nindented fence",
                   "- ```\n  code\n  ```\n- b", "- a\n- - -\n- b", "* a\n* * *\n1. b\n2. c", "- a\n-\n- c",
                   "- a\n- b\n  \n- c", "- a\n \t\n- c", "- a\r\r\n- c", "- a\n\n\n- c",
-                  "- a\n * b\n- c", "- - \n * ```py\n- ", "- a\n  - b\n\n  c\n- d"]
+                  "- a\n * b\n- c", "- - \n * ```py\n- ", "- a\n  - b\n\n  c\n- d",
+                  "```a`b\n```\n\n- code, not a list"]
 
 
 @pytest.mark.parametrize("doc", LISTS_AND_CODE)

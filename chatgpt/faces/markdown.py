@@ -23,7 +23,8 @@ def _html_renderer() -> RendererHTML:
 
 _renderer = _html_renderer()
 
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+# (A backtick fence's info string holds no backtick: "```a`b" is a paragraph line.)
+_FENCE = re.compile(r"^ {0,3}(`{3,}(?=[^`]*$)|~{3,})")
 # A line that could continue the block before a blank line: indented, a list item, a quote or a
 # table row. Splitting there could change how the earlier block renders (e.g. a loose list).
 _CONTINUES = re.compile(r"^(\s|[-*+>|]|\d{1,9}[.)]|$)")
