@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import settings as hypothesis_settings
 from aiohttp.test_utils import TestClient, TestServer
 
 from app import create_app
@@ -19,6 +21,11 @@ from tests.fakes.wechat import FakeWeChat, fake_secrets, start_fake_wechat
 from tests.helpers.capture import CAPTURED_LOGGERS, SecretCapture, secrets_in_test_sources
 from tests.helpers.servers import refusing_port
 from tests.helpers.timewarp import WarpLoop
+
+# Property tests explore new examples on every run; `HYPOTHESIS_PROFILE=ci` (set by .ci/run) runs the
+# same examples every time, so that a case a test has never met fails a developer's run, not a landing.
+hypothesis_settings.register_profile("ci", derandomize=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 SERVER_KEY = "sk-server-key-0001"
 USER_KEY = "sk-user-own-key-9999"
