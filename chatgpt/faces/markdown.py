@@ -60,9 +60,10 @@ def _plain(text: str, inline: bool = False) -> bool:
 
 
 # A line that could open or continue a block instead of going on with a paragraph: indented (or
-# blank), a quote, a table row, a reference definition or an autolink/HTML line kept apart, a
-# heading's `#`s or a list marker before a space or the line's end ("**Bold**" or "#tag" starts a
-# paragraph line), a line of nothing but thematic break or setext underline characters, a fence.
+# blank), a quote, a reference definition or an autolink/HTML line kept apart, a heading's `#`s or a
+# list marker before a space or the line's end ("**Bold**" or "#tag" starts a paragraph line), a
+# line of nothing but thematic break or setext underline characters, a fence. (Table rows: `|`
+# anywhere, in `_one_paragraph`.)
 _BLOCK_LINE = re.compile(r"[\s>\[<]|#{1,6}(?=[ \t]|$)|[-+*](?=[ \t]|$)|\d{1,9}[.)](?=[ \t]|$)|[-*_=](?=[-*_= \t]*$)"
                          r"|```|~~~")
 
