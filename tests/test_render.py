@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from collections.abc import Iterable, Iterator
+from itertools import accumulate
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
@@ -33,11 +36,32 @@ def test_javascript_links_are_not_rendered_as_links() -> None:
 _FULL = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(["table", "strikethrough"])
 
 
-def test_every_prefix_of_a_growing_answer_renders_like_a_full_render() -> None:
-    doc = "\n\n".join(BLOCKS) + "\n\nthe end"
+def assert_frames_render_like_markdown_it(frames: Iterable[str], step: int | None = None) -> None:
+    """One renderer given `frames` (a growing answer, as a socket sends it): each one's HTML is
+    markdown-it's full render of it. `step`: the renderer's PARAGRAPH_STEP for the while."""
     renderer = IncrementalRenderer()
-    for end in range(1, len(doc) + 1):
-        assert renderer.render(doc[:end]) == _FULL.render(doc[:end]), repr(doc[:end][-30:])
+    with pytest.MonkeyPatch.context() as patch:
+        if step is not None:
+            patch.setattr(markdown, "PARAGRAPH_STEP", step)
+        for text in frames:
+            assert renderer.render(text) == _FULL.render(text), repr(text)
+
+
+def growing(tokens: Iterable[str], start: str = "") -> Iterator[str]:
+    """The text after each token, as a model streams it."""
+    text = start
+    for token in tokens:
+        text += token
+        yield text
+
+
+def prefixes(doc: str, first: int = 1, step: int = 1) -> list[str]:
+    """`doc` cut every `step` characters from `first` on, and whole."""
+    return [doc[:end] for end in range(first, len(doc), step)] + [doc]
+
+
+def test_every_prefix_of_a_growing_answer_renders_like_a_full_render() -> None:
+    assert_frames_render_like_markdown_it(prefixes("\n\n".join(BLOCKS) + "\n\nthe end"))
 
 
 @settings(max_examples=60, deadline=None)
@@ -47,11 +71,7 @@ def test_every_prefix_of_a_growing_answer_renders_like_a_full_render() -> None:
 def test_any_sequence_of_blocks_and_frame_sizes_renders_like_a_full_render(
         blocks: list[str], gaps: list[str], steps: list[int]) -> None:
     doc = "".join(b + g for b, g in zip(blocks, gaps, strict=False))
-    renderer, end = IncrementalRenderer(), 0
-    for step in steps:
-        end = min(len(doc), end + step)
-        assert renderer.render(doc[:end]) == _FULL.render(doc[:end])
-    assert renderer.render(doc) == _FULL.render(doc)
+    assert_frames_render_like_markdown_it([*(doc[:end] for end in accumulate(steps)), doc])
 
 
 # Tokens as a model streams them: words with and without inline Markdown, line and paragraph breaks,
@@ -65,10 +85,7 @@ _TOKENS = st.sampled_from(["Here", " is", " **bold**", " `code`", " *it", "alic*
 @settings(max_examples=400, deadline=None)
 @given(st.lists(_TOKENS, min_size=1, max_size=60))
 def test_a_streamed_answer_renders_like_a_full_render_after_every_token(tokens: list[str]) -> None:
-    renderer, text = IncrementalRenderer(), ""
-    for token in tokens:
-        text += token
-        assert renderer.render(text) == _FULL.render(text), repr(text)
+    assert_frames_render_like_markdown_it(growing(tokens))
 
 
 @settings(max_examples=2000, deadline=None)
@@ -116,22 +133,12 @@ STEPS = [1, markdown.PARAGRAPH_STEP]
 @settings(max_examples=300, deadline=None)
 @given(tokens=st.lists(_PARAGRAPH_TOKENS, min_size=20, max_size=160))
 def test_a_long_paragraph_streamed_token_by_token_renders_like_a_full_render(step: int, tokens: list[str]) -> None:
-    renderer, text = IncrementalRenderer(), "Intro.\n\n"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(markdown, "PARAGRAPH_STEP", step)
-        for token in tokens:
-            text += token
-            assert renderer.render(text) == _FULL.render(text), repr(text)
+    assert_frames_render_like_markdown_it(growing(tokens, "Intro.\n\n"), step)
 
 
 def test_a_long_paragraph_renders_like_a_full_render_when_an_emphasis_opened_early_closes_late() -> None:
     opened = "Start **" + " ".join(f"word{i}" for i in range(60))
-    renderer = IncrementalRenderer()
-    for end in range(1, len(opened) + 1):
-        assert renderer.render(opened[:end]) == _FULL.render(opened[:end])
-    closed = opened + "** and *more* words " + "我们可以去公园" * 20
-    for end in range(len(opened), len(closed) + 1):
-        assert renderer.render(closed[:end]) == _FULL.render(closed[:end])
+    assert_frames_render_like_markdown_it(prefixes(opened + "** and *more* words " + "我们可以去公园" * 20))
 
 
 # Without spaces (Chinese is written so) a paragraph is cut between letters: delimiters and entities
@@ -144,12 +151,7 @@ _UNSPACED_TOKENS = st.sampled_from(["你好", "世界", "天气", "a", "b1", "_"
 @settings(max_examples=300, deadline=None)
 @given(tokens=st.lists(_UNSPACED_TOKENS, min_size=40, max_size=200))
 def test_a_long_paragraph_without_spaces_renders_like_a_full_render(step: int, tokens: list[str]) -> None:
-    renderer, text = IncrementalRenderer(), ""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(markdown, "PARAGRAPH_STEP", step)
-        for token in tokens:
-            text += token
-            assert renderer.render(text) == _FULL.render(text), repr(text)
+    assert_frames_render_like_markdown_it(growing(tokens), step)
 
 
 # Cuts that would change the meaning of what is around them, were they allowed: after an underscore
@@ -162,12 +164,7 @@ TRICKY = ["中，_a_b中", "中 _a_a(中", "词 *(x)*词", "词a *(x)*", "文字
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("tricky", TRICKY)
 def test_every_prefix_of_a_long_paragraph_with_tricky_cuts_renders_like_a_full_render(step: int, tricky: str) -> None:
-    doc = "起" * 30 + tricky * 4 + "终" * 30
-    renderer = IncrementalRenderer()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(markdown, "PARAGRAPH_STEP", step)
-        for end in range(1, len(doc) + 1):
-            assert renderer.render(doc[:end]) == _FULL.render(doc[:end]), repr(doc[:end])
+    assert_frames_render_like_markdown_it(prefixes("起" * 30 + tricky * 4 + "终" * 30), step)
 
 
 # What a model writes in lists and code blocks: markers of every kind (and changes of kind), items
@@ -183,10 +180,7 @@ _LIST_AND_CODE_TOKENS = st.sampled_from([
 @settings(max_examples=500, deadline=None)
 @given(st.lists(_LIST_AND_CODE_TOKENS, min_size=1, max_size=80))
 def test_lists_and_code_blocks_streamed_token_by_token_render_like_a_full_render(tokens: list[str]) -> None:
-    renderer, text = IncrementalRenderer(), "Intro.\n\n"
-    for token in tokens:
-        text += token
-        assert renderer.render(text) == _FULL.render(text), repr(text)
+    assert_frames_render_like_markdown_it(growing(tokens, "Intro.\n\n"))
 
 
 LISTS_AND_CODE = ["- one **bold**\n- two `code`\n- three [link](https://x.y)", "3. three\n4. four\n5. five",
@@ -201,9 +195,7 @@ LISTS_AND_CODE = ["- one **bold**\n- two `code`\n- three [link](https://x.y)", "
 
 @pytest.mark.parametrize("doc", LISTS_AND_CODE)
 def test_every_prefix_of_a_list_or_code_block_renders_like_a_full_render(doc: str) -> None:
-    renderer, text = IncrementalRenderer(), "Intro.\n\n" + doc
-    for end in range(9, len(text) + 1):
-        assert renderer.render(text[:end]) == _FULL.render(text[:end]), repr(text[:end])
+    assert_frames_render_like_markdown_it(prefixes("Intro.\n\n" + doc, first=9))
 
 
 # Lines whose first characters may or may not open a block: a paragraph line that starts with
@@ -217,8 +209,7 @@ _LINE_STARTS = st.sampled_from(["**B** x", "#tag", "# h", "###### h", "####### x
 @given(st.lists(_LINE_STARTS, min_size=1, max_size=5).map("\n".join))
 def test_lines_that_may_start_a_block_render_exactly_as_markdown_it(text: str) -> None:
     assert to_html(text) == _FULL.render(text)
-    renderer = IncrementalRenderer()
-    assert renderer.render("Intro.\n\n" + text) == _FULL.render("Intro.\n\n" + text)
+    assert_frames_render_like_markdown_it(["Intro.\n\n" + text])
 
 
 @pytest.mark.parametrize("step", [1, 5, 17, 40])
@@ -226,6 +217,4 @@ def test_a_link_reference_definition_changes_links_before_and_after_it_whatever_
     # A definition turns `[x]` into a link in every block, before it too: once "]:" has been seen
     # anywhere in a frame, every frame is rendered whole.
     doc = "Intro with [x] and [y].\n\n- item [x]\n\n[x]: https://x.y\n[y]: https://y.z 'title'\n\nmore [x] and [y] after\n\nend"
-    renderer = IncrementalRenderer()
-    for end in [*range(step, len(doc), step), len(doc)]:
-        assert renderer.render(doc[:end]) == _FULL.render(doc[:end]), repr(doc[:end])
+    assert_frames_render_like_markdown_it(prefixes(doc, first=step, step=step))

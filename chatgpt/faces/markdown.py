@@ -36,27 +36,20 @@ _MAY_CONTINUE = frozenset(" \t\n\r\x0b\x0c-*+>|`~0123456789")
 
 # Characters some inline rule (or HTML escaping) acts on, or markdown-it normalizes first.
 _MARKUP = re.compile(r'[\\`*_\[\]!<>&~"|\r\x00]')
-_LINE_OPENERS = frozenset("#-+=:")  # with digits and whitespace: a line may open a block with them
 
 
-def _plain(text: str, inline: bool = False) -> bool:
-    """Whether markdown-it renders `text` as itself with `<br />` at its line breaks (in `<p>`, unless
-    `inline`): no `_MARKUP` character, no edge whitespace on any line, no blank line, and no line that
-    starts like a block might (a heading, list, quote, code, setext underline, table row), which
-    `inline` skips for a piece inside a paragraph already found to be one. Rendering such a text costs
-    markdown-it ~50 µs however short it is (a frame's tail is often one). The characters are looked for
-    in C, the lines one by one: one regular expression with all of these alternatives took ~30 µs per
-    1,000 characters, every frame."""
+def _plain(text: str) -> bool:
+    """Whether the inline rendering of `text`, a piece of one paragraph (`_one_paragraph`), is the text
+    itself with `<br />` at its line breaks: no `_MARKUP` character, no edge whitespace on any line, no
+    blank line. markdown-it costs ~50 µs for such a text however short it is (a frame's tail is often
+    one). The characters are looked for in C, the lines one by one: one regular expression with all of
+    these alternatives took ~30 µs per 1,000 characters, every frame."""
     if not text or text[-1].isspace() or _MARKUP.search(text):
         return False
     lines = text.split("\n") if "\n" in text else [text]
     last = len(lines) - 1
-    for index, line in enumerate(lines):
-        if not line or (index and line[0].isspace()) or (index < last and line[-1].isspace()):
-            return False
-        if not inline and (line[0] in _LINE_OPENERS or line[0].isdecimal() or line[0].isspace()):
-            return False
-    return True
+    return not any(not line or (index and line[0].isspace()) or (index < last and line[-1].isspace())
+                   for index, line in enumerate(lines))
 
 
 # A line that could open or continue a block instead of going on with a paragraph: indented (or
@@ -116,7 +109,8 @@ def _join_text(token: Token) -> None:
 
 def _paragraph_html(text: str) -> str:
     """The HTML markdown-it gives for `text`, which `_one_paragraph` found to be one paragraph."""
-    return "<p>" + _inline_html(text)[0] + "</p>\n"
+    inline = text.replace("\n", "<br />\n") if _plain(text) else _inline_html(text)[0]
+    return "<p>" + inline + "</p>\n"
 
 
 def _cut(text: str) -> int:
@@ -220,12 +214,8 @@ def _items_html(text: str) -> str | None:
 
 def to_html(text: str) -> str:
     """Render one answer's Markdown to an HTML string."""
-    if _plain(text):
-        return "<p>" + text.replace("\n", "<br />\n") + "</p>\n"  # what markdown-it gives for it
     body = text.rstrip(" \n")  # a paragraph's trailing spaces and blank lines change nothing
     if _one_paragraph(body):
-        if _plain(body):
-            return "<p>" + body.replace("\n", "<br />\n") + "</p>\n"
         return _paragraph_html(body)
     html: str = _md.render(text)
     return html
@@ -284,7 +274,7 @@ class IncrementalRenderer:
         start = len(self._source)
         tail = text[start:]
         body = tail.rstrip(" \n")  # a paragraph's trailing spaces and blank lines change nothing
-        if not _plain(body) and _one_paragraph(body):
+        if _one_paragraph(body):
             return self._html + "<p>" + self._growing_inline(body, start) + "</p>\n"
         first = tail[:1]
         if first in _LIST_MARKS and (html := self._growing_list(tail, start)) is not None:
@@ -313,15 +303,12 @@ class IncrementalRenderer:
         marker = _ITEM.match(item)
         content = item[marker.end():] if marker is not None else item
         body = content.rstrip(" \n")
-        if "\n" in body:  # more than one line: the item rendered alone
-            last = _items_html(item)
-            if last is None:
-                return None
-        elif not body:
+        last: str | None
+        if not body:
             last = "<li></li>\n"
-        elif _one_paragraph(body):
+        elif _one_paragraph(body):  # (its further lines are indented: `_one_paragraph` refuses them)
             last = "<li>" + self._growing_inline(body, start + len(text) - len(content)) + "</li>\n"
-        else:
+        else:  # more than one line, or a block: the item rendered alone
             last = _items_html(item)
             if last is None:
                 return None
@@ -338,12 +325,12 @@ class IncrementalRenderer:
         kept = self._paragraph
         settled, html, retry = (kept[1], kept[2], kept[3]) if kept is not None and kept[0] == start else (0, "", 0)
         rest = text[settled:]
-        plain = _plain(rest, inline=True)
+        plain = _plain(rest)
         if not plain and len(rest) >= retry and (cut := _cut(rest)):
             more, closed = _inline_html(rest[:cut])
             if closed:
                 settled, html, rest, retry = settled + cut, html + more, rest[cut:], 0
-                plain = _plain(rest, inline=True)
+                plain = _plain(rest)
             else:  # something opened in it is still open: try again once more has come
                 retry = len(rest) + PARAGRAPH_STEP
         self._paragraph = (start, settled, html, retry)
