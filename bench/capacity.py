@@ -551,6 +551,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="the project's server.event_loop (auto: uvloop when installed); the bare relay always "
                              "runs on asyncio's own loop")
+    parser.add_argument("--stream-interval-ms", type=int, help="the project's server.stream_interval_ms "
+                        "(default: the project's own default, 50; 0: a write per upstream read)")
     parser.add_argument("--nice", type=int, default=0, help="run the server, upstream and load at this nice "
                         "value, e.g. -10 on a machine busy with other work (needs the privilege)")
     long = parser.add_mutually_exclusive_group()
@@ -593,6 +595,7 @@ def main() -> int:
     raise_nofile()
     bench = Bench(args.quick)
     bench.event_loop = args.event_loop
+    bench.stream_interval_ms = args.stream_interval_ms
     if bench.pinned:
         os.sched_setaffinity(0, {1})  # the load shares core 1 with the upstream, never the server's core
     else:
@@ -600,7 +603,8 @@ def main() -> int:
     rungs = 0 if args.only_long else len(args.ladder) * len(args.paths)
     estimate = rungs * (args.ramp + args.settle + args.measure) + (args.long_tokens / args.rate + 5 if args.long else 0)
     log(f"capacity: paths {','.join(args.paths)}, ladder {args.ladder}, {args.tokens} tokens at {args.rate:g}/s, "
-        f"at most ~{estimate / 60:.0f} min; pinned: {bench.pinned}")
+        f"at most ~{estimate / 60:.0f} min; pinned: {bench.pinned}; project event loop {args.event_loop}, "
+        f"stream_interval_ms {'default' if args.stream_interval_ms is None else args.stream_interval_ms}")
     renice(os.getpid(), args.nice)
     previous_nice = set_session_nice(args.nice) if args.nice else None
     started = time.monotonic()

@@ -85,6 +85,7 @@ class Bench:
         self.upstream: Proc | None = None
         self.upstream_base = ""
         self.event_loop = "auto"  # the project's server.event_loop: auto (uvloop when installed) | asyncio | uvloop
+        self.stream_interval_ms: int | None = None  # the project's server.stream_interval_ms; None: its default
 
     # -- processes
     def pin(self, core: int) -> list[str]:
@@ -172,6 +173,7 @@ server:
   host: 127.0.0.1
   port: {port}
   event_loop: {self.event_loop}
+{"" if self.stream_interval_ms is None else f"  stream_interval_ms: {self.stream_interval_ms}"}
 upstream:
   provider: openai
   base_url: {self.upstream_base}

@@ -124,6 +124,7 @@ def test_an_integer_is_accepted_where_a_number_is_expected(tmp_path: Path) -> No
      "setting state.redis_url (or REDIS_URL): expected a redis://, rediss:// or unix:// URL"),
     ("state:\n  redis_fail: maybe\n", "setting state.redis_fail: expected open or closed"),
     ("server:\n  event_loop: trio\n", "setting server.event_loop: expected auto, uvloop or asyncio"),
+    ("server:\n  stream_interval_ms: -1\n", "setting server.stream_interval_ms: expected 0..1000"),
 ])
 def test_a_value_out_of_range_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     assert load_error(tmp_path, text) == message

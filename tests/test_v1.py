@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from typing import Any
 
@@ -323,3 +324,42 @@ async def test_a_long_streamed_answer_to_a_client_that_reads_slowly_arrives_whol
     events = sse_events(bytes(raw))
     assert events[-1] == "[DONE]"
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"]) == "".join(pieces)
+
+
+async def _arrivals(client: TestClient) -> list[tuple[float, str]]:
+    """Each network read of a streamed answer: when it arrived and the answer text it carried."""
+    loop = asyncio.get_running_loop()
+    response = await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert response.status == 200
+    reads: list[tuple[float, bytes]] = []
+    async for data in response.content.iter_any():
+        reads.append((loop.time(), data))
+    events = sse_events(b"".join(data for _, data in reads))
+    assert events[-1] == "[DONE]"
+    texts_of = []
+    for at, data in reads:
+        chunks = [json.loads(line[6:]) for line in data.split(b"\n") if line.startswith(b"data: {")]
+        texts_of.append((at, "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])))
+    return texts_of
+
+
+@pytest.mark.parametrize("interval_ms", [0, 150])
+async def test_a_streamed_answer_is_written_at_most_once_per_stream_interval(
+        make_client: MakeClient, fake: FakeOpenAI, interval_ms: int) -> None:
+    # Twelve tokens 25 ms apart: one write each without an interval; with 150 ms, the first at once and
+    # the rest gathered into a write per interval (what arrived meanwhile comes out of one read).
+    pieces = [f"t{n} " for n in range(12)]
+    fake.script.append(Stream(pieces=pieces, delay=0.025))
+    client = await make_client(server={"stream_interval_ms": interval_ms})
+    started = asyncio.get_running_loop().time()
+    reads = await _arrivals(client)
+    assert "".join(text for _, text in reads) == "".join(pieces)
+    assert reads[0][1].startswith("t0 ")
+    assert reads[0][0] - started < 0.1  # the first token is never held back
+    with_text = [(at, text) for at, text in reads if text]
+    if interval_ms == 0:
+        assert len(with_text) >= 10  # the fake really paces its tokens: a read each
+    else:
+        assert len(with_text) <= 5  # ~330 ms of tokens: the first, then one write per 150 ms
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(with_text)]
+        assert min(gaps) > 0.12

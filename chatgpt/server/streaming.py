@@ -10,7 +10,7 @@ from contextlib import aclosing, suppress
 from aiohttp import web
 
 from chatgpt.domain.errors import AnswerBlocked, Refused, ShuttingDown, UpstreamFailed
-from chatgpt.keys import inflight_key
+from chatgpt.keys import inflight_key, settings_key
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,14 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
     upstream read brought: one send() per read, as a bare relay makes). A write to a client that reads
     slowly waits once aiohttp's buffer is full, so the upstream is read no faster than the client takes
     the answer. A failure once the headers are gone ends the body with `error_event(failure)`; so does
-    a shutdown (SIGTERM); a client that left gets nothing more."""
+    a shutdown (SIGTERM); a client that left gets nothing more.
+
+    After a write the next piece is asked for only `server.stream_interval_ms` later: what the upstream
+    sent meanwhile waits in its buffer and comes out of one read as one piece, so an answer at 30 tokens
+    a second costs one pass through the pipeline and one send() per ~1.5 tokens instead of per token
+    (together about three fifths of the server's time per token). The first piece is never delayed."""
     inflight = request.config_dict[inflight_key]
+    interval = request.config_dict[settings_key].server.stream_interval_ms / 1000
     failure: BaseException | None = None
     held = b""
     inflight.enter()
@@ -51,6 +57,8 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
                 if held:
                     data, held = held + data, b""
                 await response.write(data)
+                if interval:
+                    await asyncio.sleep(interval)
     except (Refused, UpstreamFailed, AnswerBlocked) as error:
         failure = error
     except asyncio.CancelledError:

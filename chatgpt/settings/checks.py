@@ -52,6 +52,7 @@ def validate(settings: Settings) -> Settings:
         (settings.quota.baixing_daily_questions >= 0, "quota.baixing_daily_questions: expected 0 or more"),
         (1024 <= settings.ws.max_message_bytes <= 64 * 1048576, "ws.max_message_bytes: expected 1024..67108864"),
         (0 <= settings.ws.frame_interval_ms <= 10000, "ws.frame_interval_ms: expected 0..10000"),
+        (0 <= settings.server.stream_interval_ms <= 1000, "server.stream_interval_ms: expected 0..1000"),
         (settings.ws.bytes_per_second >= 0, "ws.bytes_per_second: expected 0 or more"),
         (settings.ws.burst_bytes >= 0, "ws.burst_bytes: expected 0 or more"),
         (settings.ws.max_sockets_per_ip > 0, "ws.max_sockets_per_ip: expected a positive integer"),

@@ -13,6 +13,7 @@ class ServerSettings:
     public_url: str = ""
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     event_loop: str = "auto"  # auto: uvloop when it is installed, else asyncio's own | uvloop | asyncio
+    stream_interval_ms: int = 50  # streamed HTTP answers: at most one write per interval (0: one per upstream read)
 
 
 @dataclass(frozen=True)
