@@ -267,6 +267,32 @@ async def test_frames_are_coalesced_to_the_interval_but_the_first_is_immediate(
     assert len(pieces) < 6  # ~0.2 s of pieces at one frame per 200 ms
 
 
+async def test_while_the_interval_runs_the_end_frame_and_a_pong_go_at_once(
+        make_client: MakeClient, fake: FakeOpenAI) -> None:
+    # After a text frame the writer sleeps out the interval: the answer's newer text waits for it anyway.
+    # What may go at once must still wake it: here the end frame (the whole answer came in one read), and
+    # a pong asked for while a slow answer's next piece is pending.
+    client = await make_client(ws={"frame_interval_ms": 800})
+    loop = asyncio.get_running_loop()
+    fake.script.append(Stream(pieces=["Hello", " world"]))
+    fake.script.append(Stream(pieces=["slow", " answer"], delay=0.3))
+    async with ws_connect(client) as ws:
+        await ws.send_json(question())
+        text = await ws.receive_json(timeout=5)
+        sent = loop.time()
+        done = await ws.receive_json(timeout=5)
+        assert (text["content"], done["content"]) == ("Hello world", "DONE")
+        assert loop.time() - sent < 0.4
+        await ws.send_json(question())
+        assert (await ws.receive_json(timeout=5))["content"] == "slow"
+        await ws.send_json({"heart": "ping"})
+        asked = loop.time()
+        assert (await ws.receive_json(timeout=5))["heart"] == "pong"
+        assert loop.time() - asked < 0.4
+        frames = await receive_answer(ws)
+    assert [f["content"] for f in frames] == ["slow answer", "DONE"]
+
+
 def _writer_tasks() -> list[asyncio.Task[Any]]:
     return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "FrameWriter._drain"]
 

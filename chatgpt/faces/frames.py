@@ -25,6 +25,9 @@ LOW_WATER = 32  # the reader stops taking frames from a client while more than t
 # After an answer's text frame the writer waits this long for the next frame before its task ends: an
 # answer's frames then share one task instead of costing a new one each (a frame every 50 ms).
 LINGER_SECONDS = 1.0
+# A timer may fire up to a millisecond early (uvloop counts milliseconds): a wait shorter than this is
+# not worth another timer.
+EARLY = 0.001
 
 
 _clock: tuple[int, str] = (0, "")  # the last second formatted: frames go out many times a second
@@ -118,7 +121,7 @@ class FrameWriter:
 
     # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
     __slots__ = (
-        "_answering", "_behind", "_buffered", "_joined", "_last_answer", "_last_progress", "_last_size", "_more",
+        "_answering", "_behind", "_buffered", "_eager", "_joined", "_last_answer", "_last_progress", "_last_size", "_more",
         "_on_stall", "_pace", "_queue", "_renderer", "_room", "_stall_seconds", "_task", "_thinking",
         "_watchdog", "_ws", "stalled",
     )
@@ -133,6 +136,7 @@ class FrameWriter:
         self._task: asyncio.Task[None] | None = None
         self._answering = False  # the last frame sent was an answer's text: more of it is coming
         self._more: asyncio.Future[None] | None = None  # set when a frame is queued while the task lingers
+        self._eager = True  # False while the interval runs: only a frame that may go at once sets `_more`
         self._joined: tuple[list[str], int, str] | None = None  # parts, how many are joined, their text
         self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
         self._last_answer: str | None = None
@@ -187,8 +191,10 @@ class FrameWriter:
         self._queue.append(item)
         if self._behind is not None and not self._behind.done():
             self._behind.set_result(None)  # the waiting text is now the last of its run: it goes sooner
-        if self._more is not None and not self._more.done():
-            self._more.set_result(None)
+        more = self._more
+        if more is not None and not more.done() and (
+                self._eager or not isinstance(item, _PendingText) or item.answer_id != self._last_answer):
+            more.set_result(None)
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
             if self._watchdog is None:
@@ -226,7 +232,7 @@ class FrameWriter:
             return  # the first text frame of an answer is never delayed
         loop = asyncio.get_running_loop()
         delay = self._pace.interval_wait(loop.time())
-        if delay > 0:
+        if delay > EARLY:
             await asyncio.sleep(delay)
         # Nothing queued behind the text: the answer goes on, so the byte budget applies. A frame
         # queued meanwhile (the end frame) makes it the answer's last text, which goes at once.
@@ -293,16 +299,29 @@ class FrameWriter:
             self._made_room()
 
     async def _next_frame_soon(self) -> bool:
-        """Wait up to LINGER_SECONDS for the answer's next frame; True if one was queued."""
+        """After an answer's text frame, wait for the next frame; True if one was queued. Until the
+        interval allows the answer's next text, only a frame that may go at once (an end frame, another
+        answer's text) wakes the writer: the answer's own newer text waits in the queue anyway, so the
+        writer wakes once per frame, not once when the text is queued and again when the interval ends.
+        Past the interval, any frame wakes it, for up to LINGER_SECONDS."""
+        delay = self._pace.interval_wait(asyncio.get_running_loop().time())
+        if delay > EARLY:
+            await self._wait_for_frame(delay, eager=False)
+            if self._queue:
+                return True
+        await self._wait_for_frame(LINGER_SECONDS, eager=True)
+        return bool(self._queue)
+
+    async def _wait_for_frame(self, timeout: float, eager: bool) -> None:
         loop = asyncio.get_running_loop()
         more = self._more = loop.create_future()
-        timer = loop.call_later(LINGER_SECONDS, _settle, more)  # cheaper than asyncio.wait's own waiter
+        self._eager = eager
+        timer = loop.call_later(timeout, _settle, more)  # cheaper than asyncio.wait's own waiter
         try:
             await more
         finally:
             timer.cancel()
             self._more = None
-        return bool(self._queue)
 
     async def _send_head(self) -> None:
         head = self._queue[0]
