@@ -190,7 +190,12 @@ LISTS_AND_CODE = ["- one **bold**\n- two `code`\n- three [link](https://x.y)", "
                   "- ```\n  code\n  ```\n- b", "- a\n- - -\n- b", "* a\n* * *\n1. b\n2. c", "- a\n-\n- c",
                   "- a\n- b\n  \n- c", "- a\n \t\n- c", "- a\r\r\n- c", "- a\n\n\n- c",
                   "- a\n * b\n- c", "- - \n * ```py\n- ", "- a\n  - b\n\n  c\n- d",
-                  "```a`b\n```\n\n- code, not a list"]
+                  "```a`b\n```\n\n- code, not a list",
+                  # Blocks split off once the next one starts: a fence in an item keeps the blank lines after
+                  # it as code; a closed fence at the margin, its closing line indented, too short or empty.
+                  "- ```\n  foo\n\n\nNext", "- a\n  ```\n  code\n\nafter", "```\nx\n```\n\n\nafter",
+                  "~~~~\ncode\n~~~\n~~~~\n\nafter", "```py\nx <b>\n  ```  \n\nafter", "```\n```\n\nafter",
+                  "- a **b**\n- c `d`\n\n\n# next", "Para *x* y\n\n\n> next"]
 
 
 @pytest.mark.parametrize("doc", LISTS_AND_CODE)

@@ -132,16 +132,32 @@ def _cut(text: str) -> int:
 _OPEN_FENCE = re.compile(r"(`{3,}|~{3,})([\w+#.\- ]*)(?:\n|$)", re.ASCII)
 
 
+def _closing_fence(marker: str) -> re.Pattern[str]:
+    """A line that closes a fence opened with `marker`."""
+    return re.compile("^ {0,3}" + re.escape(marker[0]) + "{" + str(len(marker)) + r",}[ \t]*$", re.MULTILINE)
+
+
+def _closed_fence_html(text: str) -> str | None:
+    """The HTML of `text` when it is a fenced code block at the margin closed by its last non-blank
+    line: the block's lines escaped, as `_open_fence_html` gives them before the closing line came.
+    None otherwise."""
+    fence = _OPEN_FENCE.match(text)
+    if fence is None:
+        return None
+    closing = _closing_fence(fence.group(1)).search(text, fence.end())
+    if closing is None or text[closing.end():].strip(" \n"):
+        return None
+    return _open_fence_html(text[:closing.start()])
+
+
 def _open_fence_html(text: str) -> str | None:
     """The HTML of `text` when it is a fenced code block at the margin not closed yet (the fence is the
     last block until it closes): its lines escaped, as markdown-it renders them. None otherwise."""
     fence = _OPEN_FENCE.match(text)
     if fence is None or "\r" in text or "\x00" in text:
         return None
-    marker = fence.group(1)
-    closing = re.compile("^ {0,3}" + re.escape(marker[0]) + "{" + str(len(marker)) + r",}[ \t]*$", re.MULTILINE)
     code = text[fence.end():]
-    if closing.search(code):
+    if _closing_fence(fence.group(1)).search(code):
         return None
     end = code.rfind("\n") + 1
     if not code[end:].strip(" \t"):
@@ -239,7 +255,7 @@ class IncrementalRenderer:
     as soon as its first character says so."""
 
     # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
-    __slots__ = ("_blank_before", "_fence", "_html", "_list", "_paragraph", "_plain_before", "_plain_run",
+    __slots__ = ("_blank_before", "_fence", "_html", "_last", "_list", "_paragraph", "_plain_before", "_plain_run",
                  "_reference", "_scanned", "_source")
 
     def __init__(self) -> None:
@@ -257,6 +273,10 @@ class IncrementalRenderer:
         # The list being written at the end of the text: where it starts, the length of its finished
         # items, and their HTML.
         self._list: tuple[int, int, str] | None = None
+        # The last tail rendered as a paragraph or a list without code: where it starts, its text without
+        # trailing spaces and line breaks, and its HTML. When the tail is then split off unchanged, the
+        # HTML is kept instead of rendered again (`_settled_html`).
+        self._last: tuple[int, str, str] | None = None
 
     def render(self, text: str) -> str:
         """The HTML of `text`, which must extend the previously rendered text (else start over)."""
@@ -268,20 +288,48 @@ class IncrementalRenderer:
             return to_html(text)
         split = self._advance(text)
         if split > len(self._source):
-            # With its trailing blank lines: they are code inside a fence opened in a list item ("- ```").
-            self._html += to_html(text[len(self._source):split])
+            self._html += self._settled_html(text[len(self._source):split])
             self._source = text[:split]
         start = len(self._source)
         tail = text[start:]
         body = tail.rstrip(" \n")  # a paragraph's trailing spaces and blank lines change nothing
         if _one_paragraph(body):
-            return self._html + "<p>" + self._growing_inline(body, start) + "</p>\n"
+            html = "<p>" + self._growing_inline(body, start) + "</p>\n"
+            self._last = (start, body, html)
+            return self._html + html
         first = tail[:1]
         if first in _LIST_MARKS and (html := self._growing_list(tail, start)) is not None:
+            # (Blank lines after a fence opened in a list item are code in it: such a list is not kept.)
+            self._last = (start, body, html) if "`" not in tail and "~" not in tail else None
             return self._html + html
         if first in "`~" and (html := _open_fence_html(tail)) is not None:
             return self._html + html
         return self._html + to_html(tail)
+
+    def _settled_html(self, chunk: str) -> str:
+        """The HTML of `chunk`, the blocks just split off the tail, without a full markdown-it render (~50 µs
+        and more, once per block of the answer) where the chunk is one block the tail's own paths render:
+        - the tail of the last frame, with blank lines after it (which change neither a paragraph nor a
+          tight list without code): that frame's HTML;
+        - a paragraph or such a list that grew since: its growing HTML, whose settled part is kept;
+        - a fenced code block at the margin, closed: its lines escaped.
+        Otherwise the chunk is rendered with its trailing blank lines (they are code inside a fence
+        opened in a list item, "- ```")."""
+        start = len(self._source)
+        body = chunk.rstrip(" \n")
+        last = self._last
+        self._last = None
+        if last is not None and last[0] == start and body == last[1]:
+            return last[2]
+        if _one_paragraph(body):
+            return "<p>" + self._growing_inline(body, start) + "</p>\n"
+        first = body[:1]
+        if first in _LIST_MARKS and "`" not in chunk and "~" not in chunk \
+                and (html := self._growing_list(body, start)) is not None:
+            return html
+        if first in "`~" and (html := _closed_fence_html(chunk)) is not None:
+            return html
+        return to_html(chunk)
 
     def _growing_list(self, text: str, start: int) -> str | None:
         """The HTML of `text`, the tail of the answer, when it is a tight list (`_list_items`): a list
