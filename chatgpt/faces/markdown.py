@@ -293,6 +293,7 @@ class IncrementalRenderer:
         start = len(self._source)
         tail = text[start:]
         body = tail.rstrip(" \n")  # a paragraph's trailing spaces and blank lines change nothing
+        html: str | None
         if _one_paragraph(body):
             html = "<p>" + self._growing_inline(body, start) + "</p>\n"
             self._last = (start, body, html)
