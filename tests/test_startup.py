@@ -3,6 +3,7 @@ file, a busy port, a host that does not resolve, a short admin token: one line n
 exit status 2, no traceback, and nothing of the live instance touched."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
+from chatgpt.server.heap import MIDDLE_THRESHOLD, YOUNG_THRESHOLD, freeze_startup_heap
 from chatgpt.server.state import StateFile, StateLock, StateLocked, serialise
 from tests.conftest import MakeClient
 
@@ -138,3 +141,17 @@ def test_the_piecewise_serialisation_is_exactly_json_dumps() -> None:
     assert serialise(data) == json.dumps(data, sort_keys=True)
     assert json.loads(serialise(data))["chat"]["00000000000000000000000000000007"]["turns"][0] == ["问题 \ud800",
                                                                                                  "answer 7"]
+
+
+
+async def test_the_serving_process_freezes_its_start_up_heap_and_collects_the_older_generations_rarely() -> None:
+    # What app.py's main() adds to on_startup (not the tests' apps: they would freeze each other's objects).
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        await freeze_startup_heap(web.Application())
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, MIDDLE_THRESHOLD, 10)
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
