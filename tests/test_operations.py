@@ -5,10 +5,12 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,6 +31,14 @@ QUESTION_LINE = re.compile(r"^question entry=(\w+) kind=(\w+) who=([0-9a-f]{12})
 HEALTH_KEYS = {"status", "uptime_s", "provider", "serving", "keys", "upstream_reachable"}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def answered(request: Awaitable[ClientResponse]) -> int:
+    """The status of a request whose answer was read to its end: a streamed question is accounted (its
+    log line, metrics, reachability) when its answer ends, not when its headers arrive."""
+    response = await request
+    await response.read()
+    return response.status
 
 
 def v1_body(prompt: str = "Hi") -> dict[str, Any]:
@@ -189,7 +199,7 @@ async def test_healthz_before_any_question_does_not_know_the_upstream(client: Te
 
 
 async def test_healthz_says_reachable_after_an_answer(client: TestClient) -> None:
-    assert (await client.post("/chat", json={"content": "Hi"})).status == 200
+    assert await answered(client.post("/chat", json={"content": "Hi"})) == 200
     body = await healthz(client)
     assert (body["upstream_reachable"], body["keys"]) == (True, {"configured": 1, "healthy": 1})
 
@@ -254,9 +264,9 @@ async def test_one_info_line_per_question_with_entry_outcome_deltas_and_ms(
 async def test_the_identity_in_the_question_line_is_hashed(client: TestClient,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    assert (await client.post("/chat", json={"content": "Hi"})).status == 200
+    assert await answered(client.post("/chat", json={"content": "Hi"})) == 200
     # 127.0.0.1 is a trusted proxy by default, so its X-Real-IP is the client.
-    assert (await client.post("/chat", json={"content": "Hi"}, headers={"X-Real-IP": "203.0.113.9"})).status == 200
+    assert await answered(client.post("/chat", json={"content": "Hi"}, headers={"X-Real-IP": "203.0.113.9"})) == 200
     lines = [r.getMessage() for r in question_lines(caplog)]
     assert len(lines) == 2
     for line in lines:
@@ -269,7 +279,7 @@ async def test_prompt_text_is_never_logged_by_default(client: TestClient, fake: 
                                                       caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     prompt = "my very private prompt 4711"
-    assert (await client.post("/chat", json={"content": prompt})).status == 200
+    assert await answered(client.post("/chat", json={"content": prompt})) == 200
     assert (await client.post("/v1/chat/completions", json=v1_body(prompt), headers=TRUSTED)).status == 200
     fake.script.append(Fail(500))
     async with ws_connect(client) as ws:
@@ -284,7 +294,7 @@ async def test_prompt_text_is_logged_when_logging_prompts_is_on(make_client: Mak
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     client = await make_client(logging={"prompts": True})
     caplog.set_level(logging.INFO)
-    assert (await client.post("/chat", json={"content": "tell me a joke"})).status == 200
+    assert await answered(client.post("/chat", json={"content": "tell me a joke"})) == 200
     [record] = question_lines(caplog)
     match = QUESTION_LINE.match(record.getMessage())
     assert match and match[10] == " prompt='tell me a joke'"
