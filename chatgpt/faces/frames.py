@@ -140,8 +140,10 @@ class FrameWriter:
         self._joined: tuple[list[str], int, str] | None = None  # parts, how many are joined, their text
         self._room: asyncio.Event | None = None  # set when the queue is back under LOW_WATER
         self._last_answer: str | None = None
-        self._renderer = IncrementalRenderer()  # of the answer being sent; reset for the next one
-        self._thinking = IncrementalRenderer()  # of its reasoning, inside the quote
+        # Of the answer being sent (made with its first frame: an idle socket keeps none) and of its
+        # reasoning, inside the quote (made when the answer shows some).
+        self._renderer: IncrementalRenderer | None = None
+        self._thinking: IncrementalRenderer | None = None
         self._stall_seconds = stall_seconds
         self._buffered = buffered  # bytes the transport holds that the client has not taken yet
         self._on_stall = on_stall
@@ -295,7 +297,9 @@ class FrameWriter:
             self._queue.clear()  # the client is gone; the reader loop ends and cleans up
         finally:
             self._task = None
-            self._joined = None  # an idle socket keeps no answer's text
+            # An idle socket keeps no answer's text, nor its HTML (an answer that goes on after a pause
+            # longer than LINGER_SECONDS is rendered afresh, once).
+            self._joined = self._renderer = self._thinking = None
             self._made_room()
 
     async def _next_frame_soon(self) -> bool:
@@ -330,17 +334,19 @@ class FrameWriter:
             if not self._queue or self._queue[0] is not head:
                 return  # the queue was cleared while the text waited (the client stopped reading)
             if head.answer_id != self._last_answer:
-                self._renderer, self._thinking = IncrementalRenderer(), IncrementalRenderer()
+                self._renderer = self._thinking = None
             text = self._text_of(head.parts)
             source = text if head.source is None else "".join(head.source)
             if head.thinking:
                 # The quote's HTML is a blockquote around the rendering of its unquoted lines (the
                 # same HTML, CommonMark defines a quote's content that way), so the reasoning renders
                 # incrementally instead of whole for every frame.
-                html = "<blockquote>\n" + self._thinking.render(f"{texts.THINKING}\n{source}") + "</blockquote>\n"
+                thinking = self._thinking = self._thinking or IncrementalRenderer()
+                html = "<blockquote>\n" + thinking.render(f"{texts.THINKING}\n{source}") + "</blockquote>\n"
                 content = thinking_quote(text)
             else:
-                html, content = self._renderer.render(source), text
+                renderer = self._renderer = self._renderer or IncrementalRenderer()
+                html, content = renderer.render(source), text
             frame = text_frame(head.cid, head.answer_id, content, html if head.source is None else unhide(html))
         else:
             frame = head
