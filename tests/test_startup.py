@@ -143,7 +143,6 @@ def test_the_piecewise_serialisation_is_exactly_json_dumps() -> None:
                                                                                                  "answer 7"]
 
 
-
 async def test_the_serving_process_freezes_its_start_up_heap_and_collects_the_older_generations_rarely() -> None:
     # What app.py's main() adds to on_startup (not the tests' apps: they would freeze each other's objects).
     before = gc.get_threshold()

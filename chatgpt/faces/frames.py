@@ -121,8 +121,8 @@ class FrameWriter:
 
     # One per websocket: slots keep its attributes without a dict (an idle socket costs ~20 KB in all).
     __slots__ = (
-        "_answering", "_behind", "_buffered", "_eager", "_joined", "_last_answer", "_last_progress", "_last_size", "_more",
-        "_on_stall", "_pace", "_queue", "_renderer", "_room", "_stall_seconds", "_task", "_thinking",
+        "_answering", "_behind", "_buffered", "_eager", "_joined", "_last_answer", "_last_progress", "_last_size",
+        "_more", "_on_stall", "_pace", "_queue", "_renderer", "_room", "_stall_seconds", "_task", "_thinking",
         "_watchdog", "_ws", "stalled",
     )
 

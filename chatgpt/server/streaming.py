@@ -35,8 +35,9 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
                       error_event: Callable[[BaseException], bytes]) -> web.StreamResponse:
     """Write `body` to the prepared `response`, a piece per write (a door's piece holds everything one
     upstream read brought). A write to a client that reads slowly waits once aiohttp's buffer is full,
-    so the upstream is read no faster than the client takes the answer. A failure once the headers are gone ends the body with `error_event(failure)`; so does
-    a shutdown (SIGTERM); a client that left gets nothing more.
+    so the upstream is read no faster than the client takes the answer. A failure once the headers are
+    gone ends the body with `error_event(failure)`; so does a shutdown (SIGTERM); a client that left
+    gets nothing more.
 
     After a write the next piece is asked for only `server.stream_interval_ms` later: what the upstream
     sent meanwhile waits in its buffer and comes out of one read as one piece, so an answer at 30 tokens
