@@ -27,7 +27,7 @@ TRUSTED = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
 IMAGE_NAME = "0123456789abcdef0123456789abcdef.png"
 IMAGE_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00" * 92  # 100 bytes
 QUESTION_LINE = re.compile(r"^question entry=(\w+) kind=(\w+) who=([0-9a-f]{12}) outcome=(\w+) deltas=(\d+) "
-                           r"first_ms=(\d+|-) ms=(\d+) prompt_tokens=(\d+|-) completion_tokens=(\d+|-)( prompt=.*)?$")
+                           r"reads=(\d+) first_ms=(\d+|-) ms=(\d+) prompt_tokens=(\d+|-) completion_tokens=(\d+|-)( prompt=.*)?$")
 HEALTH_KEYS = {"status", "uptime_s", "provider", "serving", "keys", "upstream_reachable"}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -255,10 +255,11 @@ async def test_one_info_line_per_question_with_entry_outcome_deltas_and_ms(
     parsed = [QUESTION_LINE.match(r.getMessage()) for r in records]
     assert all(parsed), [r.getMessage() for r in records]
     # The usage is the upstream's (the fake's last chunk); a failed question has none.
-    assert [(m[1], m[2], m[4], m[5], m[8], m[9], m[10]) for m in parsed if m] == [
+    assert [(m[1], m[2], m[4], m[5], m[9], m[10], m[11]) for m in parsed if m] == [
         ("chat", "chat", "ok", "4", "9", "12", None), ("v1", "chat", "upstream_error", "0", "-", "-", None)]
-    assert parsed[0] and parsed[0][6] != "-"
-    assert parsed[1] and parsed[1][6] == "-"  # no text: no time to first token
+    assert parsed[0] and parsed[0][7] != "-" and int(parsed[0][6]) >= 1
+    assert parsed[1] and parsed[1][7] == "-"  # no text: no time to first token
+    assert parsed[1][6] == "0"  # refused before any event was read
 
 
 async def test_the_identity_in_the_question_line_is_hashed(client: TestClient,
@@ -297,7 +298,7 @@ async def test_prompt_text_is_logged_when_logging_prompts_is_on(make_client: Mak
     assert await answered(client.post("/chat", json={"content": "tell me a joke"})) == 200
     [record] = question_lines(caplog)
     match = QUESTION_LINE.match(record.getMessage())
-    assert match and match[10] == " prompt='tell me a joke'"
+    assert match and match[11] == " prompt='tell me a joke'"
 
 
 async def test_no_key_or_token_is_logged_across_a_run_with_failures(

@@ -19,6 +19,7 @@ class QuestionRecord:
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     tokens: int = 0
+    reads: int = 0  # batches of deltas, one per upstream read (several tokens each when reading is paced)
     outcome: str = "ok"
     prompt: str | None = None  # logged only when settings.logging.prompts is on
     model: str = "other"  # an offered model, or "other" (metric labels stay bounded)

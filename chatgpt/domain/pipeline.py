@@ -39,6 +39,7 @@ def _checked(batch: list[Delta], progress: Progress, record: QuestionRecord,
     refuse) ends the batch: what came before it is still shown, then the refusal is raised; refused
     before anything was shown, it is raised at once (no door has sent a byte)."""
     watched = watch.active
+    record.reads += 1
     for index, delta in enumerate(batch):
         if delta.usage is not None:
             record.usage = delta.usage
