@@ -343,7 +343,7 @@ class IncrementalRenderer:
         kept = self._list
         finished, html = (kept[1], kept[2]) if kept is not None and kept[0] == start else (0, "")
         if items[-1] > finished:
-            more = _items_html(text[finished:items[-1]])
+            more = self._finished_items(text, start, finished, items)
             if more is None:
                 return None
             finished, html = items[-1], html + more
@@ -363,6 +363,27 @@ class IncrementalRenderer:
                 return None
         opening = _list_opening(text)
         return opening + html + last + ("</ul>\n" if opening == "<ul>\n" else "</ol>\n")
+
+    def _finished_items(self, text: str, start: int, finished: int, items: list[int]) -> str | None:
+        """The HTML of the items of `text` (a tight list, `_list_items`, from offset `start` of the answer)
+        from `finished` to its last item. An item of one line that is one paragraph is its inline HTML
+        in `<li>`, as it was while it was the last item (`_growing_inline` keeps its settled part): most
+        items a model writes are such lines. From the first other item on, markdown-it renders the rest
+        (None: it found something else in them)."""
+        if finished not in items:  # cannot happen (an item's first line stays one as the text grows)
+            return _items_html(text[finished:items[-1]])
+        html = ""
+        index = items.index(finished)
+        for begin, end in zip(items[index:-1], items[index + 1:], strict=True):
+            item = text[begin:end - 1]  # without its line break
+            marker = _ITEM.match(item)
+            content = item[marker.end():] if marker is not None else ""
+            body = content.rstrip(" ")
+            if "\n" in item or not _one_paragraph(body):
+                more = _items_html(text[begin:items[-1]])
+                return None if more is None else html + more
+            html += "<li>" + self._growing_inline(body, start + end - 1 - len(content)) + "</li>\n"
+        return html
 
     def _growing_inline(self, text: str, start: int) -> str:
         """The inline HTML of `text`, one paragraph's content (from offset `start` of the answer), being
