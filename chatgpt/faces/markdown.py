@@ -83,9 +83,35 @@ _MAY_OPEN = re.compile(r"[*_~`\[<&]")
 PARAGRAPH_STEP = 24
 
 
+def _strong_html(text: str) -> str | None:
+    """The inline HTML of `text` when its only Markdown is bold words, `**X**`, the way models write it;
+    None otherwise. Each X starts and ends with a letter or digit (CJK included) and holds no line
+    break, two pairs are never adjacent, and nothing else in the text is markup (`_plain` once the `**` are taken out). Each `**` is
+    then a delimiter run of two that can open (the one before X: a letter after it) and close (the one
+    after X: a letter before it), whatever is outside, and they pair in order: markdown-it gives
+    `<strong>X</strong>` for each, at a cost of ~25 µs for the inline parse of a paragraph; this is a
+    split and a join."""
+    parts = text.split("**")
+    if len(parts) % 2 == 0:
+        return None
+    bold = parts[1::2]
+    if any(not x or "\n" in x or not (x[0].isalnum() and x[-1].isalnum()) for x in bold):
+        return None
+    if not all(parts[2:-1:2]):  # "****": one run of four stars, not two pairs
+        return None
+    if not _plain("".join(parts)):
+        return None
+    html = []
+    for index, part in enumerate(parts):
+        html.append(part if index % 2 == 0 else "<strong>" + part + "</strong>")
+    return "".join(html).replace("\n", "<br />\n")
+
+
 def _inline_html(text: str) -> tuple[str, bool]:
     """markdown-it's inline HTML for `text` and whether the text is closed: nothing in it left open
     that a continuation could still close (`_MAY_OPEN` in no literal text)."""
+    if "**" in text and (strong := _strong_html(text)) is not None:
+        return strong, True
     env: dict[str, object] = {}
     tokens: list[Token] = []
     _md.inline.parse(text, _md, env, tokens)
