@@ -225,20 +225,26 @@ def test_a_link_reference_definition_changes_links_before_and_after_it_whatever_
     assert_frames_render_like_markdown_it(prefixes(doc, first=step, step=step))
 
 
-# Bold words as models write them, beside plain words, CJK, punctuation and line breaks, and what looks
-# like them but is not (a star too many, a space inside, an underscore, an empty pair).
+# Bold words and code spans as models write them, beside plain words, CJK, punctuation and line breaks,
+# and what looks like them but is not (a star or a backtick too many, a space inside, an underscore, an
+# empty pair).
 _BOLD_TOKENS = st.sampled_from(["**", "**word**", " **two words**", "**粗体**", "**x1**", "word", " ", "你好", "，", "。",
-                                ":", "(", ")", "!", "\n", "*", "***", "** ", " **", "__", "_", "2024", "a.b", "**$5**"])
+                                ":", "(", ")", "!", "\n", "*", "***", "** ", " **", "__", "_", "2024", "a.b", "**$5**",
+                                "`code`", " `a <b> & \"c\"`", "`", "``", "` x`", "`*a*`", "`\\`", "**`c`**", "\u2e3b"])
 
 
 @settings(max_examples=3000, deadline=None)
 @given(st.lists(_BOLD_TOKENS, min_size=1, max_size=14).map("".join))
-def test_bold_words_render_exactly_as_markdown_it(text: str) -> None:
+def test_bold_words_and_code_spans_render_exactly_as_markdown_it(text: str) -> None:
     assert to_html(text) == _FULL.render(text)
     assert_frames_render_like_markdown_it(["Intro.\n\n" + text, "Intro.\n\n" + text + " end"])
 
 
-def test_bold_words_take_no_markdown_it_parse() -> None:
-    assert markdown._strong_html("A **short** answer, **粗体**字 and x**y**z:\nnext") == \
+def test_bold_words_and_code_spans_take_no_markdown_it_parse() -> None:
+    assert markdown._simple_html("A **short** answer, **粗体**字 and x**y**z:\nnext") == \
         "A <strong>short</strong> answer, <strong>粗体</strong>字 and x<strong>y</strong>z:<br />\nnext"
-    assert markdown._strong_html("a ** b**") is None and markdown._strong_html("a **b* c") is None
+    assert markdown._simple_html("Run **the `pip` tool** or `x < 1`.") == \
+        "Run <strong>the <code>pip</code> tool</strong> or <code>x &lt; 1</code>."
+    assert markdown._simple_html("**`pip`**") is None  # a star beside a backtick: flanking, for markdown-it
+    assert markdown._simple_html("a ** b**") is None and markdown._simple_html("a **b* c") is None
+    assert markdown._simple_html("a `` b") is None and markdown._simple_html("a ` b` c") is None
