@@ -27,7 +27,8 @@ TRUSTED = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
 IMAGE_NAME = "0123456789abcdef0123456789abcdef.png"
 IMAGE_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00" * 92  # 100 bytes
 QUESTION_LINE = re.compile(r"^question entry=(\w+) kind=(\w+) who=([0-9a-f]{12}) outcome=(\w+) deltas=(\d+) "
-                           r"reads=(\d+) first_ms=(\d+|-) ms=(\d+) prompt_tokens=(\d+|-) completion_tokens=(\d+|-)( prompt=.*)?$")
+                           r"reads=(\d+) first_ms=(\d+|-) ms=(\d+) prompt_tokens=(\d+|-) "
+                           r"completion_tokens=(\d+|-)( prompt=.*)?$")
 HEALTH_KEYS = {"status", "uptime_s", "provider", "serving", "keys", "upstream_reachable"}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

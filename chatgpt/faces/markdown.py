@@ -86,11 +86,11 @@ PARAGRAPH_STEP = 24
 def _strong_html(text: str) -> str | None:
     """The inline HTML of `text` when its only Markdown is bold words, `**X**`, the way models write it;
     None otherwise. Each X starts and ends with a letter or digit (CJK included) and holds no line
-    break, two pairs are never adjacent, and nothing else in the text is markup (`_plain` once the `**` are taken out). Each `**` is
-    then a delimiter run of two that can open (the one before X: a letter after it) and close (the one
-    after X: a letter before it), whatever is outside, and they pair in order: markdown-it gives
-    `<strong>X</strong>` for each, at a cost of ~25 µs for the inline parse of a paragraph; this is a
-    split and a join."""
+    break, two pairs are never adjacent, and nothing else in the text is markup (`_plain` once the
+    `**` are taken out). Each `**` is then a delimiter run of two that can open (the one before X: a
+    letter after it) and close (the one after X: a letter before it), whatever is outside, and they
+    pair in order: markdown-it gives `<strong>X</strong>` for each, at a cost of ~25 µs for the inline
+    parse of a paragraph; this is a split and a join."""
     parts = text.split("**")
     if len(parts) % 2 == 0:
         return None
@@ -101,10 +101,8 @@ def _strong_html(text: str) -> str | None:
         return None
     if not _plain("".join(parts)):
         return None
-    html = []
-    for index, part in enumerate(parts):
-        html.append(part if index % 2 == 0 else "<strong>" + part + "</strong>")
-    return "".join(html).replace("\n", "<br />\n")
+    html = "".join(part if index % 2 == 0 else "<strong>" + part + "</strong>" for index, part in enumerate(parts))
+    return html.replace("\n", "<br />\n")
 
 
 # Stands for a code span while the text around it is checked and rendered (`_simple_html`): a punctuation
@@ -136,7 +134,10 @@ def _simple_html(text: str) -> str | None:
         if split is None:
             return None
         text, codes = split
-    html = _strong_html(text) if "**" in text else text.replace("\n", "<br />\n") if _plain(text) else None
+    if "**" in text:
+        html = _strong_html(text)
+    else:  # code spans only
+        html = text.replace("\n", "<br />\n") if _plain(text) else None
     if html is None or not codes:
         return html
     pieces = html.split(_CODE_MARK)
