@@ -84,13 +84,13 @@ PARAGRAPH_STEP = 24
 
 
 def _strong_html(text: str) -> str | None:
-    """The inline HTML of `text` when its only Markdown is bold words, `**X**`, the way models write it;
-    None otherwise. Each X starts and ends with a letter or digit (CJK included) and holds no line
-    break, two pairs are never adjacent, and nothing else in the text is markup (`_plain` once the
-    `**` are taken out). Each `**` is then a delimiter run of two that can open (the one before X: a
-    letter after it) and close (the one after X: a letter before it), whatever is outside, and they
-    pair in order: markdown-it gives `<strong>X</strong>` for each, at a cost of ~25 µs for the inline
-    parse of a paragraph; this is a split and a join."""
+    """The inline HTML of `text` when its only Markdown is bold words, `**X**`, the way models write it
+    (or none: plain text); None otherwise. Each X starts and ends with a letter or digit (CJK included)
+    and holds no line break, two pairs are never adjacent, and nothing else in the text is markup
+    (`_plain` once the `**` are taken out). Each `**` is then a delimiter run of two that can open (the
+    one before X: a letter after it) and close (the one after X: a letter before it), whatever is
+    outside, and they pair in order: markdown-it gives `<strong>X</strong>` for each, at a cost of
+    ~25 µs for the inline parse of a paragraph; this is a split and a join."""
     parts = text.split("**")
     if len(parts) % 2 == 0:
         return None
@@ -134,10 +134,7 @@ def _simple_html(text: str) -> str | None:
         if split is None:
             return None
         text, codes = split
-    if "**" in text:
-        html = _strong_html(text)
-    else:  # code spans only
-        html = text.replace("\n", "<br />\n") if _plain(text) else None
+    html = _strong_html(text)
     if html is None or not codes:
         return html
     pieces = html.split(_CODE_MARK)

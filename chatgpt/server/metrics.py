@@ -112,6 +112,7 @@ class Metrics:
         ttft = f"{(record.first_token - record.started) * 1000:.0f}" if record.first_token else "-"
         log.info("question entry=%s kind=%s who=%s outcome=%s deltas=%d reads=%d first_ms=%s ms=%.0f "
                  "prompt_tokens=%s completion_tokens=%s%s",
-                 record.entry, record.kind, hashed(record.identity), record.outcome, record.tokens, record.reads, ttft,
-                 (now - record.started) * 1000, usage.prompt if usage else "-", usage.completion if usage else "-",
+                 record.entry, record.kind, hashed(record.identity), record.outcome, record.tokens,
+                 record.reads, ttft, (now - record.started) * 1000, usage.prompt if usage else "-",
+                 usage.completion if usage else "-",
                  f" prompt={record.prompt!r}" if record.prompt is not None else "")
