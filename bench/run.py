@@ -7,7 +7,7 @@ runs pinned to core 0 (`taskset -c 0`); the fake upstream and the load generator
 Everything listens on 127.0.0.1 and is stopped at the end, also on Ctrl-C or an error.
 
 Scenarios: 1 v1_throughput, 2 ws_throughput, 3 ttft_overhead, 4 paced_cpu, 5 memory,
-6 startup, 7 long_answer.
+6 startup, 7 long_answer, 8 answer_cost.
 """
 from __future__ import annotations
 

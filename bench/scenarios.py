@@ -259,10 +259,40 @@ def s7_long_answer(bench: Bench) -> dict[str, Any]:
     return out
 
 
+def s8_answer_cost(bench: Bench) -> dict[str, Any]:
+    """Server CPU per `/v1` answer, split into what every answer costs and what each event adds: the
+    bursts of scenario 1 at 1 and at 20 tokens (3 and 22 upstream events), 64 clients, raw relay and
+    project alternating. The raw relay's cost does not grow with the events (it relays bytes); the
+    project's fixed part is its rules and door, its per-event part the reader, the JSON and the framing."""
+    warm, dur = (1, 3) if bench.quick else (1, 4)
+    rounds = 2 if bench.quick else 4
+    out: dict[str, Any] = {"scenario": "answer_cost", "concurrency": 64, "unit": "server CPU us per answer"}
+    for tokens in (1, 20):
+        bench.configure(tokens, 0)
+
+        def run(name: str, proc: Proc, base: str) -> dict[str, Any]:
+            res = bench.load(["v1", "--url", base, "--concurrency", "64", "--warmup", str(warm),
+                              "--duration", str(dur), "--watch", f"server={proc.pid}"])
+            if res["errors"] or not res["answers_per_s"]:
+                raise RuntimeError(f"{name}: {res['errors']} errors ({res.get('error_sample')})")
+            return {"us": 1e4 * res["cpu_pct"]["server"] / res["answers_per_s"], "cpu_pct": res["cpu_pct"]["server"]}
+
+        res = both(bench, run, rounds)
+        for name, runs in res.items():
+            costs = sorted(x["us"] for x in runs)
+            out[f"{name}_{tokens}_tokens"] = r(statistics.median(costs), 1)
+            out[f"{name}_{tokens}_tokens_runs"] = [r(c, 1) for c in costs]
+    raw1, proj1, proj20 = out["raw_1_tokens"], out["project_1_tokens"], out["project_20_tokens"]
+    out["project_fixed_over_raw_us"] = r(proj1 - raw1, 1)
+    out["project_per_event_us"] = r((proj20 - proj1) / 19, 2)
+    out["raw_per_event_us"] = r((out["raw_20_tokens"] - raw1) / 19, 2)
+    return out
+
+
 SCENARIOS: dict[int, tuple[str, Callable[[Bench], dict[str, Any]]]] = {
     1: ("v1_throughput", s1_v1_throughput), 2: ("ws_throughput", s2_ws_throughput),
     3: ("ttft_overhead", s3_ttft_overhead), 4: ("paced_cpu", s4_paced_cpu), 5: ("memory", s5_memory),
-    6: ("startup", s6_startup), 7: ("long_answer", s7_long_answer),
+    6: ("startup", s6_startup), 7: ("long_answer", s7_long_answer), 8: ("answer_cost", s8_answer_cost),
 }
 
 
