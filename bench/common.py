@@ -1,12 +1,16 @@
 """Helpers shared by the benchmark processes: /proc readings, percentiles, the answer text."""
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import resource
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -70,6 +74,24 @@ def percentile(values: list[float], p: float) -> float | None:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), math.ceil(p / 100 * len(ordered))))
     return ordered[rank - 1]
+
+
+def bench_loop() -> asyncio.AbstractEventLoop:
+    """The event loop of the benchmark's own processes (the fake upstream, the load): uvloop when
+    installed. They share one core; on asyncio's loop they saturate it before the raw relay saturates
+    its own, and the relay's figure is then the load side's, not the relay's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run_on_bench_loop(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on `bench_loop()`."""
+    with asyncio.Runner(loop_factory=bench_loop) as runner:
+        return runner.run(main)
 
 
 def r(value: float | None, digits: int = 3) -> float | None:

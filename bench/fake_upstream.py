@@ -25,7 +25,7 @@ import sys
 from aiohttp import web
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import raise_nofile, token_text  # noqa: E402
+from common import bench_loop, raise_nofile, token_text  # noqa: E402
 
 MODEL = "gpt-3.5-turbo"
 PREFIX = b'data: {"id":"'
@@ -202,7 +202,7 @@ def main() -> None:
     args = parser.parse_args()
     raise_nofile()
     web.run_app(make_app(FakeUpstream(args.tokens, args.rate)), host=args.host, port=args.port, print=None,
-                access_log=None, backlog=4096)
+                access_log=None, backlog=4096, loop=bench_loop())
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_seconds, host_steal, percentile, r, raise_nofile  # noqa: E402
+from common import cpu_seconds, host_steal, percentile, r, raise_nofile, run_on_bench_loop  # noqa: E402
 
 V1_BODY = json.dumps({"model": "gpt-3.5-turbo", "stream": True,
                       "messages": [{"role": "user", "content": "Say something."}]}).encode()
@@ -373,11 +373,11 @@ def main() -> None:
     watch = {name: int(pid) for name, pid in (item.split("=") for item in args.watch.split(",") if item)}
     raise_nofile()
     if args.mode in ("v1", "ws"):
-        result = asyncio.run(run_load(args, watch))
+        result = run_on_bench_loop(run_load(args, watch))
     elif args.mode == "ttft":
-        result = asyncio.run(run_ttft(args))
+        result = run_on_bench_loop(run_ttft(args))
     else:
-        result = asyncio.run(run_hold(args))
+        result = run_on_bench_loop(run_hold(args))
     print(json.dumps(result), flush=True)
 
 
