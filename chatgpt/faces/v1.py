@@ -29,6 +29,7 @@ from chatgpt.server.streaming import Piece, StreamingAnswer, send_stream
 # (tools, tool_choice, response_format, logprobs, seed, stop, user, stream_options, metadata...).
 SERVER_OWNED = frozenset({"model", "messages", "stream", "n", "temperature"})
 IMAGE_SIZE = re.compile(r"^\d{2,4}x\d{2,4}$")
+EVENT_GAP = "\n\ndata: "  # between two events' data
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
@@ -119,13 +120,6 @@ async def _stream(request: web.Request, deltas: Answer, model: str, created: int
     return await send_stream(request, response, _sse_body(first, deltas, model, created, usage), error_event)
 
 
-def _event(payload: str) -> bytes:
-    """One SSE event carrying `payload` untouched; a payload of several lines needs a `data:` field per line."""
-    if "\n" in payload:
-        payload = payload.replace("\n", "\ndata: ")
-    return f"data: {payload}\n\n".encode()
-
-
 async def _sse_body(first: list[Delta] | None, deltas: Answer, model: str, created: int,
                     usage: bool) -> AsyncGenerator[Piece, None]:
     """The answer as OpenAI SSE, a piece per batch of deltas: each upstream event re-framed with its data
@@ -136,28 +130,39 @@ async def _sse_body(first: list[Delta] | None, deltas: Answer, model: str, creat
     masker = ChunkMasker(deltas.words) if deltas.words is not None else None
     relayed, encoded, finish = False, False, None
 
-    def piece(delta: Delta) -> bytes:
+    def framed(batch: list[Delta]) -> bytes:
+        """One batch's SSE events: the events' data as one string, encoded once."""
         nonlocal relayed, encoded, finish
-        if delta.finish_reason:
-            finish = delta.finish_reason
-        if delta.payload:
-            relayed = True
-            if not usage and delta.usage_only:
-                return b""
-            payload = delta.payload if masker is None else masker.payload(delta)
-            return _event(payload) if payload is not None else b""
-        if delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
-            text = delta.text if masker is None else masker.text(delta.text)
-            if not text:
-                return b""
-            role = {} if encoded else {"role": "assistant"}
-            encoded = True
-            return _chunk(answer_id, created, model, {**role, "content": text}, None)
-        return b""
+        events: list[str] = []
+        chunks: list[bytes] = []  # our own, for deltas without an upstream event
+        for delta in batch:
+            if delta.finish_reason:
+                finish = delta.finish_reason
+            payload: str | None = delta.payload
+            if payload:
+                relayed = True
+                if not usage and delta.usage_only:
+                    continue
+                if masker is not None:
+                    payload = masker.payload(delta)
+                    if payload is None:
+                        continue
+                # A payload of several lines needs a `data:` field per line.
+                events.append(payload.replace("\n", "\ndata: ") if "\n" in payload else payload)
+            elif delta.text:  # a provider without OpenAI chunks (offline, Baixing): encode our own
+                text = delta.text if masker is None else masker.text(delta.text)
+                if text:
+                    role = {} if encoded else {"role": "assistant"}
+                    encoded = True
+                    chunks.append(_chunk(answer_id, created, model, {**role, "content": text}, None))
+        if not events:
+            return b"".join(chunks)
+        data = f"data: {EVENT_GAP.join(events)}\n\n".encode()
+        return data if not chunks else data + b"".join(chunks)  # a provider sends one kind or the other
 
     batch = first
     while batch is not None:  # also after the last batch: the pipeline finishes its accounting when the answer ends
-        data = piece(batch[0]) if len(batch) == 1 else b"".join([piece(delta) for delta in batch])
+        data = framed(batch)
         if data:
             last = batch[-1]
             yield data, bool(last.finish_reason) or last.usage_only
