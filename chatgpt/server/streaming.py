@@ -43,8 +43,9 @@ async def send_stream(request: web.Request, response: web.StreamResponse, body: 
     sent meanwhile waits in its buffer and comes out of one read as one piece, so an answer at 30 tokens
     a second costs one pass through the pipeline and one send() per ~1.5 tokens instead of per token
     (together about three fifths of the server's time per token). The first piece is never delayed."""
-    inflight = request.config_dict[inflight_key]
-    interval = request.config_dict[settings_key].server.stream_interval_ms / 1000
+    config = request.config_dict  # a new proxy over the app chain at each access
+    inflight = config[inflight_key]
+    interval = config[settings_key].server.stream_interval_ms / 1000
     failure: BaseException | None = None
     held = b""
     inflight.enter()
