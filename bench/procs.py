@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,6 +39,18 @@ def free_port() -> int:
 def preexec() -> None:
     raise_nofile()  # the server holds 2,000 sockets in scenario 5
     os.setpgrp()  # own group: Ctrl-C in the terminal reaches only run.py, which stops every child
+
+
+def drop_setting(text: str, section: str, key: str) -> str:
+    """The bench's settings text without `section.key` (two levels, two-space indents, as written here)."""
+    out, current = [], None
+    for line in text.splitlines(keepends=True):
+        if line[:1].isalpha():
+            current = line.split(":", 1)[0]
+        elif current == section and line.startswith(f"  {key}:"):
+            continue
+        out.append(line)
+    return "".join(out)
 
 
 class Proc:
@@ -86,6 +99,7 @@ class Bench:
         self.upstream_base = ""
         self.event_loop = "auto"  # the project's server.event_loop: auto (uvloop when installed) | asyncio | uvloop
         self.stream_interval_ms: int | None = None  # the project's server.stream_interval_ms; None: its default
+        self.before: Path | None = None  # a checkout of an earlier commit, measured beside the project (--before)
 
     # -- processes
     def pin(self, core: int) -> list[str]:
@@ -202,6 +216,26 @@ logging:
         port = free_port()
         proc = self.spawn("raw_relay", [PY, str(BENCH / "raw_relay.py"), "--port", str(port),
                                         "--upstream", self.upstream_base], 0)
+        self.wait_ready(proc, port)
+        return proc, f"http://127.0.0.1:{port}"
+
+    def start_before(self, checkout: Path) -> tuple[Proc, str]:
+        """The project as it was at an earlier commit (`checkout`: a `git worktree add` of it), on the same
+        settings less the keys that version does not know (it refuses unknown keys)."""
+        port = free_port()
+        config = self.project_settings(port)
+        for _ in range(20):
+            check = subprocess.run([PY, str(checkout / "app.py"), "--config", str(config), "--check"], cwd=checkout,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if check.returncode == 0:
+                break
+            unknown = re.search(r"setting (\w+)\.(\w+): unknown key", check.stdout)
+            if unknown is None:
+                raise RuntimeError(f"{checkout} refuses the bench's settings: {check.stdout.strip()[-500:]}")
+            config.write_text(drop_setting(config.read_text(), *unknown.groups()))
+            log(f"  before: {unknown[1]}.{unknown[2]} left out (that version does not know it)")
+        proc = self.spawn("before", [PY, str(checkout / "app.py"), "--config", str(config), "--port", str(port)], 0,
+                          cwd=checkout)
         self.wait_ready(proc, port)
         return proc, f"http://127.0.0.1:{port}"
 

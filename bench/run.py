@@ -1,6 +1,6 @@
 """Run the benchmark suite: every scenario against the raw relay and the project, in one run.
 
-    python bench/run.py [--quick] [--only N[,N...]]
+    python bench/run.py [--quick] [--only N[,N...]] [--before DIR]
 
 Prints one JSON line per scenario on stdout; progress goes to stderr. The server under test
 runs pinned to core 0 (`taskset -c 0`); the fake upstream and the load generator run on core 1.
@@ -49,6 +49,9 @@ def main() -> int:
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="the project's server.event_loop (auto: uvloop when installed); the raw relay always "
                              "runs on asyncio's own loop")
+    parser.add_argument("--before", type=Path, metavar="DIR",
+                        help="a checkout of an earlier commit (git worktree add DIR <commit>), measured beside the "
+                             "project in the same rounds of scenarios 1, 2, 3 and 8")
     parser.add_argument("--pyz", type=Path, default=PYZ, help="zipapp for scenario 6 (default: dist/chatgpt-api.pyz)")
     args = parser.parse_args()
     chosen = sorted({int(n) for item in args.only for n in item.split(",")}) or sorted(SCENARIOS)
@@ -63,6 +66,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     bench = Bench(args.quick, args.pyz.resolve())
     bench.event_loop = args.event_loop
+    if args.before is not None:
+        if not (args.before / "app.py").is_file():
+            parser.error(f"--before {args.before}: no app.py there")
+        bench.before = args.before.resolve()
     if bench.pinned:
         os.sched_setaffinity(0, {1})  # this process stays off the server's core too
     else:

@@ -16,23 +16,26 @@ from procs import BENCH, PY, REPO, Bench, Proc, free_port, log, preexec
 
 def both(bench: Bench, run: Callable[[str, Proc, str], dict[str, Any]],
          rounds: int = 1) -> dict[str, list[dict[str, Any]]]:
-    """Start the raw relay and the project, then `run(name, proc, base)` on each in turn, `rounds`
-    times (raw, project, raw, project, …) so a drifting machine hits both alike; stop both."""
-    raw = project = None
+    """Start the raw relay and the project (and, with `--before`, the project at an earlier commit), then
+    `run(name, proc, base)` on each in turn, `rounds` times (raw, project, raw, project, …) so a drifting
+    machine hits them alike; stop them."""
+    servers: list[tuple[str, Proc, str]] = []
     try:
-        raw, raw_base = bench.start_raw()
-        project, project_base = bench.start_project()
-        results: dict[str, list[dict[str, Any]]] = {"raw": [], "project": []}
+        servers.append(("raw", *bench.start_raw()))
+        if bench.before is not None:
+            servers.append(("before", *bench.start_before(bench.before)))
+        servers.append(("project", *bench.start_project()))
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in servers}
         for n in range(rounds):
-            for name, proc, base in (("raw", raw, raw_base), ("project", project, project_base)):
+            for name, proc, base in servers:
                 log(f"  {name}" + (f" (round {n + 1}/{rounds})" if rounds > 1 else "") + " …")
                 results[name].append(run(name, proc, base))
                 if not proc.alive():
                     raise RuntimeError(f"{name} died during the scenario: {proc.tail()}")
         return results
     finally:
-        bench.stop(project)
-        bench.stop(raw)
+        for _, proc, _ in reversed(servers):
+            bench.stop(proc)
 
 
 # A server below SERVER_BUSY % of its core while the load side's core is above LOAD_SIDE_BUSY %
@@ -70,12 +73,18 @@ def _throughput(bench: Bench, mode: str, clients: int) -> dict[str, Any]:
     raw = mean([x["answers_per_s"] for x in res["raw"]])
     proj = mean([x["answers_per_s"] for x in res["project"]])
     cost = {name: mean([cpu_us(x) for x in runs]) for name, runs in res.items()}
-    out = {"raw": raw, "project": proj, "ratio": ratio(raw, proj),
+    out: dict[str, Any] = {"raw": raw, "project": proj, "ratio": ratio(raw, proj),
            "runs": {name: [x["answers_per_s"] for x in runs] for name, runs in res.items()},
            "round_ratios": [ratio(a["answers_per_s"], b["answers_per_s"]) for a, b in zip(res["raw"], res["project"])],
            # Server CPU per answer: what the ratio would be were both servers held at 100% of their core.
            "cpu_us_per_answer": cost, "cost_ratio": ratio(cost["project"], cost["raw"]),
            "raw_detail": detail(res["raw"][0]), "project_detail": detail(res["project"][0])}
+    if "before" in res:  # the same scenario on the earlier commit, in the same rounds
+        before = mean([x["answers_per_s"] for x in res["before"]])
+        out.update(before=before, before_ratio=ratio(raw, before), before_cost_ratio=ratio(cost["before"], cost["raw"]),
+                   before_round_ratios=[ratio(a["answers_per_s"], b["answers_per_s"])
+                                        for a, b in zip(res["raw"], res["before"])])
+        out["runs"]["before"] = [x["answers_per_s"] for x in res["before"]]
     warnings = load_side_warnings(res)
     if warnings:
         out["warnings"] = warnings
@@ -116,26 +125,31 @@ def s2_ws_throughput(bench: Bench) -> dict[str, Any]:
 def s3_ttft_overhead(bench: Bench) -> dict[str, Any]:
     count = 100 if bench.quick else 300
     bench.configure(20, 0)
-    raw = project = None
+    servers: list[tuple[str, Proc, str]] = []
     try:
-        raw, raw_base = bench.start_raw()
-        project, project_base = bench.start_project()
+        servers.append(("raw", *bench.start_raw()))
+        if bench.before is not None:
+            servers.append(("before", *bench.start_before(bench.before)))
+        servers.append(("project", *bench.start_project()))
+        targets = ",".join(f"{name}={base}" for name, _, base in servers)
         out: dict[str, Any] = {"scenario": "ttft_overhead", "concurrency": 1, "count": count, "tokens": 20,
                                "unit": "ms", "target_ms_p50": 0.5}
         for kind in ("v1", "ws"):
-            log(f"  {kind}: {count} sequential requests each, alternating raw / project …")
-            res = bench.load(["ttft", "--kind", kind, "--count", str(count),
-                              "--targets", f"raw={raw_base},project={project_base}"])
+            log(f"  {kind}: {count} sequential requests each, alternating {' / '.join(n for n, _, _ in servers)} …")
+            res = bench.load(["ttft", "--kind", kind, "--count", str(count), "--targets", targets])
             rr, pp = res["raw"], res["project"]
             sub = {"overhead_ms_p50": _diff(pp["ttft_ms_p50"], rr["ttft_ms_p50"]),
                    "overhead_ms_p99": _diff(pp["ttft_ms_p99"], rr["ttft_ms_p99"]), "raw": rr, "project": pp}
+            if "before" in res:
+                sub.update(before=res["before"], before_overhead_ms_p50=_diff(res["before"]["ttft_ms_p50"],
+                                                                              rr["ttft_ms_p50"]))
             if kind == "v1":
                 out["overhead_ms_p50"], out["overhead_ms_p99"] = sub["overhead_ms_p50"], sub["overhead_ms_p99"]
             out[kind] = sub
         return out
     finally:
-        bench.stop(project)
-        bench.stop(raw)
+        for _, proc, _ in reversed(servers):
+            bench.stop(proc)
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
