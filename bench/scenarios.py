@@ -14,6 +14,15 @@ from common import r, rss_kb
 from procs import BENCH, PY, REPO, Bench, Proc, free_port, log, preexec
 
 
+def start_servers(bench: Bench, servers: list[tuple[str, Proc, str]]) -> None:
+    """Start the raw relay, the project at `--before` when given, and the project, appending each (name,
+    process, base URL) to `servers` as it starts, so the caller stops what did start if one fails."""
+    servers.append(("raw", *bench.start_raw()))
+    if bench.before is not None:
+        servers.append(("before", *bench.start_before(bench.before)))
+    servers.append(("project", *bench.start_project()))
+
+
 def both(bench: Bench, run: Callable[[str, Proc, str], dict[str, Any]],
          rounds: int = 1) -> dict[str, list[dict[str, Any]]]:
     """Start the raw relay and the project (and, with `--before`, the project at an earlier commit), then
@@ -21,10 +30,7 @@ def both(bench: Bench, run: Callable[[str, Proc, str], dict[str, Any]],
     machine hits them alike; stop them."""
     servers: list[tuple[str, Proc, str]] = []
     try:
-        servers.append(("raw", *bench.start_raw()))
-        if bench.before is not None:
-            servers.append(("before", *bench.start_before(bench.before)))
-        servers.append(("project", *bench.start_project()))
+        start_servers(bench, servers)
         results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in servers}
         for n in range(rounds):
             for name, proc, base in servers:
@@ -73,18 +79,18 @@ def _throughput(bench: Bench, mode: str, clients: int) -> dict[str, Any]:
     raw = mean([x["answers_per_s"] for x in res["raw"]])
     proj = mean([x["answers_per_s"] for x in res["project"]])
     cost = {name: mean([cpu_us(x) for x in runs]) for name, runs in res.items()}
-    out: dict[str, Any] = {"raw": raw, "project": proj, "ratio": ratio(raw, proj),
-           "runs": {name: [x["answers_per_s"] for x in runs] for name, runs in res.items()},
-           "round_ratios": [ratio(a["answers_per_s"], b["answers_per_s"]) for a, b in zip(res["raw"], res["project"])],
-           # Server CPU per answer: what the ratio would be were both servers held at 100% of their core.
-           "cpu_us_per_answer": cost, "cost_ratio": ratio(cost["project"], cost["raw"]),
-           "raw_detail": detail(res["raw"][0]), "project_detail": detail(res["project"][0])}
+    out: dict[str, Any] = {
+        "raw": raw, "project": proj, "ratio": ratio(raw, proj),
+        "runs": {name: [x["answers_per_s"] for x in runs] for name, runs in res.items()},
+        "round_ratios": [ratio(a["answers_per_s"], b["answers_per_s"]) for a, b in zip(res["raw"], res["project"])],
+        # Server CPU per answer: what the ratio would be were both servers held at 100% of their core.
+        "cpu_us_per_answer": cost, "cost_ratio": ratio(cost["project"], cost["raw"]),
+        "raw_detail": detail(res["raw"][0]), "project_detail": detail(res["project"][0])}
     if "before" in res:  # the same scenario on the earlier commit, in the same rounds
         before = mean([x["answers_per_s"] for x in res["before"]])
         out.update(before=before, before_ratio=ratio(raw, before), before_cost_ratio=ratio(cost["before"], cost["raw"]),
                    before_round_ratios=[ratio(a["answers_per_s"], b["answers_per_s"])
                                         for a, b in zip(res["raw"], res["before"])])
-        out["runs"]["before"] = [x["answers_per_s"] for x in res["before"]]
     warnings = load_side_warnings(res)
     if warnings:
         out["warnings"] = warnings
@@ -127,10 +133,7 @@ def s3_ttft_overhead(bench: Bench) -> dict[str, Any]:
     bench.configure(20, 0)
     servers: list[tuple[str, Proc, str]] = []
     try:
-        servers.append(("raw", *bench.start_raw()))
-        if bench.before is not None:
-            servers.append(("before", *bench.start_before(bench.before)))
-        servers.append(("project", *bench.start_project()))
+        start_servers(bench, servers)
         targets = ",".join(f"{name}={base}" for name, _, base in servers)
         out: dict[str, Any] = {"scenario": "ttft_overhead", "concurrency": 1, "count": count, "tokens": 20,
                                "unit": "ms", "target_ms_p50": 0.5}
@@ -322,17 +325,18 @@ def s8_answer_cost(bench: Bench) -> dict[str, Any]:
                               "--duration", str(dur), "--watch", f"server={proc.pid}"])
             if res["errors"] or not res["answers_per_s"]:
                 raise RuntimeError(f"{name}: {res['errors']} errors ({res.get('error_sample')})")
-            return {"us": 1e4 * res["cpu_pct"]["server"] / res["answers_per_s"], "cpu_pct": res["cpu_pct"]["server"]}
+            return {"us": cpu_us(res), "cpu_pct": res["cpu_pct"]["server"]}
 
         res = both(bench, run, rounds)
         for name, runs in res.items():
             costs = sorted(x["us"] for x in runs)
             out[f"{name}_{tokens}_tokens"] = r(statistics.median(costs), 1)
             out[f"{name}_{tokens}_tokens_runs"] = [r(c, 1) for c in costs]
-    raw1, proj1, proj20 = out["raw_1_tokens"], out["project_1_tokens"], out["project_20_tokens"]
-    out["project_fixed_over_raw_us"] = r(proj1 - raw1, 1)
-    out["project_per_event_us"] = r((proj20 - proj1) / 19, 2)
-    out["raw_per_event_us"] = r((out["raw_20_tokens"] - raw1) / 19, 2)
+    for name in ("project", "before") if bench.before is not None else ("project",):
+        one, twenty = out[f"{name}_1_tokens"], out[f"{name}_20_tokens"]
+        out[f"{name}_fixed_over_raw_us"] = r(one - out["raw_1_tokens"], 1)
+        out[f"{name}_per_event_us"] = r((twenty - one) / 19, 2)
+    out["raw_per_event_us"] = r((out["raw_20_tokens"] - out["raw_1_tokens"]) / 19, 2)
     return out
 
 
