@@ -3,7 +3,8 @@
     python bench/run.py [--quick] [--only N[,N...]] [--before DIR]
 
 Prints one JSON line per scenario on stdout; progress goes to stderr. The server under test
-runs pinned to core 0 (`taskset -c 0`); the fake upstream and the load generator run on core 1.
+runs pinned to core 0 (`taskset -c 0`); the fake upstream and the load generator run on core 1,
+on uvloop when it is installed (on asyncio's loop they were the limit of the raw relay's figures).
 Everything listens on 127.0.0.1 and is stopped at the end, also on Ctrl-C or an error.
 
 Scenarios: 1 v1_throughput, 2 ws_throughput, 3 ttft_overhead, 4 paced_cpu, 5 memory,
@@ -44,7 +45,7 @@ def machine() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="shorter windows and counts (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="shorter windows and counts (about two minutes)")
     parser.add_argument("--only", action="append", default=[], help="scenario number(s), e.g. --only 3 or 1,4")
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="the project's server.event_loop (auto: uvloop when installed); the raw relay always "
