@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,28 +223,32 @@ logging:
     def start_before(self, checkout: Path) -> tuple[Proc, str]:
         """The project as it was at an earlier commit (`checkout`: a `git worktree add` of it), on the same
         settings less the keys that version does not know (it refuses unknown keys)."""
-        port = free_port()
-        config = self.project_settings(port)
+        return self.start_project([PY, str(checkout / "app.py")], checkout, "before",
+                                  fit=lambda config: self.fit_settings(checkout, config))
+
+    def fit_settings(self, checkout: Path, config: Path) -> None:
+        """Leave out of `config` each key the version at `checkout` refuses as unknown (its own --check)."""
         for _ in range(20):
             check = subprocess.run([PY, str(checkout / "app.py"), "--config", str(config), "--check"], cwd=checkout,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             if check.returncode == 0:
-                break
+                return
             unknown = re.search(r"setting (\w+)\.(\w+): unknown key", check.stdout)
             if unknown is None:
-                raise RuntimeError(f"{checkout} refuses the bench's settings: {check.stdout.strip()[-500:]}")
+                break
             config.write_text(drop_setting(config.read_text(), *unknown.groups()))
             log(f"  before: {unknown[1]}.{unknown[2]} left out (that version does not know it)")
-        proc = self.spawn("before", [PY, str(checkout / "app.py"), "--config", str(config), "--port", str(port)], 0,
-                          cwd=checkout)
-        self.wait_ready(proc, port)
-        return proc, f"http://127.0.0.1:{port}"
+        raise RuntimeError(f"{checkout} refuses the bench's settings: {check.stdout.strip()[-500:]}")
 
-    def start_project(self, argv: list[str] | None = None, cwd: Path = REPO) -> tuple[Proc, str]:
+    def start_project(self, argv: list[str] | None = None, cwd: Path = REPO, name: str = "project",
+                      fit: Callable[[Path], None] | None = None) -> tuple[Proc, str]:
+        """The project (or `argv`, another version of it) on the bench's settings, adapted by `fit`."""
         port = free_port()
         config = self.project_settings(port)
+        if fit is not None:
+            fit(config)
         argv = argv or [PY, str(REPO / "app.py")]
-        proc = self.spawn("project", argv + ["--config", str(config), "--port", str(port)], 0, cwd=cwd)
+        proc = self.spawn(name, argv + ["--config", str(config), "--port", str(port)], 0, cwd=cwd)
         self.wait_ready(proc, port)
         return proc, f"http://127.0.0.1:{port}"
 

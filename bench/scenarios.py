@@ -76,21 +76,19 @@ def _throughput(bench: Bench, mode: str, clients: int) -> dict[str, Any]:
     res = both(bench, lambda name, proc, base: bench.load(
         [mode, "--url", base, flag, str(clients), "--warmup", str(warm), "--duration", str(dur),
          "--watch", f"server={proc.pid},upstream={bench.upstream.pid}"]), rounds_of(bench))
-    raw = mean([x["answers_per_s"] for x in res["raw"]])
-    proj = mean([x["answers_per_s"] for x in res["project"]])
+    rate = {name: mean([x["answers_per_s"] for x in runs]) for name, runs in res.items()}
     cost = {name: mean([cpu_us(x) for x in runs]) for name, runs in res.items()}
-    out: dict[str, Any] = {
-        "raw": raw, "project": proj, "ratio": ratio(raw, proj),
-        "runs": {name: [x["answers_per_s"] for x in runs] for name, runs in res.items()},
-        "round_ratios": [ratio(a["answers_per_s"], b["answers_per_s"]) for a, b in zip(res["raw"], res["project"])],
-        # Server CPU per answer: what the ratio would be were both servers held at 100% of their core.
-        "cpu_us_per_answer": cost, "cost_ratio": ratio(cost["project"], cost["raw"]),
-        "raw_detail": detail(res["raw"][0]), "project_detail": detail(res["project"][0])}
-    if "before" in res:  # the same scenario on the earlier commit, in the same rounds
-        before = mean([x["answers_per_s"] for x in res["before"]])
-        out.update(before=before, before_ratio=ratio(raw, before), before_cost_ratio=ratio(cost["before"], cost["raw"]),
-                   before_round_ratios=[ratio(a["answers_per_s"], b["answers_per_s"])
-                                        for a, b in zip(res["raw"], res["before"])])
+    out: dict[str, Any] = {"raw": rate["raw"], "cpu_us_per_answer": cost,
+                           "runs": {name: [x["answers_per_s"] for x in runs] for name, runs in res.items()}}
+    # The project's figures, and the earlier commit's in the same rounds (`--before`), under prefixed keys.
+    for name, prefix in (("project", ""), ("before", "before_")):
+        if name in res:
+            out.update({name: rate[name], f"{prefix}ratio": ratio(rate["raw"], rate[name]),
+                        f"{prefix}round_ratios": [ratio(a["answers_per_s"], b["answers_per_s"])
+                                                  for a, b in zip(res["raw"], res[name])],
+                        # Server CPU per answer: the ratio were both servers held at 100% of their core.
+                        f"{prefix}cost_ratio": ratio(cost[name], cost["raw"])})
+    out.update(raw_detail=detail(res["raw"][0]), project_detail=detail(res["project"][0]))
     warnings = load_side_warnings(res)
     if warnings:
         out["warnings"] = warnings
