@@ -311,7 +311,9 @@ def s8_answer_cost(bench: Bench) -> dict[str, Any]:
     """Server CPU per `/v1` answer, split into what every answer costs and what each event adds: the
     bursts of scenario 1 at 1 and at 20 tokens (3 and 22 upstream events), 64 clients, raw relay and
     project alternating. The raw relay's cost does not grow with the events (it relays bytes); the
-    project's fixed part is its rules and door, its per-event part the reader, the JSON and the framing."""
+    project's fixed part is its rules and door, its per-event part the reader, the JSON and the framing.
+    `*_cost_ratio_events_free`: the raw relay's 20-token cost over the project's 1-token one, the
+    ceiling of what per-event cuts alone can do for scenario 1."""
     warm, dur = (1, 3) if bench.quick else (1, 4)
     rounds = 2 if bench.quick else 4
     out: dict[str, Any] = {"scenario": "answer_cost", "concurrency": 64, "unit": "server CPU us per answer"}
@@ -334,6 +336,10 @@ def s8_answer_cost(bench: Bench) -> dict[str, Any]:
         one, twenty = out[f"{name}_1_tokens"], out[f"{name}_20_tokens"]
         out[f"{name}_fixed_over_raw_us"] = r(one - out["raw_1_tokens"], 1)
         out[f"{name}_per_event_us"] = r((twenty - one) / 19, 2)
+        # The cost ratio scenario 1 would show were every event free (the 20-token answer costing what the
+        # 1-token one does): the most that cutting per-event work alone can reach.
+        out[f"{name}_cost_ratio_events_free"] = ratio(one, out["raw_20_tokens"])
+        out[f"{name}_cost_ratio"] = ratio(twenty, out["raw_20_tokens"])
     out["raw_per_event_us"] = r((out["raw_20_tokens"] - out["raw_1_tokens"]) / 19, 2)
     return out
 
