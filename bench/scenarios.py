@@ -6,7 +6,8 @@ import math
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,20 @@ from common import r, rss_kb
 from procs import BENCH, PY, REPO, Bench, Proc, free_port, log, preexec
 
 
-def start_servers(bench: Bench, servers: list[tuple[str, Proc, str]]) -> None:
-    """Start the raw relay, the project at `--before` when given, and the project, appending each (name,
-    process, base URL) to `servers` as it starts, so the caller stops what did start if one fails."""
-    servers.append(("raw", *bench.start_raw()))
-    if bench.before is not None:
-        servers.append(("before", *bench.start_before(bench.before)))
-    servers.append(("project", *bench.start_project()))
+@contextmanager
+def running_servers(bench: Bench) -> Iterator[list[tuple[str, Proc, str]]]:
+    """The raw relay, the project at `--before` when given, and the project, as (name, process, base URL);
+    each is stopped on the way out, also those that started before one failed to."""
+    servers: list[tuple[str, Proc, str]] = []
+    try:
+        servers.append(("raw", *bench.start_raw()))
+        if bench.before is not None:
+            servers.append(("before", *bench.start_before(bench.before)))
+        servers.append(("project", *bench.start_project()))
+        yield servers
+    finally:
+        for _, proc, _ in reversed(servers):
+            bench.stop(proc)
 
 
 def both(bench: Bench, run: Callable[[str, Proc, str], dict[str, Any]],
@@ -28,9 +36,7 @@ def both(bench: Bench, run: Callable[[str, Proc, str], dict[str, Any]],
     """Start the raw relay and the project (and, with `--before`, the project at an earlier commit), then
     `run(name, proc, base)` on each in turn, `rounds` times (raw, project, raw, project, …) so a drifting
     machine hits them alike; stop them."""
-    servers: list[tuple[str, Proc, str]] = []
-    try:
-        start_servers(bench, servers)
+    with running_servers(bench) as servers:
         results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in servers}
         for n in range(rounds):
             for name, proc, base in servers:
@@ -39,9 +45,6 @@ def both(bench: Bench, run: Callable[[str, Proc, str], dict[str, Any]],
                 if not proc.alive():
                     raise RuntimeError(f"{name} died during the scenario: {proc.tail()}")
         return results
-    finally:
-        for _, proc, _ in reversed(servers):
-            bench.stop(proc)
 
 
 # A server below SERVER_BUSY % of its core while the load side's core is above LOAD_SIDE_BUSY %
@@ -129,9 +132,7 @@ def s2_ws_throughput(bench: Bench) -> dict[str, Any]:
 def s3_ttft_overhead(bench: Bench) -> dict[str, Any]:
     count = 100 if bench.quick else 300
     bench.configure(20, 0)
-    servers: list[tuple[str, Proc, str]] = []
-    try:
-        start_servers(bench, servers)
+    with running_servers(bench) as servers:
         targets = ",".join(f"{name}={base}" for name, _, base in servers)
         out: dict[str, Any] = {"scenario": "ttft_overhead", "concurrency": 1, "count": count, "tokens": 20,
                                "unit": "ms", "target_ms_p50": 0.5}
@@ -148,9 +149,6 @@ def s3_ttft_overhead(bench: Bench) -> dict[str, Any]:
                 out["overhead_ms_p50"], out["overhead_ms_p99"] = sub["overhead_ms_p50"], sub["overhead_ms_p99"]
             out[kind] = sub
         return out
-    finally:
-        for _, proc, _ in reversed(servers):
-            bench.stop(proc)
 
 
 def _diff(a: float | None, b: float | None) -> float | None:

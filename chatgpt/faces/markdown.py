@@ -83,6 +83,15 @@ _MAY_OPEN = re.compile(r"[*_~`\[<&]")
 PARAGRAPH_STEP = 24
 
 
+def _paired(text: str, mark: str) -> list[str] | None:
+    """`text` split at `mark`: outside and inside of each pair in turn; None when a mark is left unpaired
+    or two pairs touch (the marks then form one longer run)."""
+    parts = text.split(mark)
+    if len(parts) % 2 == 0 or not all(parts[2:-1:2]):
+        return None
+    return parts
+
+
 def _strong_html(text: str) -> str | None:
     """The inline HTML of `text` when its only Markdown is bold words, `**X**`, the way models write it
     (or none: plain text); None otherwise. Each X starts and ends with a letter or digit (CJK included)
@@ -91,13 +100,11 @@ def _strong_html(text: str) -> str | None:
     one before X: a letter after it) and close (the one after X: a letter before it), whatever is
     outside, and they pair in order: markdown-it gives `<strong>X</strong>` for each, at a cost of
     ~25 µs for the inline parse of a paragraph; this is a split and a join."""
-    parts = text.split("**")
-    if len(parts) % 2 == 0:
+    parts = _paired(text, "**")  # "****": one run of four stars, not two pairs
+    if parts is None:
         return None
     bold = parts[1::2]
     if any(not x or "\n" in x or not (x[0].isalnum() and x[-1].isalnum()) for x in bold):
-        return None
-    if not all(parts[2:-1:2]):  # "****": one run of four stars, not two pairs
         return None
     if not _plain("".join(parts)):
         return None
@@ -114,8 +121,8 @@ def _code_spans(text: str) -> tuple[str, list[str]] | None:
     """`text` with each code span `` `X` `` replaced by _CODE_MARK, and the spans' HTML; None unless every
     backtick is one of such pairs around an X with no line break, no space at either end (which
     markdown-it may strip) and nothing markdown-it normalizes first, no two spans touching."""
-    parts = text.split("`")
-    if len(parts) % 2 == 0 or not all(parts[2:-1:2]):  # "``": a run of two
+    parts = _paired(text, "`")  # "``": a run of two
+    if parts is None:
         return None
     codes = parts[1::2]
     if any(not code or code[0] == " " or code[-1] == " " or "\n" in code or "\r" in code or "\x00" in code
